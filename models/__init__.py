@@ -1,0 +1,19 @@
+"""PyTorch definitions of the Embedding&MLP base model, DIN and DIEN."""
+
+from __future__ import annotations
+
+from models.base import BaseModel, CTRModel, ModelOutput
+from models.config import ModelConfig
+from models.dien import DIEN
+from models.din import DIN
+
+MODELS: dict[str, type[CTRModel]] = {"base": BaseModel, "din": DIN, "dien": DIEN}
+
+
+def build_model(kind: str, cfg: ModelConfig) -> CTRModel:
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}; choose one of {sorted(MODELS)}")
+    return MODELS[kind](cfg)
+
+
+__all__ = ["DIEN", "DIN", "MODELS", "BaseModel", "CTRModel", "ModelConfig", "ModelOutput", "build_model"]

@@ -1,0 +1,52 @@
+"""Embedding&MLP base model (DIN paper §4.2): sum pooling over the history, the RelaImpr baseline."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.layers import MLP, FeatureEmbedding
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B,) click logit per candidate
+    attention: Tensor  # (B, L) weight each history position got, zero on padding
+    aux_loss: Tensor | None = None  # DIEN's auxiliary loss, when negatives were given
+
+
+class CTRModel(nn.Module):
+    """What every model shares: its config, its embedding tables, and whether it wants negatives."""
+
+    uses_negatives = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = FeatureEmbedding(cfg)
+
+
+class BaseModel(CTRModel):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.behaviour_dim
+        self.mlp = MLP(cfg.user_repr_dim + 2 * d, cfg.mlp_hidden, 1, cfg.mlp_activation, cfg.dropout)
+
+    def forward(
+        self,
+        hist_items: Tensor,  # (B, L)
+        hist_cats: Tensor,  # (B, L)
+        hist_mask: Tensor,  # (B, L) bool
+        cand_item: Tensor,  # (B,)
+        cand_cat: Tensor,  # (B,)
+        user_feats: Tensor,  # (B, F)
+    ) -> ModelOutput:
+        keys = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
+        weights = hist_mask.to(keys.dtype)  # (B, L): sum pooling = weight 1 per behaviour
+        pooled = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
+        user = self.embedding.user(user_feats)  # (B, F·U)
+        logits = self.mlp(torch.cat([user, query, pooled], dim=-1)).squeeze(-1)  # (B,)
+        return ModelOutput(logits, weights)

@@ -1,0 +1,45 @@
+"""One configuration for every model: vocab sizes come from the data, the rest are hyper-parameters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Activation = Literal["dice", "prelu", "relu"]
+Evolution = Literal["augru", "agru", "aigru"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_items: int
+    n_categories: int
+    user_feature_cardinalities: tuple[int, ...] = ()
+    item_dim: int = 32
+    category_dim: int = 16
+    user_dim: int = 8
+    mlp_hidden: tuple[int, ...] = (200, 80)
+    mlp_activation: Activation = "dice"
+    attention_hidden: tuple[int, ...] = (80, 40)
+    attention_activation: Activation = "prelu"
+    attention_softmax: bool = False  # DIN: weights are not normalised unless asked (paper §4.3)
+    dropout: float = 0.0
+    evolution: Evolution = "augru"  # DIEN only
+    aux_hidden: tuple[int, ...] = field(default=(100, 50))  # DIEN auxiliary net
+
+    @property
+    def behaviour_dim(self) -> int:
+        """D: an item is represented by concat(item-id embedding, category embedding)."""
+        return self.item_dim + self.category_dim
+
+    @property
+    def user_repr_dim(self) -> int:
+        return self.user_dim * len(self.user_feature_cardinalities)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        tuples = {"user_feature_cardinalities", "mlp_hidden", "attention_hidden", "aux_hidden"}
+        fields: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in d.items()}
+        return cls(**fields)

@@ -1,0 +1,79 @@
+"""Deep Interest Evolution Network (Zhou et al., AAAI 2019): a GRU extracts an interest state per
+behaviour (supervised by an auxiliary loss on the next behaviour), attention to the candidate picks the
+relevant states, and an AUGRU lets the interest evolve towards the candidate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import CTRModel, ModelOutput
+from models.config import ModelConfig
+from models.layers import MLP, InterestEvolution, masked_softmax
+
+
+class DIEN(CTRModel):
+    uses_negatives = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.behaviour_dim
+        self.extractor = nn.GRU(d, d, batch_first=True)
+        # auxiliary net over [h_t, e]: its first layer is split so W_h·h_t is shared by both candidates
+        self.aux_first = nn.Linear(2 * d, cfg.aux_hidden[0])
+        self.aux_rest = MLP(cfg.aux_hidden[0], cfg.aux_hidden[1:], 1, "relu")
+        self.attention_proj = nn.Linear(d, d, bias=False)  # W in a_t ∝ exp(h_t W e_a)
+        self.evolution = InterestEvolution(d, cfg.evolution)
+        self.mlp = MLP(cfg.user_repr_dim + 3 * d, cfg.mlp_hidden, 1, cfg.mlp_activation, cfg.dropout)
+
+    def interest_extraction(self, behaviours: Tensor) -> Tensor:
+        """behaviours (B, L, D), oldest first and right-padded → interest states (B, L, D).
+
+        States at padded positions are never read: attention and the auxiliary loss mask them."""
+        states, _ = self.extractor(behaviours)  # (B, L, D)
+        return states
+
+    def auxiliary_loss(self, states: Tensor, behaviours: Tensor, negatives: Tensor, mask: Tensor) -> Tensor:
+        """h_t must tell the real next behaviour e_{t+1} from a sampled one ê_{t+1} (paper eq. 1)."""
+        d = states.shape[-1]
+        w_h, w_e = self.aux_first.weight.split(d, dim=1)  # W·[h; e] = W_h·h + W_e·e
+        h_part = F.linear(states[:, :-1], w_h, self.aux_first.bias)  # (B, L-1, A)
+        e_next = torch.stack([behaviours[:, 1:], negatives[:, 1:]])  # (2, B, L-1, D): real, sampled
+        logits = self.aux_rest(torch.relu(h_part + e_next @ w_e.T)).squeeze(-1)  # (2, B, L-1)
+        valid = mask[:, 1:].to(states.dtype)  # (B, L-1): steps t with a real t+1
+        loss = F.softplus(-logits[0]) + F.softplus(logits[1])  # −log σ(pos) − log(1 − σ(neg))
+        return (loss * valid).sum() / valid.sum().clamp(min=1.0)
+
+    def attention(self, query: Tensor, states: Tensor, mask: Tensor) -> Tensor:
+        """a_t = softmax_t(h_t · W e_a) over valid positions (paper eq. 4) → (B, L)."""
+        scores = torch.einsum("bld,bd->bl", states, self.attention_proj(query))  # (B, L)
+        return masked_softmax(scores, mask)
+
+    def interest_evolution(self, states: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
+        return self.evolution(states, weights, mask)  # (B, D)
+
+    def forward(
+        self,
+        hist_items: Tensor,  # (B, L)
+        hist_cats: Tensor,  # (B, L)
+        hist_mask: Tensor,  # (B, L) bool
+        cand_item: Tensor,  # (B,)
+        cand_cat: Tensor,  # (B,)
+        user_feats: Tensor,  # (B, F)
+        neg_items: Tensor | None = None,  # (B, L) sampled negatives for the auxiliary loss
+        neg_cats: Tensor | None = None,  # (B, L)
+    ) -> ModelOutput:
+        behaviours = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
+        states = self.interest_extraction(behaviours)  # (B, L, D)
+        weights = self.attention(query, states, hist_mask)  # (B, L)
+        final = self.interest_evolution(states, weights, hist_mask)  # (B, D)
+        pooled = torch.einsum("bl,bld->bd", hist_mask.to(behaviours.dtype), behaviours)  # (B, D)
+        user = self.embedding.user(user_feats)  # (B, F·U)
+        logits = self.mlp(torch.cat([user, query, pooled, final], dim=-1)).squeeze(-1)  # (B,)
+        aux = None
+        if neg_items is not None and neg_cats is not None:
+            negatives = self.embedding.behaviours(neg_items, neg_cats)  # (B, L, D)
+            aux = self.auxiliary_loss(states, behaviours, negatives, hist_mask)
+        return ModelOutput(logits, weights, aux)

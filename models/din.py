@@ -1,0 +1,48 @@
+"""Deep Interest Network (Zhou et al., KDD 2018): a local activation unit weighs each behaviour
+by its relevance to the candidate ad, and the weighted sum is the user's interest for that ad."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.base import CTRModel, ModelOutput
+from models.config import ModelConfig
+from models.layers import MLP, ActivationUnit, masked_softmax
+
+
+class DIN(CTRModel):
+    uses_negatives = False
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.behaviour_dim
+        self.activation_unit = ActivationUnit(d, cfg.attention_hidden, cfg.attention_activation)
+        self.mlp = MLP(cfg.user_repr_dim + 2 * d, cfg.mlp_hidden, 1, cfg.mlp_activation, cfg.dropout)
+
+    def attention(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """query (B, D), keys (B, L, D), mask (B, L) → weights (B, L), exactly zero on padding.
+
+        Without softmax the weights are sigmoid(score) in (0, 1): their sum keeps the intensity of the
+        user's interest, which normalisation would erase (paper §4.3)."""
+        scores = self.activation_unit(query, keys)  # (B, L)
+        if self.cfg.attention_softmax:
+            return masked_softmax(scores, mask)
+        return torch.sigmoid(scores) * mask
+
+    def forward(
+        self,
+        hist_items: Tensor,  # (B, L)
+        hist_cats: Tensor,  # (B, L)
+        hist_mask: Tensor,  # (B, L) bool
+        cand_item: Tensor,  # (B,)
+        cand_cat: Tensor,  # (B,)
+        user_feats: Tensor,  # (B, F)
+    ) -> ModelOutput:
+        keys = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
+        weights = self.attention(query, keys, hist_mask)  # (B, L)
+        interest = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
+        user = self.embedding.user(user_feats)  # (B, F·U)
+        logits = self.mlp(torch.cat([user, query, interest], dim=-1)).squeeze(-1)  # (B,)
+        return ModelOutput(logits, weights)

@@ -1,0 +1,255 @@
+"""Layers shared by the models: embeddings, Dice, MLP, DIN's activation unit, AUGRU and its variants."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import Activation, Evolution, ModelConfig
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation (DIN paper, eq. 9): f(s) = p(s)·s + (1 − p(s))·α·s,
+    p(s) = sigmoid((s − E[s]) / sqrt(Var[s] + ε)).
+
+    E[s] and Var[s] are the mini-batch statistics in training and the running averages at inference,
+    so in eval mode a row's output never depends on the other rows of its batch.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, s: Tensor) -> Tensor:
+        shape = s.shape
+        flat = s.reshape(-1, shape[-1])  # (N, C)
+        p = torch.sigmoid(self.norm(flat))  # (N, C)
+        out = p * flat + (1 - p) * self.alpha * flat
+        return out.reshape(shape)
+
+
+class PReLULast(nn.Module):
+    """PReLU over the last axis (nn.PReLU treats axis 1 as channels)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), 0.25))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # prelu(x) = w·x + (1 − w)·relu(x): F.prelu's CPU backward reduces the slope's gradient slowly
+        return self.weight * x + (1 - self.weight) * torch.relu(x)
+
+
+def make_activation(kind: Activation, dim: int) -> nn.Module:
+    if kind == "dice":
+        return Dice(dim)
+    if kind == "prelu":
+        return PReLULast(dim)
+    if kind == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+class MLP(nn.Module):
+    """Linear → activation → dropout per hidden layer, then a linear output layer."""
+
+    def __init__(
+        self, in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: Activation, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(in_dim, h), make_activation(activation, h)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_dim = h
+        layers.append(nn.Linear(in_dim, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class FeatureEmbedding(nn.Module):
+    """Embedding tables: item id, category, one per user-profile feature (index 0 = padding, 1 = OOV)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.item = nn.Embedding(cfg.n_items, cfg.item_dim, padding_idx=0)
+        self.category = nn.Embedding(cfg.n_categories, cfg.category_dim, padding_idx=0)
+        self.user_features: list[nn.Embedding] = nn.ModuleList(  # type: ignore[assignment]
+            nn.Embedding(card, cfg.user_dim, padding_idx=0) for card in cfg.user_feature_cardinalities
+        )
+        for table in (self.item, self.category, *self.user_features):
+            nn.init.normal_(table.weight, std=0.05)
+            with torch.no_grad():
+                table.weight[:2].zero_()  # padding and OOV start as "nothing known"
+
+    def behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
+        """(...,) item and category indices → (..., D) item representation."""
+        return torch.cat([self.item(items), self.category(cats)], dim=-1)
+
+    def user(self, feats: Tensor) -> Tensor:
+        """(B, F) feature indices → (B, F·user_dim); (B, 0) when there are no user features."""
+        if len(self.user_features) == 0:
+            return feats.new_zeros((feats.shape[0], 0), dtype=torch.float32)
+        return torch.cat([emb(feats[:, i]) for i, emb in enumerate(self.user_features)], dim=-1)
+
+
+class ActivationUnit(nn.Module):
+    """DIN's activation unit: score(q, k) = MLP([q, k, q − k, q ⊙ k]) for every history position.
+
+    The first layer is evaluated in its split form, with the same weights:
+        W·[q; k; q − k; q ⊙ k] = (W_q + W_d)·q + (W_k − W_d)·k + W_p·(q ⊙ k)
+    so the query part is computed once per row instead of once per position, and the key part does not
+    depend on the query at all (the serving graph computes it once per user).
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], activation: Activation) -> None:
+        super().__init__()
+        self.dim = dim
+        self.first = nn.Linear(4 * dim, hidden[0])
+        self.first_activation = make_activation(activation, hidden[0])
+        self.rest = MLP(hidden[0], hidden[1:], 1, activation)
+
+    def split_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W_q + W_d, W_k − W_d, W_p), each (H, D)."""
+        w_q, w_k, w_d, w_p = self.first.weight.split(self.dim, dim=1)
+        return w_q + w_d, w_k - w_d, w_p
+
+    def key_part(self, keys: Tensor) -> Tensor:
+        """(B, L, D) → (W_k − W_d)·k  (B, L, H): query-independent, once per user at serving time."""
+        return keys @ self.split_weights()[1].T
+
+    def scores(self, query: Tensor, keys: Tensor, key_part: Tensor) -> Tensor:
+        """query (B, D), keys (B, L, D), key_part (B, L, H) → unnormalised scores (B, L)."""
+        w_query, _, w_prod = self.split_weights()
+        q_part = F.linear(query, w_query, self.first.bias).unsqueeze(1)  # (B, 1, H)
+        prod_part = (query.unsqueeze(1) * keys) @ w_prod.T  # (B, L, H)
+        h = self.first_activation(q_part + key_part + prod_part)  # (B, L, H)
+        return self.rest(h).squeeze(-1)  # (B, L)
+
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        return self.scores(query, keys, self.key_part(keys))
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over valid positions; exactly zero on padding and all-zero rows for empty histories."""
+    filled = scores.masked_fill(~mask, -1e9)  # (B, L)
+    return torch.softmax(filled, dim=-1) * mask
+
+
+class AUGRUCell(nn.Module):
+    """One step of interest evolution (DIEN paper, eqs. 2–5 and 6–8), paper convention
+    h_t = (1 − u_t) ⊙ h_{t−1} + u_t ⊙ h̃_t.
+
+    - ``augru``: ũ_t = a_t · u_t replaces u_t (the paper's choice);
+    - ``agru``:  a_t replaces u_t;
+    - ``aigru``: the input is scaled by a_t before a plain GRU step (done by the caller's projection).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, kind: Evolution) -> None:
+        super().__init__()
+        self.kind = kind
+        self.hidden_dim = hidden_dim
+        self.input_proj = nn.Linear(input_dim, 3 * hidden_dim)  # W_u, W_r, W_h with biases
+        self.hidden_proj = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)  # U_u, U_r, U_h
+
+    def forward(self, x_proj: Tensor, h: Tensor, a: Tensor) -> Tensor:
+        """x_proj (B, 3H) = input_proj(i_t), h (B, H), a (B, 1) → h_t (B, H)."""
+        hidden = self.hidden_proj(h)  # (B, 3H)
+        gates = torch.sigmoid(x_proj[:, : 2 * self.hidden_dim] + hidden[:, : 2 * self.hidden_dim])  # (B, 2H)
+        u, r = gates.chunk(2, dim=-1)  # update and reset gates, (B, H) each
+        h_tilde = torch.tanh(x_proj[:, 2 * self.hidden_dim :] + r * hidden[:, 2 * self.hidden_dim :])  # (B, H)
+        if self.kind == "augru":
+            u = a * u  # ũ_t = a_t · u_t
+        elif self.kind == "agru":
+            u = a
+        return h + u * (h_tilde - h)  # = (1 − u) ⊙ h + u ⊙ h̃
+
+
+class GatedGRUSequence(torch.autograd.Function):
+    """The whole attention-gated GRU recurrence with a hand-written backward, for training.
+
+    Same maths as stepping ``AUGRUCell``: h_t = h_{t−1} + ũ_t ⊙ (h̃_t − h_{t−1}) with ũ_t = g_t·u_t
+    (``scale_update``: AUGRU, and AIGRU with g = mask) or ũ_t = g_t (AGRU). Autograd over 50 small
+    steps spends most of its time in bookkeeping; this backward runs ~14 tensor ops per step instead.
+    Not exportable: the cell loop is what eval and ONNX export run (tests check both agree).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x_proj: Tensor, gate: Tensor, weight: Tensor, scale_update: bool
+    ) -> Tensor:
+        """x_proj (B, L, 3H), gate (B, L, 1), weight (3H, H) = hidden_proj.weight → h_L (B, H)."""
+        hd = x_proj.shape[-1] // 3
+        h = x_proj.new_zeros(x_proj.shape[0], hd)  # (B, H)
+        saved: list[Tensor] = []  # per step: h_{t−1}, [u, r], h̃, U_h·h_{t−1} (kept as they come: no copies)
+        for x_t, g_t in zip(x_proj.unbind(1), gate.unbind(1), strict=True):
+            hidden = h @ weight.T  # (B, 3H)
+            ur = torch.sigmoid(x_t[:, : 2 * hd] + hidden[:, : 2 * hd])  # (B, 2H)
+            hh = hidden[:, 2 * hd :]
+            n = torch.tanh(x_t[:, 2 * hd :] + ur[:, hd:] * hh)  # (B, H)
+            ut = g_t * ur[:, :hd] if scale_update else g_t
+            saved += [h, ur, n, hh]
+            h = h + ut * (n - h)
+        ctx.save_for_backward(gate, weight, *saved)
+        ctx.scale_update = scale_update  # type: ignore[attr-defined]
+        return h
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dh_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        gate, weight, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = ctx.scale_update  # type: ignore[attr-defined]
+        hd = weight.shape[1]
+        d_pre: list[Tensor] = []  # gradient of the pre-activations (= of x_proj), newest step first
+        d_hidden: list[Tensor] = []  # gradient of U·h_{t−1}
+        d_gate: list[Tensor] = []
+        dh = dh_out
+        for t in reversed(range(gate.shape[1])):
+            hp, ur, n, hh = saved[4 * t : 4 * t + 4]
+            u, r = ur[:, :hd], ur[:, hd:]
+            g = gate[:, t]  # (B, 1)
+            ut = g * u if scale else g
+            d_ut = dh * (n - hp)
+            d_upre = d_ut * g * u * (1 - u) if scale else torch.zeros_like(u)
+            d_gate.append((d_ut * u if scale else d_ut).sum(-1, keepdim=True))
+            d_npre = dh * ut * (1 - n * n)
+            d_rpre = d_npre * hh * r * (1 - r)
+            d_pre.append(torch.cat([d_upre, d_rpre, d_npre], dim=-1))  # (B, 3H)
+            d_hidden.append(torch.cat([d_upre, d_rpre, d_npre * r], dim=-1))  # (B, 3H)
+            dh = dh * (1 - ut) + d_hidden[-1] @ weight
+        h_prev = torch.stack(saved[0::4][::-1])  # (L, B, H), newest first like d_hidden
+        d_weight = torch.einsum("lbk,lbh->kh", torch.stack(d_hidden), h_prev)  # (3H, H)
+        return torch.stack(d_pre[::-1], dim=1), torch.stack(d_gate[::-1], dim=1), d_weight, None
+
+
+class InterestEvolution(nn.Module):
+    """Runs the AUGRU (or AGRU / AIGRU) over the interest states, driven by attention."""
+
+    def __init__(self, dim: int, kind: Evolution) -> None:
+        super().__init__()
+        self.kind = kind
+        self.cell = AUGRUCell(dim, dim, kind)
+
+    def forward(self, interests: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
+        """interests (B, L, H), attention (B, L) zero on padding, mask (B, L) → final interest (B, H).
+
+        With ũ = a·u, a padded step (a = 0) leaves the state unchanged, so right padding is harmless.
+        For AIGRU the scaled input still updates the state; the mask is applied to the step instead.
+        """
+        inputs = interests * attention.unsqueeze(-1) if self.kind == "aigru" else interests
+        x_proj = self.cell.input_proj(inputs)  # (B, L, 3H)
+        a = attention.unsqueeze(-1)  # (B, L, 1)
+        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            gate = mask.unsqueeze(-1).to(a.dtype) if self.kind == "aigru" else a
+            out: Tensor = GatedGRUSequence.apply(x_proj, gate, self.cell.hidden_proj.weight, self.kind != "agru")
+            return out
+        h = interests.new_zeros(interests.shape[0], interests.shape[-1])  # (B, H)
+        steps = zip(x_proj.unbind(1), a.unbind(1), mask.unsqueeze(-1).unbind(1), strict=True)
+        for x_t, a_t, valid_t in steps:
+            h_next = self.cell(x_t, h, a_t)  # (B, H)
+            h = torch.where(valid_t, h_next, h) if self.kind == "aigru" else h_next
+        return h

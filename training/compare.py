@@ -1,0 +1,129 @@
+"""Train several models on the same split and write the paper-style comparison.
+
+    python -m training.compare --dataset ml-100k --data-dir ../shared/data/ml-100k \
+        --models base,din,dien --out runs/compare [--repeats 3]
+
+Writes DIR/results.json ({"din": {"auc", "gauc", "logloss", "relaimpr", ...}}), DIR/results.md and
+DIR/valid_gauc.png (validation GAUC per epoch), plus one run directory per model (and repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from training.datasets import load_dataset
+from training.metrics import rela_impr
+from training.samples import prepare
+from training.train import TrainConfig, add_train_arguments, config_from_args, train
+
+log = logging.getLogger(__name__)
+METRICS = ("auc", "gauc", "logloss")
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> dict[str, dict[str, Any]]:
+    """Mean (and std over repeats) of each metric per model; RelaImpr of the mean AUC vs ``baseline``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, metrics in runs.items():
+        row: dict[str, Any] = {k: float(np.mean([m[k] for m in metrics])) for k in METRICS}
+        if len(metrics) > 1:
+            row.update({f"{k}_std": float(np.std([m[k] for m in metrics])) for k in METRICS})
+        row["repeats"] = len(metrics)
+        row["best_epoch"] = [m["best_epoch"] for m in metrics]
+        row["train_samples_per_second"] = float(np.mean([m["train_samples_per_second"] for m in metrics]))
+        out[name] = row
+    if baseline in out:
+        for row in out.values():
+            row["relaimpr"] = rela_impr(row["auc"], out[baseline]["auc"])
+    return out
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| model | AUC | GAUC | logloss | RelaImpr | train samples/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+
+        def cell(k: str, r: dict[str, Any] = r) -> str:
+            return f"{r[k]:.4f}" + (f" ± {r[k + '_std']:.4f}" if f"{k}_std" in r else "")
+
+        rel = f"{100 * r['relaimpr']:+.2f}%" if "relaimpr" in r else "—"
+        lines.append(
+            f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} | {rel} | "
+            f"{r['train_samples_per_second']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_valid_gauc(histories: dict[str, list[list[dict[str, float]]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in histories.items():
+        for i, hist in enumerate(runs):
+            ax.plot([h["epoch"] for h in hist], [h["valid_gauc"] for h in hist], marker="o",
+                    label=name if i == 0 else None, color=f"C{list(histories).index(name)}", alpha=0.8)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation GAUC")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(base_cfg: TrainConfig, models: list[str], out: Path, repeats: int = 1) -> dict[str, dict[str, Any]]:
+    blog = load_dataset(base_cfg.dataset, Path(base_cfg.data_dir) if base_cfg.data_dir else None, base_cfg.download)
+    blog = blog.with_user_features(base_cfg.user_features)
+    protocol = base_cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
+    cache = Path(base_cfg.cache_dir) if base_cfg.cache_dir else None
+    data = prepare(blog, protocol, base_cfg.max_len, base_cfg.seed, cache)  # one split for every model
+    runs: dict[str, list[dict[str, Any]]] = {}
+    histories: dict[str, list[list[dict[str, float]]]] = {}
+    for name in models:
+        for r in range(repeats):
+            run_dir = out / name if repeats == 1 else out / name / f"repeat-{r}"
+            cfg = replace(base_cfg, model=name, out=str(run_dir), seed=base_cfg.seed + r)
+            result = train(cfg, data=data)
+            runs.setdefault(name, []).append(result.metrics)
+            histories.setdefault(name, []).append(result.history)
+            log.info("%s repeat %d: %s", name, r, {k: round(result.metrics[k], 4) for k in METRICS})
+    results = summarise(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(
+        f"Dataset `{base_cfg.dataset}`, protocol `{protocol}`, max_len {base_cfg.max_len}, split seed "
+        f"{base_cfg.seed}, {repeats} repeat(s); test-set figures (mean ± std over repeats).\n\n"
+        + markdown_table(results)
+    )
+    plot_valid_gauc(histories, out / "valid_gauc.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.add_argument("--models", default="base,din,dien", help="comma-separated, from base, din, dien")
+    p.add_argument("--repeats", type=int, default=1, help="training seeds per model, on the same split")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - {"base", "din", "dien"})
+    if unknown:
+        p.error(f"unknown models {unknown}")
+    results = compare(config_from_args(args, models[0], args.out), models, Path(args.out), args.repeats)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

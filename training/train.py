@@ -1,0 +1,326 @@
+"""Train the base model, DIN or DIEN on a behaviour log; write metrics.json and a checkpoint.
+
+python -m training.train --dataset synthetic --model din --out runs/din
+python -m training.train --dataset ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models import CTRModel, ModelConfig, build_model
+from training.datasets import load_dataset
+from training.metrics import evaluate
+from training.regularization import MiniBatchAwareL2, occurrence_counts
+from training.samples import PAD, PreparedData, SampleSet, prepare
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    download: bool = False
+    protocol: str | None = None  # None: din-movielens for labelled logs, implicit otherwise
+    user_features: tuple[str, ...] | None = None  # None: every user feature the log has
+    model: str = "din"
+    out: str = "runs/din"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    max_len: int = 50
+    seed: int = 0
+    mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
+    aux_weight: float = 1.0  # DIEN auxiliary loss weight
+    patience: int = 2  # epochs without a better validation GAUC before stopping
+    eval_batch_size: int = 4096
+    threads: int | None = None
+    cache_dir: str | None = ".cache/prepared"
+    progress: bool = True
+    model_options: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    run_dir: Path
+
+
+class TensorSamples:
+    """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering."""
+
+    def __init__(self, s: SampleSet, max_len: int) -> None:
+        self.event_item = torch.as_tensor(s.event_item)
+        self.event_cat = torch.as_tensor(s.event_cat)
+        self.end = torch.as_tensor(s.end)
+        self.length = torch.as_tensor(s.length)
+        self.cand_item = torch.as_tensor(s.cand_item)
+        self.cand_cat = torch.as_tensor(s.cand_cat)
+        self.label = torch.as_tensor(s.label)
+        self.user_feats = torch.as_tensor(s.user_feats)
+        self.offsets = torch.arange(max_len)
+        self.n = len(s)
+
+    def inputs(self, rows: Tensor) -> dict[str, Tensor]:
+        length = self.length[rows]  # (B,)
+        mask = self.offsets < length[:, None]  # (B, L)
+        idx = torch.where(mask, self.end[rows, None] - length[:, None] + self.offsets, 0)  # (B, L)
+        return {
+            "hist_items": torch.where(mask, self.event_item[idx], PAD),
+            "hist_cats": torch.where(mask, self.event_cat[idx], PAD),
+            "hist_mask": mask,
+            "cand_item": self.cand_item[rows],
+            "cand_cat": self.cand_cat[rows],
+            "user_feats": self.user_feats[rows],
+        }
+
+
+def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(
+        n_items=data.vocab.n_items,
+        n_categories=data.vocab.n_categories,
+        user_feature_cardinalities=data.vocab.feature_cardinalities,
+        **options,
+    )
+
+
+def _regularisers(model: CTRModel, train: SampleSet, max_len: int, lam: float) -> list[MiniBatchAwareL2]:
+    """One MBA term per embedding table, with n_j counted over the training samples."""
+    if lam <= 0:
+        return []
+    hist_items, hist_cats = [], []
+    for chunk in np.array_split(np.arange(len(train)), max(1, len(train) // 20000)):
+        items, cats, _ = train.history(chunk, max_len)
+        hist_items.append(items)
+        hist_cats.append(cats)
+    emb = model.embedding
+    regs = [
+        MiniBatchAwareL2(emb.item, occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings), lam),
+        MiniBatchAwareL2(
+            emb.category, occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings), lam
+        ),
+    ]
+    for i, table in enumerate(emb.user_features):
+        regs.append(MiniBatchAwareL2(table, occurrence_counts([train.user_feats[:, i]], table.num_embeddings), lam))
+    return regs
+
+
+def _reg_inputs(batch: dict[str, Tensor], n_user_feats: int) -> list[tuple[Tensor, ...]]:
+    per_table: list[tuple[Tensor, ...]] = [
+        (batch["hist_items"], batch["cand_item"]),
+        (batch["hist_cats"], batch["cand_cat"]),
+    ]
+    per_table += [(batch["user_feats"][:, i],) for i in range(n_user_feats)]
+    return per_table
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: TensorSamples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities (N,) and the mean attention on valid positions, for inspection."""
+    model.eval()
+    probs = []
+    for start in range(0, data.n, batch_size):
+        rows = torch.arange(start, min(start + batch_size, data.n))
+        out = model(**data.inputs(rows))
+        probs.append(torch.sigmoid(out.logits))
+    return torch.cat(probs).numpy(), data.label.numpy()
+
+
+def _evaluate(model: nn.Module, data: TensorSamples, split: SampleSet, batch_size: int) -> dict[str, float]:
+    probs, labels = predict(model, data, batch_size)
+    return evaluate(split.user, labels, probs)
+
+
+def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
+    """Train with Adam and early stopping on validation GAUC; test the best epoch; save the run."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if data is None:
+        blog = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download)
+        blog = blog.with_user_features(cfg.user_features)
+        protocol = cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
+        t0 = time.perf_counter()
+        data = prepare(blog, protocol, cfg.max_len, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None)
+        log.info("data ready in %.1fs (cached=%s): %s", time.perf_counter() - t0, data.info.get("cached"),
+                 {k: len(getattr(data, k)) for k in ("train", "valid", "test")})  # fmt: skip
+    mcfg = model_config(data, cfg.model_options)
+    model = build_model(cfg.model, mcfg)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    regs = _regularisers(model, data.train, cfg.max_len, cfg.mba_lambda)
+    item_category = torch.as_tensor(data.vocab.item_category_table())
+    train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    history: list[dict[str, float]] = []
+    best_gauc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    train_seconds, train_samples = 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(train_t.n, generator=gen)
+        batches = perm.split(cfg.batch_size)
+        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch}", disable=not cfg.progress, leave=False)
+        running, t0 = 0.0, time.perf_counter()
+        for step, rows in enumerate(bar, start=1):
+            batch = train_t.inputs(rows)
+            if model.uses_negatives:
+                neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
+                batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
+            out = model(**batch)
+            loss = F.binary_cross_entropy_with_logits(out.logits, train_t.label[rows])
+            running += (loss.item() - running) / min(step, 100)
+            if out.aux_loss is not None:
+                loss = loss + cfg.aux_weight * out.aux_loss
+            if regs:
+                for reg, idx in zip(regs, _reg_inputs(batch, len(mcfg.user_feature_cardinalities)), strict=True):
+                    loss = loss + reg(*idx)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{running:.4f}")
+        train_seconds += time.perf_counter() - t0
+        train_samples += train_t.n
+        valid = _evaluate(model, valid_t, data.valid, cfg.eval_batch_size)
+        history.append({"epoch": epoch, "train_loss": running, **{f"valid_{k}": v for k, v in valid.items()}})
+        log.info("%s epoch %d: loss %.4f valid %s", cfg.model, epoch, running, valid)
+        if valid["gauc"] > best_gauc:
+            best_gauc, best_epoch, best_state = valid["gauc"], epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+
+    model.load_state_dict(best_state)
+    test = _evaluate(model, test_t, data.test, cfg.eval_batch_size)
+    metrics: dict[str, Any] = {
+        **test,
+        "best_epoch": best_epoch,
+        "valid_gauc": best_gauc,
+        "train_samples_per_second": train_samples / train_seconds,
+        "samples": {k: len(getattr(data, k)) for k in ("train", "valid", "test")},
+        "data": data.info,
+        "config": asdict(cfg),
+        "model_config": mcfg.to_dict(),
+        "threads": torch.get_num_threads(),
+    }
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS_NAME).write_text(json.dumps({**metrics, "history": history}, indent=2))
+    torch.save(
+        {
+            "model": cfg.model,
+            "model_config": mcfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "vocab": data.vocab.to_json(),
+            "max_len": cfg.max_len,
+            "train_config": asdict(cfg),
+            "metrics": {k: metrics[k] for k in ("auc", "gauc", "logloss", "best_epoch")},
+        },
+        run_dir / CHECKPOINT_NAME,
+    )
+    return TrainResult(metrics, history, run_dir)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
+    """The trained model (eval mode) and the checkpoint's metadata (vocab, config, metrics)."""
+    ckpt = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    model = build_model(ckpt["model"], ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--dataset", choices=["ml-100k", "ml-latest", "events", "synthetic"], default=d.dataset)
+    p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
+    p.add_argument("--download", action="store_true", help="fetch ml-100k from GroupLens into --data-dir")
+    p.add_argument("--protocol", choices=["din-movielens", "implicit"], default=None)
+    p.add_argument("--user-features", default=None,
+                   help="comma-separated user features to use (default: all the log has; '' for none)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="mini-batch aware L2; 0 = off")
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
+    p.add_argument("--mlp-activation", choices=["dice", "prelu", "relu"], default="dice")
+    p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
+    p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
+    p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="prepared-data cache ('' to disable)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        protocol=args.protocol,
+        user_features=None if args.user_features is None else tuple(f for f in args.user_features.split(",") if f),
+        model=model,
+        out=out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_len=args.max_len,
+        seed=args.seed,
+        mba_lambda=args.mba_lambda,
+        aux_weight=args.aux_weight,
+        patience=args.patience,
+        threads=args.threads,
+        cache_dir=args.cache_dir or None,
+        progress=not args.no_progress,
+        model_options={
+            "dropout": args.dropout,
+            "attention_softmax": args.attention_softmax,
+            "mlp_activation": args.mlp_activation,
+            "evolution": args.evolution,
+            "item_dim": args.item_dim,
+            "category_dim": args.category_dim,
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.add_argument("--model", choices=["base", "din", "dien"], default="din")
+    p.add_argument("--out", required=True, help="run directory for metrics.json and the checkpoint")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    result = train(config_from_args(args, args.model, args.out))
+    m = result.metrics
+    print(
+        f"{args.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}  "
+        f"best epoch {m['best_epoch']}  {m['train_samples_per_second']:.0f} train samples/s  → {result.run_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
