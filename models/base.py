@@ -49,4 +49,5 @@ class BaseModel(CTRModel):
         pooled = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
         user = self.embedding.user(user_feats)  # (B, F·U)
         logits = self.mlp(torch.cat([user, query, pooled], dim=-1)).squeeze(-1)  # (B,)
+        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
         return ModelOutput(logits, weights)

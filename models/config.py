@@ -23,6 +23,7 @@ class ModelConfig:
     attention_activation: Activation = "prelu"
     attention_softmax: bool = False  # DIN: weights are not normalised unless asked (paper §4.3)
     dropout: float = 0.0
+    first_order: bool = True  # add per-item and per-category bias terms to the logit (a "wide" part)
     evolution: Evolution = "augru"  # DIEN only
     aux_hidden: tuple[int, ...] = field(default=(100, 50))  # DIEN auxiliary net
 

@@ -72,6 +72,7 @@ class DIEN(CTRModel):
         pooled = torch.einsum("bl,bld->bd", hist_mask.to(behaviours.dtype), behaviours)  # (B, D)
         user = self.embedding.user(user_feats)  # (B, F·U)
         logits = self.mlp(torch.cat([user, query, pooled, final], dim=-1)).squeeze(-1)  # (B,)
+        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
         aux = None
         if neg_items is not None and neg_cats is not None:
             negatives = self.embedding.behaviours(neg_items, neg_cats)  # (B, L, D)

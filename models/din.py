@@ -45,4 +45,5 @@ class DIN(CTRModel):
         interest = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
         user = self.embedding.user(user_feats)  # (B, F·U)
         logits = self.mlp(torch.cat([user, query, interest], dim=-1)).squeeze(-1)  # (B,)
+        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
         return ModelOutput(logits, weights)

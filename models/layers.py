@@ -19,12 +19,13 @@ class Dice(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-8, momentum: float = 0.01) -> None:
         super().__init__()
+        self.dim = dim
         self.norm = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, affine=False)
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, s: Tensor) -> Tensor:
         shape = s.shape
-        flat = s.reshape(-1, shape[-1])  # (N, C)
+        flat = s.reshape(-1, self.dim)  # (N, C); a constant C keeps the exported graph's shapes known
         p = torch.sigmoid(self.norm(flat))  # (N, C)
         out = p * flat + (1 - p) * self.alpha * flat
         return out.reshape(shape)
@@ -86,10 +87,22 @@ class FeatureEmbedding(nn.Module):
             nn.init.normal_(table.weight, std=0.05)
             with torch.no_grad():
                 table.weight[:2].zero_()  # padding and OOV start as "nothing known"
+        # first-order terms: how clickable an item (category) is regardless of who sees it
+        self.item_bias = nn.Embedding(cfg.n_items, 1, padding_idx=0) if cfg.first_order else None
+        self.category_bias = nn.Embedding(cfg.n_categories, 1, padding_idx=0) if cfg.first_order else None
+        for bias in (self.item_bias, self.category_bias):
+            if bias is not None:
+                nn.init.zeros_(bias.weight)
 
     def behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
         """(...,) item and category indices → (..., D) item representation."""
         return torch.cat([self.item(items), self.category(cats)], dim=-1)
+
+    def bias(self, items: Tensor, cats: Tensor) -> Tensor:
+        """(B,) candidate indices → (B,) first-order logit term (zeros when disabled)."""
+        if self.item_bias is None or self.category_bias is None:
+            return items.new_zeros(items.shape, dtype=torch.float32)
+        return (self.item_bias(items) + self.category_bias(cats)).squeeze(-1)
 
     def user(self, feats: Tensor) -> Tensor:
         """(B, F) feature indices → (B, F·user_dim); (B, 0) when there are no user features."""

@@ -22,10 +22,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.datasets import load_dataset
 from training.metrics import rela_impr
-from training.samples import prepare
-from training.train import TrainConfig, add_train_arguments, config_from_args, train
+from training.train import TrainConfig, add_train_arguments, config_from_args, load_data, train
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "logloss")
@@ -82,11 +80,8 @@ def plot_valid_gauc(histories: dict[str, list[list[dict[str, float]]]], path: Pa
 
 
 def compare(base_cfg: TrainConfig, models: list[str], out: Path, repeats: int = 1) -> dict[str, dict[str, Any]]:
-    blog = load_dataset(base_cfg.dataset, Path(base_cfg.data_dir) if base_cfg.data_dir else None, base_cfg.download)
-    blog = blog.with_user_features(base_cfg.user_features)
-    protocol = base_cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
-    cache = Path(base_cfg.cache_dir) if base_cfg.cache_dir else None
-    data = prepare(blog, protocol, base_cfg.max_len, base_cfg.seed, cache)  # one split for every model
+    data = load_data(base_cfg)  # one split for every model
+    protocol = data.info["protocol"]
     runs: dict[str, list[dict[str, Any]]] = {}
     histories: dict[str, list[list[dict[str, float]]]] = {}
     for name in models:

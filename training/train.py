@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
-from training.datasets import load_dataset
+from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
 from training.regularization import MiniBatchAwareL2, occurrence_counts
 from training.samples import PAD, PreparedData, SampleSet, prepare
@@ -50,12 +50,21 @@ class TrainConfig:
     seed: int = 0
     mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
+    history_dropout: float = 0.0  # drop each history position with this probability while training
     patience: int = 2  # epochs without a better validation GAUC before stopping
     eval_batch_size: int = 4096
     threads: int | None = None
     cache_dir: str | None = ".cache/prepared"
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
+    synthetic: dict[str, Any] = field(default_factory=dict)  # overrides of SyntheticConfig fields
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if d.get("user_features") is not None:
+            d["user_features"] = tuple(d["user_features"])
+        return cls(**d)
 
 
 @dataclass
@@ -119,16 +128,21 @@ def _regularisers(model: CTRModel, train: SampleSet, max_len: int, lam: float) -
             emb.category, occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings), lam
         ),
     ]
+    if emb.item_bias is not None and emb.category_bias is not None:
+        regs.append(MiniBatchAwareL2(emb.item_bias, regs[0].counts.numpy(), lam))
+        regs.append(MiniBatchAwareL2(emb.category_bias, regs[1].counts.numpy(), lam))
     for i, table in enumerate(emb.user_features):
         regs.append(MiniBatchAwareL2(table, occurrence_counts([train.user_feats[:, i]], table.num_embeddings), lam))
     return regs
 
 
-def _reg_inputs(batch: dict[str, Tensor], n_user_feats: int) -> list[tuple[Tensor, ...]]:
+def _reg_inputs(batch: dict[str, Tensor], n_user_feats: int, has_bias: bool) -> list[tuple[Tensor, ...]]:
     per_table: list[tuple[Tensor, ...]] = [
         (batch["hist_items"], batch["cand_item"]),
         (batch["hist_cats"], batch["cand_cat"]),
     ]
+    if has_bias:
+        per_table += [(batch["cand_item"],), (batch["cand_cat"],)]
     per_table += [(batch["user_feats"][:, i],) for i in range(n_user_feats)]
     return per_table
 
@@ -150,19 +164,26 @@ def _evaluate(model: nn.Module, data: TensorSamples, split: SampleSet, batch_siz
     return evaluate(split.user, labels, probs)
 
 
+def load_data(cfg: TrainConfig) -> PreparedData:
+    """The run's prepared splits (from the cache when they were prepared before)."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    blog = load_dataset(cfg.dataset, data_dir, cfg.download, SyntheticConfig(**cfg.synthetic))
+    blog = blog.with_user_features(cfg.user_features)
+    protocol = cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
+    t0 = time.perf_counter()
+    data = prepare(blog, protocol, cfg.max_len, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    sizes = {k: len(getattr(data, k)) for k in ("train", "valid", "test")}
+    log.info("data ready in %.1fs (cached=%s): %s", time.perf_counter() - t0, data.info.get("cached"), sizes)
+    return data
+
+
 def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
     """Train with Adam and early stopping on validation GAUC; test the best epoch; save the run."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if data is None:
-        blog = load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, cfg.download)
-        blog = blog.with_user_features(cfg.user_features)
-        protocol = cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
-        t0 = time.perf_counter()
-        data = prepare(blog, protocol, cfg.max_len, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None)
-        log.info("data ready in %.1fs (cached=%s): %s", time.perf_counter() - t0, data.info.get("cached"),
-                 {k: len(getattr(data, k)) for k in ("train", "valid", "test")})  # fmt: skip
+        data = load_data(cfg)
     mcfg = model_config(data, cfg.model_options)
     model = build_model(cfg.model, mcfg)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -182,6 +203,9 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         running, t0 = 0.0, time.perf_counter()
         for step, rows in enumerate(bar, start=1):
             batch = train_t.inputs(rows)
+            if cfg.history_dropout > 0:  # a sample's history stops being a fingerprint of its user
+                kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout
+                batch["hist_mask"] = batch["hist_mask"] & kept
             if model.uses_negatives:
                 neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
                 batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
@@ -191,7 +215,9 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
             if out.aux_loss is not None:
                 loss = loss + cfg.aux_weight * out.aux_loss
             if regs:
-                for reg, idx in zip(regs, _reg_inputs(batch, len(mcfg.user_feature_cardinalities)), strict=True):
+                for reg, idx in zip(
+                    regs, _reg_inputs(batch, len(mcfg.user_feature_cardinalities), mcfg.first_order), strict=True
+                ):
                     loss = loss + reg(*idx)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,6 +289,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="mini-batch aware L2; 0 = off")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
+    p.add_argument("--history-dropout", type=float, default=d.history_dropout,
+                   help="training only: drop each history position with this probability")  # fmt: skip
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
@@ -270,6 +298,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
     p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
+    p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="prepared-data cache ('' to disable)")
     p.add_argument("--no-progress", action="store_true")
@@ -291,10 +320,12 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         seed=args.seed,
         mba_lambda=args.mba_lambda,
         aux_weight=args.aux_weight,
+        history_dropout=args.history_dropout,
         patience=args.patience,
         threads=args.threads,
         cache_dir=args.cache_dir or None,
         progress=not args.no_progress,
+        synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,
             "attention_softmax": args.attention_softmax,

@@ -1,0 +1,378 @@
+"""Export a trained run into a versioned model repository, after checking ONNX Runtime against PyTorch.
+
+    python -m training.export --run RUN_DIR --repository DIR [--name NAME] [--version N] [--quantize int8]
+
+Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, naive.onnx}. A version appears
+atomically: it is written into a hidden temporary folder, then renamed, so a reader never sees half
+of one. ``naive.onnx`` is the training form behind the same interface, kept for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from models import CTRModel
+from models.serving import INPUT_NAMES, OUTPUT_NAMES, NaiveServing, serving_module
+from training.train import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+METADATA_FORMAT = 1
+OPSET = 17
+PARITY_TOLERANCE = 1e-5
+MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
+
+DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "hist_items": {0: "users", 1: "history"},
+    "hist_cats": {0: "users", 1: "history"},
+    "hist_mask": {0: "users", 1: "history"},
+    "user_feats": {0: "users"},
+    "cand_items": {0: "candidates"},
+    "cand_cats": {0: "candidates"},
+    "cand_user": {0: "candidates"},
+    "probability": {0: "candidates"},
+    "attention": {0: "candidates", 1: "history"},
+}
+
+
+class ExportError(RuntimeError):
+    """The export was refused (parity failed, version taken, ...); nothing was published."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a caller must feed: vocabulary sizes and the number of user features."""
+
+    n_items: int
+    n_categories: int
+    feature_cardinalities: tuple[int, ...]
+
+
+def io_signature(n_features: int) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, dtypes and shapes (symbolic axes by name) as metadata.json states them."""
+    shapes: dict[str, list[str | int]] = {
+        "hist_items": ["users", "history"],
+        "hist_cats": ["users", "history"],
+        "hist_mask": ["users", "history"],
+        "user_feats": ["users", n_features],
+        "cand_items": ["candidates"],
+        "cand_cats": ["candidates"],
+        "cand_user": ["candidates"],
+        "probability": ["candidates"],
+        "attention": ["candidates", "history"],
+    }
+    dtypes = {"hist_mask": "bool", "probability": "float32", "attention": "float32"}
+    return {
+        "inputs": [{"name": n, "dtype": dtypes.get(n, "int64"), "shape": shapes[n]} for n in INPUT_NAMES],
+        "outputs": [{"name": n, "dtype": dtypes[n], "shape": shapes[n]} for n in OUTPUT_NAMES],
+    }
+
+
+def random_inputs(
+    rng: np.random.Generator, spec: GraphSpec, lengths: list[int], candidates: list[int], width: int | None = None
+) -> dict[str, np.ndarray]:
+    """Serving inputs for users with the given history lengths and candidate counts (padded to ``width``)."""
+    u = len(lengths)
+    width = max(1, max(lengths), width or 0)
+    mask = np.arange(width) < np.asarray(lengths)[:, None]  # (U, L)
+    n = int(sum(candidates))
+    feats = [rng.integers(1, c, size=u) for c in spec.feature_cardinalities]  # OOV (1) included
+    return {
+        "hist_items": np.where(mask, rng.integers(1, spec.n_items, size=(u, width)), 0).astype(np.int64),
+        "hist_cats": np.where(mask, rng.integers(1, spec.n_categories, size=(u, width)), 0).astype(np.int64),
+        "hist_mask": mask,
+        "user_feats": np.stack(feats, axis=1).astype(np.int64) if feats else np.zeros((u, 0), dtype=np.int64),
+        "cand_items": rng.integers(1, spec.n_items, size=n).astype(np.int64),
+        "cand_cats": rng.integers(1, spec.n_categories, size=n).astype(np.int64),
+        "cand_user": rng.permutation(np.repeat(np.arange(u), candidates)).astype(np.int64),
+    }
+
+
+def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tuple[list[int], list[int]]]:
+    """(history lengths, candidate counts) per case: the edges first, then random batches of users."""
+    cases = [([0], [1]), ([max_len], [500]), ([0, max_len, 1], [3, 200, 7]), ([max_len // 2], [1])]
+    while len(cases) < n:
+        users = int(rng.integers(1, 6))
+        lengths = [int(x) for x in rng.integers(0, max_len + 1, size=users)]
+        counts = [int(x) for x in rng.integers(1, 500 // users + 1, size=users)]
+        cases.append((lengths, counts))
+    return cases
+
+
+def torch_reference(model: CTRModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The training form, history repeated per candidate: what the ONNX graph must reproduce."""
+    with torch.no_grad():
+        p, a = NaiveServing(model)(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return p.numpy(), a.numpy()
+
+
+def check_parity(
+    model: CTRModel, session: ort.InferenceSession, spec: GraphSpec, max_len: int, seed: int = 0
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    worst_p = worst_a = 0.0
+    cases = parity_cases(rng, max_len)
+    for lengths, counts in cases:
+        feed = random_inputs(rng, spec, lengths, counts)
+        prob, att = session.run(list(OUTPUT_NAMES), feed)
+        ref_p, ref_a = torch_reference(model, feed)
+        if not (np.isfinite(prob).all() and np.isfinite(att).all()):
+            raise ExportError(f"ONNX Runtime returned non-finite values for history lengths {lengths}")
+        worst_p = max(worst_p, float(np.abs(prob - ref_p).max()))
+        worst_a = max(worst_a, float(np.abs(att - ref_a).max()))
+        padded = ~feed["hist_mask"][feed["cand_user"]]
+        if (att[padded] != 0).any():
+            raise ExportError("attention is not exactly zero on padded history positions")
+    return {
+        "max_abs_diff_probability": worst_p,
+        "max_abs_diff_attention": worst_a,
+        "cases": len(cases),
+        "tolerance": PARITY_TOLERANCE,
+        "candidates": int(sum(sum(c) for _, c in cases)),
+    }
+
+
+def export_graph(module: nn.Module, path: Path, spec: GraphSpec, dynamic: bool = True, width: int = 8) -> None:
+    example = random_inputs(np.random.default_rng(0), spec, [width, max(1, width // 2)], [3, 2], width)
+    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter keeps DIEN's recurrence as an ONNX Loop (dynamic history
+        # length); it announces its own deprecation, which is not actionable here
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=DYNAMIC_AXES if dynamic else None,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def cpu_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def time_session(session: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int = 50) -> list[float]:
+    """Seconds per call, after a few warm-up calls."""
+    for _ in range(3):
+        session.run(None, feed)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _test_auc(session: ort.InferenceSession, ckpt: dict[str, Any]) -> float:
+    """Test AUC of a graph on the run's own test split (each sample as its own user)."""
+    from training.metrics import auc
+    from training.train import TrainConfig, load_data
+
+    cfg = TrainConfig.from_dict(ckpt["train_config"])
+    test = load_data(cfg).test
+    max_len = cfg.max_len
+    probs = []
+    for start in range(0, len(test), 4096):
+        rows = np.arange(start, min(start + 4096, len(test)))
+        items, cats, mask = test.history(rows, max_len)
+        feed = {
+            "hist_items": items,
+            "hist_cats": cats,
+            "hist_mask": mask,
+            "user_feats": test.user_feats[rows],
+            "cand_items": test.cand_item[rows],
+            "cand_cats": test.cand_cat[rows],
+            "cand_user": np.arange(rows.size, dtype=np.int64),
+        }
+        probs.append(session.run(["probability"], feed)[0])
+    return auc(test.label, np.concatenate(probs))
+
+
+def quantize_int8(fp32: Path, out: Path, ckpt: dict[str, Any], spec: GraphSpec, max_len: int) -> dict[str, Any]:
+    """ONNX Runtime dynamic int8 quantisation, with its effect on test AUC and on speed measured."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    s32, s8 = cpu_session(fp32), cpu_session(out)
+    feed = random_inputs(np.random.default_rng(1), spec, [max_len], [200])
+    t32, t8 = np.median(time_session(s32, feed)), np.median(time_session(s8, feed))
+    auc32, auc8 = _test_auc(s32, ckpt), _test_auc(s8, ckpt)
+    p32, a32 = s32.run(None, feed)
+    p8, a8 = s8.run(None, feed)
+    return {
+        "type": "int8-dynamic",
+        "test_auc_fp32": auc32,
+        "test_auc_int8": auc8,
+        "test_auc_change": auc8 - auc32,
+        "speedup": float(t32 / t8),
+        "latency_ms_fp32": float(1e3 * t32),
+        "latency_ms_int8": float(1e3 * t8),
+        "benchmark": {"candidates": 200, "history": max_len, "users": 1},
+        "max_abs_diff_probability_vs_fp32": float(np.abs(p8 - p32).max()),
+        "max_abs_diff_attention_vs_fp32": float(np.abs(a8 - a32).max()),
+    }
+
+
+def next_version(model_dir: Path) -> int:
+    versions = (
+        [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
+    )
+    return max(versions, default=0) + 1
+
+
+def publish(staging: Path, model_dir: Path, metadata: dict[str, Any], version: int | None) -> int:
+    """Rename a complete staging folder to model_dir/VERSION (with no version, the next free one).
+
+    metadata.json is written with the version number before the rename, which is the only step a
+    reader can observe; a racing exporter that takes the number first makes this one try the next."""
+    for _ in range(100):
+        v = version if version is not None else next_version(model_dir)
+        metadata["version"] = v
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        target = model_dir / str(v)
+        if target.exists() and version is not None:
+            raise ExportError(f"{target} already exists: versions are immutable, pick another --version")
+        try:
+            os.rename(staging, target)  # atomic on one filesystem; refuses an existing non-empty target
+            return v
+        except OSError as e:
+            if version is not None:
+                raise ExportError(f"could not publish {target}: {e}") from e
+    raise ExportError(f"could not find a free version under {model_dir}")
+
+
+def export_run(
+    run_dir: Path,
+    repository: Path,
+    name: str | None = None,
+    version: int | None = None,
+    quantize: str | None = None,
+    parity_seed: int = 0,
+) -> tuple[Path, dict[str, Any]]:
+    """Export, check parity, and publish one version; returns its folder and metadata."""
+    model, ckpt = load_checkpoint(run_dir)
+    name = name or ckpt["model"]
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ExportError(f"model name {name!r}: use letters, digits, '-' and '_'")
+    vocab = ckpt["vocab"]
+    spec = GraphSpec(
+        n_items=len(vocab["items"]) + 2,
+        n_categories=len(vocab["categories"]) + 2,
+        feature_cardinalities=tuple(len(v) + 2 for v in vocab["user_features"].values()),
+    )
+    max_len = int(ckpt["max_len"])
+    model_dir = Path(repository) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{uuid.uuid4().hex[:8]}-", dir=model_dir))
+    staging.chmod(0o755)  # mkdtemp makes it private; a published version is read by the service
+    try:
+        export_graph(serving_module(model), staging / MODEL_FILE, spec)
+        # the naive graph: DIEN's training-form loop unrolls, so it is fixed at max_len
+        export_graph(NaiveServing(model), staging / NAIVE_FILE, spec, dynamic=ckpt["model"] != "dien", width=max_len)
+        parity = check_parity(model, cpu_session(staging / MODEL_FILE), spec, max_len, parity_seed)
+        log.info("parity: %s", parity)
+        if max(parity["max_abs_diff_probability"], parity["max_abs_diff_attention"]) > PARITY_TOLERANCE:
+            raise ExportError(f"ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}: {parity}")
+        quant = None
+        if quantize == "int8":
+            fp32 = staging / "model.fp32.onnx"
+            (staging / MODEL_FILE).rename(fp32)
+            quant = quantize_int8(fp32, staging / MODEL_FILE, ckpt, spec, max_len)
+            fp32.unlink()
+            log.info("int8: %s", quant)
+        elif quantize is not None:
+            raise ExportError(f"unknown quantisation {quantize!r}; only int8 is supported")
+        cfg = ckpt["model_config"]
+        metadata: dict[str, Any] = {
+            "format": METADATA_FORMAT,
+            "name": name,
+            "version": None,  # filled once the version number is known
+            "model_type": ckpt["model"],
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "metrics": ckpt["metrics"],
+            "max_history": max_len,
+            "history_order": "oldest first, right-padded; hist_mask marks real positions",
+            "attention": (
+                "sum_pooling"
+                if ckpt["model"] == "base"
+                else "softmax"
+                if ckpt["model"] == "dien" or cfg["attention_softmax"]
+                else "sigmoid"
+            ),
+            **io_signature(len(spec.feature_cardinalities)),
+            "vocabulary": {
+                "file": VOCAB_FILE,
+                "pad_index": 0,
+                "oov_index": 1,
+                "first_index": 2,
+                "n_items": spec.n_items,
+                "n_categories": spec.n_categories,
+                "user_features": list(vocab["user_features"]),
+                "user_feature_cardinalities": list(spec.feature_cardinalities),
+            },
+            "parity": parity,
+            "quantization": quant,
+            "files": {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE},
+            "runtime": {"opset": OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__},
+            "model_config": cfg,
+            "training": ckpt["train_config"],
+        }
+        # sidecar: index = position + first_index in each list; item → category by raw ids
+        (staging / VOCAB_FILE).write_text(json.dumps(vocab))
+        published = publish(staging, model_dir, metadata, version)
+        return model_dir / str(published), metadata
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a training run directory (holding checkpoint.pt)")
+    p.add_argument("--repository", required=True, help="model repository root")
+    p.add_argument("--name", default=None, help="model name (default: the model type, e.g. din)")
+    p.add_argument("--version", type=int, default=None, help="integer version (default: the next free one)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="ONNX Runtime dynamic quantisation")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        folder, meta = export_run(Path(args.run), Path(args.repository), args.name, args.version, args.quantize)
+    except ExportError as e:
+        raise SystemExit(f"export refused: {e}") from e
+    par = meta["parity"]
+    print(
+        f"published {folder}  parity over {par['cases']} cases ({par['candidates']} candidates): "
+        f"max |Δp| {par['max_abs_diff_probability']:.2e}, max |Δattention| {par['max_abs_diff_attention']:.2e}"
+    )
+    if meta["quantization"]:
+        q = meta["quantization"]
+        print(f"int8: test AUC {q['test_auc_fp32']:.4f} → {q['test_auc_int8']:.4f}, speed-up ×{q['speedup']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
