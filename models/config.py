@@ -25,6 +25,7 @@ class ModelConfig:
     dropout: float = 0.0
     first_order: bool = True  # add per-item and per-category bias terms to the logit (a "wide" part)
     evolution: Evolution = "augru"  # DIEN only
+    dien_pooling: Literal["sum", "attention"] = "sum"  # DIEN: the behaviour summary beside the final interest
     aux_hidden: tuple[int, ...] = field(default=(100, 50))  # DIEN auxiliary net
 
     @property

@@ -156,6 +156,7 @@ class DIENServing(_Serving):
         self.attention_proj = m.attention_proj
         self.cell = m.evolution.cell
         self.kind = m.evolution.kind
+        self.attention_pooling = m.cfg.dien_pooling == "attention"
         self.mlp = m.mlp
         self.recurrence = torch.jit.script(gated_recurrence)
 
@@ -186,7 +187,11 @@ class DIENServing(_Serving):
         else:
             x_proj, gate = proj_c + b_in, weights.unsqueeze(-1)
         final = self.recurrence(x_proj, gate, self.cell.hidden_proj.weight, self.kind != "agru")  # (N, H)
-        x = torch.cat([self.user_repr(user_feats, cand_user), query, pooled.index_select(0, cand_user), final], dim=-1)
+        if self.attention_pooling:  # Σ_t a_t e_t depends on the candidate
+            pooled_c = torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, cand_user)).squeeze(1)  # (N, D)
+        else:
+            pooled_c = pooled.index_select(0, cand_user)  # (N, D)
+        x = torch.cat([self.user_repr(user_feats, cand_user), query, pooled_c, final], dim=-1)
         logits = self.mlp(x).squeeze(-1) + self.embedding.bias(cand_items, cand_cats)  # (N,)
         return torch.sigmoid(logits), weights
 

@@ -36,7 +36,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> 
         row: dict[str, Any] = {k: float(np.mean([m[k] for m in metrics])) for k in METRICS}
         if len(metrics) > 1:
             row.update({f"{k}_std": float(np.std([m[k] for m in metrics])) for k in METRICS})
-        row["repeats"] = len(metrics)
+        row["runs"] = len(metrics)
         row["best_epoch"] = [m["best_epoch"] for m in metrics]
         row["train_samples_per_second"] = float(np.mean([m["train_samples_per_second"] for m in metrics]))
         out[name] = row
@@ -79,25 +79,40 @@ def plot_valid_gauc(histories: dict[str, list[list[dict[str, float]]]], path: Pa
     plt.close(fig)
 
 
-def compare(base_cfg: TrainConfig, models: list[str], out: Path, repeats: int = 1) -> dict[str, dict[str, Any]]:
-    data = load_data(base_cfg)  # one split for every model
-    protocol = data.info["protocol"]
+def compare(
+    base_cfg: TrainConfig, models: list[str], out: Path, repeats: int = 1, splits: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Every model on the same split(s): ``splits`` user splits (seeds seed, seed+1, ...), each model
+    trained ``repeats`` times per split with different initialisation seeds."""
     runs: dict[str, list[dict[str, Any]]] = {}
     histories: dict[str, list[list[dict[str, float]]]] = {}
-    for name in models:
-        for r in range(repeats):
-            run_dir = out / name if repeats == 1 else out / name / f"repeat-{r}"
-            cfg = replace(base_cfg, model=name, out=str(run_dir), seed=base_cfg.seed + r)
-            result = train(cfg, data=data)
-            runs.setdefault(name, []).append(result.metrics)
-            histories.setdefault(name, []).append(result.history)
-            log.info("%s repeat %d: %s", name, r, {k: round(result.metrics[k], 4) for k in METRICS})
+    protocol = ""
+    for split in range(splits):
+        split_cfg = replace(base_cfg, seed=base_cfg.seed + split)
+        data = load_data(split_cfg)  # one split for every model
+        protocol = str(data.info["protocol"])
+        for name in models:
+            for r in range(repeats):
+                run_dir = out / name
+                if splits > 1:
+                    run_dir = run_dir / f"split-{split}"
+                if repeats > 1:
+                    run_dir = run_dir / f"repeat-{r}"
+                cfg = replace(split_cfg, model=name, out=str(run_dir), seed=split_cfg.seed + 1000 * r)
+                result = train(cfg, data=data)
+                runs.setdefault(name, []).append({**result.metrics, "split": split, "repeat": r})
+                histories.setdefault(name, []).append(result.history)
+                log.info("%s split %d repeat %d: %s", name, split, r, {k: round(result.metrics[k], 4) for k in METRICS})
     results = summarise(runs)
+    for name in results:
+        results[name]["per_run"] = [
+            {"split": m["split"], "repeat": m["repeat"], **{k: m[k] for k in METRICS}} for m in runs[name]
+        ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(
-        f"Dataset `{base_cfg.dataset}`, protocol `{protocol}`, max_len {base_cfg.max_len}, split seed "
-        f"{base_cfg.seed}, {repeats} repeat(s); test-set figures (mean ± std over repeats).\n\n"
+        f"Dataset `{base_cfg.dataset}`, protocol `{protocol}`, max_len {base_cfg.max_len}, {splits} user split(s) "
+        f"from seed {base_cfg.seed}, {repeats} training seed(s) each; test-set figures, mean ± std over runs.\n\n"
         + markdown_table(results)
     )
     plot_valid_gauc(histories, out / "valid_gauc.png")
@@ -109,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     add_train_arguments(p)
     p.add_argument("--models", default="base,din,dien", help="comma-separated, from base, din, dien")
     p.add_argument("--repeats", type=int, default=1, help="training seeds per model, on the same split")
+    p.add_argument("--splits", type=int, default=1, help="user splits (seeds --seed, --seed+1, ...) to average over")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(models) - {"base", "din", "dien"})
     if unknown:
         p.error(f"unknown models {unknown}")
-    results = compare(config_from_args(args, models[0], args.out), models, Path(args.out), args.repeats)
+    results = compare(config_from_args(args, models[0], args.out), models, Path(args.out), args.repeats, args.splits)
     print(markdown_table(results))
 
 

@@ -23,10 +23,19 @@ def test_folded_dice_equals_dice_in_eval() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "evolution"), [("base", "augru"), ("din", "augru"), ("dien", "augru"), ("dien", "agru"), ("dien", "aigru")]
+    ("kind", "options"),
+    [
+        ("base", {}),
+        ("din", {}),
+        ("din", {"attention_softmax": True}),
+        ("dien", {}),
+        ("dien", {"evolution": "agru"}),
+        ("dien", {"evolution": "aigru"}),
+        ("dien", {"dien_pooling": "attention"}),
+    ],
 )
-def test_serving_form_equals_the_training_form(kind: str, evolution: str) -> None:
-    model = build_model(kind, ModelConfig(**{**CFG.to_dict(), "evolution": evolution}))
+def test_serving_form_equals_the_training_form(kind: str, options: dict[str, object]) -> None:
+    model = build_model(kind, ModelConfig(**{**CFG.to_dict(), **options}))
     model.train()
     for _ in range(3):
         mask = torch.rand(16, 9) > 0.3

@@ -1,0 +1,208 @@
+"""In-process ONNX Runtime benchmark: the serving graph against the naive (training-form) graph.
+
+    python -m bench.inprocess --repository DIR --name din,dien --candidates 200 --history 50
+
+For each model, in one run: candidates/s and p50/p99 per call for the serving graph (per-user work
+shared) and for the naive graph (history repeated per candidate), their ratio as "speedup", the
+execution provider that actually ran, FLOPs per candidate and the achieved fraction of this machine's
+matrix-multiply ceiling (numpy sgemm, measured in the same run). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from training.export import GraphSpec, random_inputs
+
+DEFAULT_OUT = Path("bench/results")
+
+
+def load_version(repository: Path, name: str, version: int | None) -> tuple[Path, dict[str, Any]]:
+    model_dir = repository / name
+    if version is None:
+        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        if not versions:
+            raise SystemExit(f"no published version under {model_dir}")
+        version = versions[-1]
+    folder = model_dir / str(version)
+    return folder, json.loads((folder / "metadata.json").read_text())
+
+
+def make_session(path: Path, provider: str, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif provider == "cuda":
+        raise SystemExit(f"CUDAExecutionProvider is not available here: {ort.get_available_providers()}")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def time_calls(
+    session: ort.InferenceSession, feed: dict[str, np.ndarray], min_seconds: float, min_runs: int
+) -> np.ndarray:
+    """Seconds per call, after warm-up, repeated for at least min_seconds and min_runs."""
+    for _ in range(5):
+        session.run(None, feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def summarise(times: np.ndarray, candidates: int) -> dict[str, float]:
+    return {
+        "runs": int(times.size),
+        "p50_ms": float(1e3 * np.percentile(times, 50)),
+        "p99_ms": float(1e3 * np.percentile(times, 99)),
+        "mean_ms": float(1e3 * times.mean()),
+        "candidates_per_second": float(candidates / times.mean()),
+    }
+
+
+def flops_per_candidate(meta: dict[str, Any], history: int, candidates_per_user: int) -> float:
+    """Multiply-adds ×2 of the serving graph per candidate (per-user work amortised over the user's
+    candidates); elementwise ops are left out, being small next to the matrix products."""
+    cfg = meta["model_config"]
+    d = cfg["item_dim"] + cfg["category_dim"]
+    u = cfg["user_dim"] * len(cfg["user_feature_cardinalities"])
+    kind = meta["model_type"]
+    mlp_in = u + {"base": 2 * d, "din": 2 * d, "dien": 3 * d}[kind]
+    widths = [mlp_in, *cfg["mlp_hidden"], 1]
+    macs = sum(a * b for a, b in itertools.pairwise(widths))
+    per_user = 0.0
+    if kind == "din":
+        att = [*cfg["attention_hidden"], 1]
+        macs += d * att[0]  # the query part of layer 1
+        macs += history * (d * att[0] + sum(a * b for a, b in itertools.pairwise(att)))  # q⊙k part + rest
+        macs += history * d  # weighted sum pooling
+        per_user = history * d * att[0]  # the key part of layer 1
+    elif kind == "dien":
+        macs += d * d + 2 * history * d  # attention projection, scores, (pooling is per user)
+        macs += history * d * 3 * d  # AUGRU hidden projection per step
+        per_user = history * (3 * d * d * 2 + 3 * d * d)  # extractor GRU + AUGRU input projection
+    return 2.0 * (macs + per_user / candidates_per_user)
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This machine's matrix-multiply ceiling, numpy float32 (what the CPU can do at best)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_model(
+    repository: Path,
+    name: str,
+    version: int | None,
+    candidates: int,
+    history: int,
+    users: int,
+    threads: int,
+    provider: str,
+    min_seconds: float,
+    min_runs: int,
+) -> dict[str, Any]:
+    folder, meta = load_version(repository, name, version)
+    v = meta["vocabulary"]
+    spec = GraphSpec(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]))
+    per_user = [candidates // users + (1 if i < candidates % users else 0) for i in range(users)]
+    feed = random_inputs(np.random.default_rng(0), spec, [history] * users, per_user)
+    result: dict[str, Any] = {
+        "model": name,
+        "version": meta["version"],
+        "model_type": meta["model_type"],
+        "candidates": candidates,
+        "history": history,
+        "users": users,
+        "intra_op_num_threads": threads,
+    }
+    for graph in ("serving", "naive"):
+        path = folder / meta["files"]["model" if graph == "serving" else "naive"]
+        session = make_session(path, provider, threads)
+        graph_feed = dict(feed)
+        static = session.get_inputs()[0].shape[1]
+        if graph == "naive" and isinstance(static, int) and static != history:
+            # DIEN's naive graph has its recurrence unrolled to max_history: pad (extra steps carry a = 0)
+            width = max(static, history)
+            graph_feed = random_inputs(np.random.default_rng(0), spec, [history] * users, per_user, width=width)
+        times = time_calls(session, graph_feed, min_seconds, min_runs)
+        result[graph] = {**summarise(times, candidates), "provider": session.get_providers()[0]}
+    result["speedup"] = result["serving"]["candidates_per_second"] / result["naive"]["candidates_per_second"]
+    fpc = flops_per_candidate(meta, history, candidates // users)
+    result["flops_per_candidate"] = fpc
+    result["serving"]["gflops"] = fpc * result["serving"]["candidates_per_second"] / 1e9
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--name", default="din", help="model name(s), comma-separated")
+    p.add_argument("--version", type=int, default=None, help="default: the newest version")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--history", type=int, default=50)
+    p.add_argument("--users", type=int, default=1, help="users in one call (candidates split among them)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra_op_num_threads")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="time each graph at least this long")
+    p.add_argument("--min-runs", type=int, default=100)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/inprocess.json)")
+    args = p.parse_args(argv)
+
+    ceiling = sgemm_gflops()
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(),
+            "sgemm_gflops": ceiling,
+        },
+        "models": [],
+    }
+    print(f"numpy sgemm ceiling: {ceiling:.0f} GFLOP/s; ONNX Runtime providers: {ort.get_available_providers()}")
+    print(f"{'model':<10} {'graph':<8} {'provider':<22} {'cand/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for name in [n for n in args.name.split(",") if n]:
+        r = bench_model(args.repository, name, args.version, args.candidates, args.history, args.users,
+                        args.threads, args.provider, args.min_seconds, args.min_runs)  # fmt: skip
+        r["serving"]["fraction_of_sgemm_ceiling"] = r["serving"]["gflops"] / ceiling
+        report["models"].append(r)
+        for graph in ("serving", "naive"):
+            g = r[graph]
+            print(f"{name:<10} {graph:<8} {g['provider']:<22} {g['candidates_per_second']:>10,.0f} "
+                  f"{g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}")  # fmt: skip
+        print(f"{name:<10} speedup ×{r['speedup']:.2f}; {r['flops_per_candidate'] / 1e6:.2f} MFLOP/candidate, "
+              f"{r['serving']['gflops']:.1f} GFLOP/s = {100 * r['serving']['fraction_of_sgemm_ceiling']:.0f}% "
+              "of the sgemm ceiling")  # fmt: skip
+    out = args.out or DEFAULT_OUT / "inprocess.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
