@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from models.base import CTRModel, ModelOutput
 from models.config import ModelConfig
-from models.layers import MLP, InterestEvolution, masked_softmax
+from models.layers import MLP, InterestEvolution, gru_states, masked_softmax
 
 
 class DIEN(CTRModel):
@@ -31,6 +31,8 @@ class DIEN(CTRModel):
         """behaviours (B, L, D), oldest first and right-padded → interest states (B, L, D).
 
         States at padded positions are never read: attention and the auxiliary loss mask them."""
+        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            return gru_states(self.extractor, behaviours)  # same GRU, hand-written backward (training)
         states, _ = self.extractor(behaviours)  # (B, L, D)
         return states
 

@@ -184,24 +184,30 @@ class AUGRUCell(nn.Module):
 
 
 class GatedGRUSequence(torch.autograd.Function):
-    """The whole attention-gated GRU recurrence with a hand-written backward, for training.
+    """The whole (attention-gated) GRU recurrence with a hand-written backward, for training.
 
     Same maths as stepping ``AUGRUCell``: h_t = h_{t−1} + ũ_t ⊙ (h̃_t − h_{t−1}) with ũ_t = g_t·u_t
-    (``scale_update``: AUGRU, and AIGRU with g = mask) or ũ_t = g_t (AGRU). Autograd over 50 small
-    steps spends most of its time in bookkeeping; this backward runs ~14 tensor ops per step instead.
-    Not exportable: the cell loop is what eval and ONNX export run (tests check both agree).
+    (``scale_update``: AUGRU, AIGRU with g = mask, a plain GRU with g = 1) or ũ_t = g_t (AGRU), and
+    U·h_{t−1} + b_h inside the gates. Autograd over 50 small steps spends most of its time in
+    bookkeeping; this backward runs ~20 tensor ops per step instead. Not exportable: the cell loop and
+    nn.GRU are what eval and ONNX export run (tests check they agree, gradients included).
     """
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, x_proj: Tensor, gate: Tensor, weight: Tensor, scale_update: bool
+        ctx: torch.autograd.function.FunctionCtx,
+        x_proj: Tensor,
+        gate: Tensor,
+        weight: Tensor,
+        hidden_bias: Tensor,
+        scale_update: bool,
     ) -> Tensor:
-        """x_proj (B, L, 3H), gate (B, L, 1), weight (3H, H) = hidden_proj.weight → h_L (B, H)."""
+        """x_proj (B, L, 3H), gate (B, L, 1), weight (3H, H), hidden_bias (3H,) → states h_1..h_L (B, L, H)."""
         hd = x_proj.shape[-1] // 3
         h = x_proj.new_zeros(x_proj.shape[0], hd)  # (B, H)
-        saved: list[Tensor] = []  # per step: h_{t−1}, [u, r], h̃, U_h·h_{t−1} (kept as they come: no copies)
+        saved: list[Tensor] = []  # per step: h_{t−1}, [u, r], h̃, U_h·h_{t−1} + b (kept as they come: no copies)
         for x_t, g_t in zip(x_proj.unbind(1), gate.unbind(1), strict=True):
-            hidden = h @ weight.T  # (B, 3H)
+            hidden = torch.addmm(hidden_bias, h, weight.T)  # (B, 3H)
             ur = torch.sigmoid(x_t[:, : 2 * hd] + hidden[:, : 2 * hd])  # (B, 2H)
             hh = hidden[:, 2 * hd :]
             n = torch.tanh(x_t[:, 2 * hd :] + ur[:, hd:] * hh)  # (B, H)
@@ -210,18 +216,21 @@ class GatedGRUSequence(torch.autograd.Function):
             h = h + ut * (n - h)
         ctx.save_for_backward(gate, weight, *saved)
         ctx.scale_update = scale_update  # type: ignore[attr-defined]
-        return h
+        return torch.stack([*saved[4::4], h], dim=1)  # (B, L, H)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, dh_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, d_states: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         gate, weight, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = ctx.scale_update  # type: ignore[attr-defined]
         hd = weight.shape[1]
         d_pre: list[Tensor] = []  # gradient of the pre-activations (= of x_proj), newest step first
-        d_hidden: list[Tensor] = []  # gradient of U·h_{t−1}
+        d_hidden: list[Tensor] = []  # gradient of U·h_{t−1} + b
         d_gate: list[Tensor] = []
-        dh = dh_out
+        dh = torch.zeros_like(d_states[:, 0])
         for t in reversed(range(gate.shape[1])):
+            dh = dh + d_states[:, t]
             hp, ur, n, hh = saved[4 * t : 4 * t + 4]
             u, r = ur[:, :hd], ur[:, hd:]
             g = gate[:, t]  # (B, 1)
@@ -234,9 +243,26 @@ class GatedGRUSequence(torch.autograd.Function):
             d_pre.append(torch.cat([d_upre, d_rpre, d_npre], dim=-1))  # (B, 3H)
             d_hidden.append(torch.cat([d_upre, d_rpre, d_npre * r], dim=-1))  # (B, 3H)
             dh = dh * (1 - ut) + d_hidden[-1] @ weight
+        d_hid = torch.stack(d_hidden)  # (L, B, 3H), newest first
         h_prev = torch.stack(saved[0::4][::-1])  # (L, B, H), newest first like d_hidden
-        d_weight = torch.einsum("lbk,lbh->kh", torch.stack(d_hidden), h_prev)  # (3H, H)
-        return torch.stack(d_pre[::-1], dim=1), torch.stack(d_gate[::-1], dim=1), d_weight, None
+        d_weight = torch.einsum("lbk,lbh->kh", d_hid, h_prev)  # (3H, H)
+        d_bias = d_hid.sum(dim=(0, 1))  # (3H,)
+        return torch.stack(d_pre[::-1], dim=1), torch.stack(d_gate[::-1], dim=1), d_weight, d_bias, None
+
+
+def gru_states(gru: nn.GRU, x: Tensor) -> Tensor:
+    """PyTorch's single-layer batch-first GRU over x (B, L, D) → states (B, L, H), computed by the fused
+    recurrence. Gate order (r, z, n) becomes (u, r, n) with u = 1 − z, i.e. z's pre-activation negated:
+    h' = (1 − z)·n + z·h = h + u·(n − h)."""
+    hd = gru.hidden_size
+    w_ih, w_hh, b_ih, b_hh = gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0
+    w_in = torch.cat([-w_ih[hd : 2 * hd], w_ih[:hd], w_ih[2 * hd :]])  # (3H, D)
+    w_rec = torch.cat([-w_hh[hd : 2 * hd], w_hh[:hd], w_hh[2 * hd :]])  # (3H, H)
+    b_in = torch.cat([-(b_ih[hd : 2 * hd] + b_hh[hd : 2 * hd]), b_ih[:hd] + b_hh[:hd], b_ih[2 * hd :]])  # (3H,)
+    b_rec = torch.cat([b_hh.new_zeros(2 * hd), b_hh[2 * hd :]])  # only b_hn sits inside r ⊙ (·)
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)
+    states: Tensor = GatedGRUSequence.apply(F.linear(x, w_in, b_in), ones, w_rec, b_rec, True)
+    return states
 
 
 class InterestEvolution(nn.Module):
@@ -258,8 +284,11 @@ class InterestEvolution(nn.Module):
         a = attention.unsqueeze(-1)  # (B, L, 1)
         if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
             gate = mask.unsqueeze(-1).to(a.dtype) if self.kind == "aigru" else a
-            out: Tensor = GatedGRUSequence.apply(x_proj, gate, self.cell.hidden_proj.weight, self.kind != "agru")
-            return out
+            weight = self.cell.hidden_proj.weight
+            states: Tensor = GatedGRUSequence.apply(
+                x_proj, gate, weight, weight.new_zeros(weight.shape[0]), self.kind != "agru"
+            )
+            return states[:, -1]
         h = interests.new_zeros(interests.shape[0], interests.shape[-1])  # (B, H)
         steps = zip(x_proj.unbind(1), a.unbind(1), mask.unsqueeze(-1).unbind(1), strict=True)
         for x_t, a_t, valid_t in steps:

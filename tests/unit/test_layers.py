@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.config import ModelConfig
-from models.layers import ActivationUnit, AUGRUCell, Dice, InterestEvolution, masked_softmax
+from models.layers import ActivationUnit, AUGRUCell, Dice, InterestEvolution, gru_states, masked_softmax
 
 
 def test_dice_in_eval_mode_is_independent_of_the_batch() -> None:
@@ -114,3 +114,17 @@ def test_padded_steps_leave_the_augru_state_unchanged() -> None:
 def test_config_round_trips() -> None:
     cfg = ModelConfig(n_items=10, n_categories=4, user_feature_cardinalities=(3, 5), mlp_hidden=(8,))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_fused_gru_matches_torch_gru_values_and_gradients() -> None:
+    gru = torch.nn.GRU(5, 4, batch_first=True).double()
+    x = torch.randn(3, 8, 5, dtype=torch.double, requires_grad=True)
+    ref, _ = gru(x)
+    fused = gru_states(gru, x)
+    torch.testing.assert_close(fused, ref)
+    weights = torch.randn_like(ref)
+    params = [x, *gru.parameters()]
+    g_ref = torch.autograd.grad((ref * weights).sum(), params)
+    g_fused = torch.autograd.grad((gru_states(gru, x) * weights).sum(), params)
+    for got, want in zip(g_fused, g_ref, strict=True):
+        torch.testing.assert_close(got, want)
