@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -255,7 +257,8 @@ def gru_states(gru: nn.GRU, x: Tensor) -> Tensor:
     recurrence. Gate order (r, z, n) becomes (u, r, n) with u = 1 − z, i.e. z's pre-activation negated:
     h' = (1 − z)·n + z·h = h + u·(n − h)."""
     hd = gru.hidden_size
-    w_ih, w_hh, b_ih, b_hh = gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0
+    w_ih, w_hh, b_ih, b_hh = (cast(Tensor, getattr(gru, n)) for n in ("weight_ih_l0", "weight_hh_l0",
+                                                                     "bias_ih_l0", "bias_hh_l0"))  # fmt: skip
     w_in = torch.cat([-w_ih[hd : 2 * hd], w_ih[:hd], w_ih[2 * hd :]])  # (3H, D)
     w_rec = torch.cat([-w_hh[hd : 2 * hd], w_hh[:hd], w_hh[2 * hd :]])  # (3H, H)
     b_in = torch.cat([-(b_ih[hd : 2 * hd] + b_hh[hd : 2 * hd]), b_ih[:hd] + b_hh[:hd], b_ih[2 * hd :]])  # (3H,)
