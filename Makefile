@@ -28,13 +28,22 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# The main job, as far as it exists today: train DIN on the synthetic log with planted interests.
-demo: $(STAMP)
-	$(PY) -m training.train --dataset synthetic --model din --out $(RUN_DIR)
+REPOSITORY ?= runs/repository
 
+# The main job, as far as it exists today (the HTTP service is the next milestone): train DIN on the
+# synthetic log with planted interests, export it into the model repository (parity-checked), and time
+# the exported graph in-process.
+demo: $(STAMP)
+	$(PY) -m training.train --dataset synthetic --model din --epochs 3 --out $(RUN_DIR)
+	$(PY) -m training.export --run $(RUN_DIR) --repository $(REPOSITORY) --name din
+	$(PY) -m bench.inprocess --repository $(REPOSITORY) --name din --candidates 200 --history 50 \
+		--min-seconds 1 --out $(RUN_DIR)/inprocess.json
+
+# The ml-100k recipe (see README: why no user features, history dropout and normalised attention)
 compare-ml100k: $(STAMP)
 	$(PY) -m training.compare --dataset ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
-		--models base,din,dien --out runs/compare-ml100k
+		--models base,din,dien --user-features '' --history-dropout 0.7 --attention-softmax \
+		--dien-pooling attention --lr 3e-3 --splits 3 --out runs/compare-ml100k
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -296,6 +296,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
     p.add_argument("--mlp-activation", choices=["dice", "prelu", "relu"], default="dice")
     p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
+    p.add_argument("--dien-pooling", choices=["sum", "attention"], default="sum",
+                   help="DIEN: sum of behaviours (paper) or attention-weighted, beside the final interest")  # fmt: skip
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
     p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
     p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
@@ -331,6 +333,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
             "attention_softmax": args.attention_softmax,
             "mlp_activation": args.mlp_activation,
             "evolution": args.evolution,
+            "dien_pooling": args.dien_pooling,
             "item_dim": args.item_dim,
             "category_dim": args.category_dim,
         },
