@@ -191,7 +191,8 @@ class GatedGRUSequence(torch.autograd.Function):
     Same maths as stepping ``AUGRUCell``: h_t = h_{t−1} + ũ_t ⊙ (h̃_t − h_{t−1}) with ũ_t = g_t·u_t
     (``scale_update``: AUGRU, AIGRU with g = mask, a plain GRU with g = 1) or ũ_t = g_t (AGRU), and
     U·h_{t−1} + b_h inside the gates. Autograd over 50 small steps spends most of its time in
-    bookkeeping; this backward runs 4 tensor ops per step and the rest vectorised over steps. Not exportable: the cell loop and
+    bookkeeping; this backward runs 4 tensor ops per step and vectorises the rest over
+    steps. Not exportable: the cell loop and
     nn.GRU are what eval and ONNX export run (tests check they agree, gradients included).
     """
 
