@@ -125,6 +125,7 @@ class ActivationUnit(nn.Module):
     def __init__(self, dim: int, hidden: tuple[int, ...], activation: Activation) -> None:
         super().__init__()
         self.dim = dim
+        self.literal = False  # evaluate layer 1 on the literal concat (reference form, for benchmarks)
         self.first = nn.Linear(4 * dim, hidden[0])
         self.first_activation = make_activation(activation, hidden[0])
         self.rest = MLP(hidden[0], hidden[1:], 1, activation)
@@ -147,6 +148,10 @@ class ActivationUnit(nn.Module):
         return self.rest(h).squeeze(-1)  # (B, L)
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        if self.literal:
+            q = query.unsqueeze(1).expand_as(keys)  # (B, L, D)
+            h = self.first_activation(self.first(torch.cat([q, keys, q - keys, q * keys], dim=-1)))  # (B, L, H)
+            return self.rest(h).squeeze(-1)  # (B, L)
         return self.scores(query, keys, self.key_part(keys))
 
 

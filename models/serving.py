@@ -137,12 +137,15 @@ def gated_recurrence(x_proj: Tensor, gate: Tensor, weight: Tensor, scale_update:
     weight (3H, H) → h_L (N, H). Written for TorchScript, so export keeps L dynamic (an ONNX Loop)."""
     hd = weight.size(1)
     h = torch.zeros(x_proj.size(0), hd, dtype=x_proj.dtype, device=x_proj.device)
-    for t in range(x_proj.size(1)):
-        x_t = x_proj[:, t]
-        hidden = torch.mm(h, weight.t())  # (N, 3H)
+    xs = x_proj.transpose(0, 1).contiguous()  # (L, N, 3H): each step a contiguous slab, no strided gather
+    gs = gate.transpose(0, 1).contiguous()  # (L, N, 1)
+    w_t = weight.t()
+    for t in range(xs.size(0)):
+        x_t = xs[t]
+        hidden = torch.mm(h, w_t)  # (N, 3H)
         ur = torch.sigmoid(x_t[:, : 2 * hd] + hidden[:, : 2 * hd])  # (N, 2H)
         n = torch.tanh(x_t[:, 2 * hd :] + ur[:, hd:] * hidden[:, 2 * hd :])  # (N, H)
-        g = gate[:, t]  # (N, 1)
+        g = gs[t]  # (N, 1)
         u = g * ur[:, :hd] if scale_update else g
         h = h + u * (n - h)
     return h
@@ -201,9 +204,11 @@ class NaiveServing(nn.Module):
     user's history and the whole model runs per candidate (Dice folded as in the serving form, so the
     two differ only in what is shared). Only for benchmarks and parity checks."""
 
-    def __init__(self, model: CTRModel) -> None:
+    def __init__(self, model: CTRModel, literal: bool = False) -> None:
         super().__init__()
         self.model = fold_dice(model.eval()).eval()
+        if literal and isinstance(self.model, DIN):  # DIN's layer 1 on [q, k, q − k, q ⊙ k] as drawn in the paper
+            self.model.activation_unit.literal = True
 
     def forward(
         self,

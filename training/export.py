@@ -38,6 +38,7 @@ METADATA_FORMAT = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
 MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
+NAIVE_LITERAL_FILE = "naive_literal.onnx"
 
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "hist_items": {0: "users", 1: "history"},
@@ -149,8 +150,10 @@ def check_parity(
     }
 
 
-def export_graph(module: nn.Module, path: Path, spec: GraphSpec, dynamic: bool = True, width: int = 8) -> None:
+def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history: bool = False, width: int = 8) -> None:
+    """Users and candidates are dynamic axes; the history axis too unless ``static_history``."""
     example = random_inputs(np.random.default_rng(0), spec, [width, max(1, width // 2)], [3, 2], width)
+    axes = {k: {i: a for i, a in v.items() if not (static_history and a == "history")} for k, v in DYNAMIC_AXES.items()}
     args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
     with warnings.catch_warnings():
         # the TorchScript-based exporter keeps DIEN's recurrence as an ONNX Loop (dynamic history
@@ -162,7 +165,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, dynamic: bool =
             str(path),
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes=DYNAMIC_AXES if dynamic else None,
+            dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
         )
@@ -293,7 +296,13 @@ def export_run(
     try:
         export_graph(serving_module(model), staging / MODEL_FILE, spec)
         # the naive graph: DIEN's training-form loop unrolls, so it is fixed at max_len
-        export_graph(NaiveServing(model), staging / NAIVE_FILE, spec, dynamic=ckpt["model"] != "dien", width=max_len)
+        export_graph(
+            NaiveServing(model), staging / NAIVE_FILE, spec, static_history=ckpt["model"] == "dien", width=max_len
+        )
+        files = {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE}
+        if ckpt["model"] == "din":  # the paper's literal concat form, the usual "naive" in other implementations
+            export_graph(NaiveServing(model, literal=True), staging / NAIVE_LITERAL_FILE, spec, width=max_len)
+            files["naive_literal"] = NAIVE_LITERAL_FILE
         parity = check_parity(model, cpu_session(staging / MODEL_FILE), spec, max_len, parity_seed)
         log.info("parity: %s", parity)
         if max(parity["max_abs_diff_probability"], parity["max_abs_diff_attention"]) > PARITY_TOLERANCE:
@@ -337,7 +346,7 @@ def export_run(
             },
             "parity": parity,
             "quantization": quant,
-            "files": {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE},
+            "files": files,
             "runtime": {"opset": OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__},
             "model_config": cfg,
             "training": ckpt["train_config"],
