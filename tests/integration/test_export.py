@@ -38,7 +38,11 @@ def _spec(meta: dict) -> GraphSpec:  # type: ignore[type-arg]
 def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[str, Path], tmp_path: Path) -> None:
     folder, meta = export_run(runs[kind], tmp_path)
     assert folder == tmp_path / kind / "1"
-    assert {p.name for p in folder.iterdir()} == {"model.onnx", "naive.onnx", "metadata.json", "vocab.json"}
+    expected = {"model.onnx", "naive.onnx", "metadata.json", "vocab.json"} | (
+        {"naive_literal.onnx"} if kind == "din" else set()
+    )
+    assert {p.name for p in folder.iterdir()} == expected
+    assert set(meta["files"].values()) == expected - {"metadata.json"}
     on_disk = json.loads((folder / "metadata.json").read_text())
     assert on_disk == json.loads(json.dumps(meta))
     assert on_disk["version"] == 1 and on_disk["model_type"] == kind and on_disk["max_history"] == 12
