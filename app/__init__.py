@@ -1,0 +1,1 @@
+"""The online CTR scoring service: FastAPI over a model repository, a behaviour store and a batcher."""

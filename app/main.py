@@ -1,0 +1,36 @@
+"""create_app(settings): builds the components in the lifespan and wires the routes. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.metrics import Metrics
+from app.middleware import LimitsAndMetrics
+from app.routes import events, health, score
+from app.settings import Settings
+from app.state import AppState
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState.build(settings, metrics)
+        state.start()
+        app.state.components = state
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)
+    app.add_middleware(LimitsAndMetrics, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(score.router)
+    app.include_router(events.router)
+    app.include_router(health.router)
+    return app

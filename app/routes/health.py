@@ -1,0 +1,57 @@
+"""Liveness, readiness, the loaded models, and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.schemas import ModelInfo, ModelsResponse, ReadyResponse
+from app.state import StateDep
+from app.store import StoreError
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(state: StateDep, response: Response) -> ReadyResponse:
+    reasons = []
+    if not state.models:
+        reasons.append("no model loaded")
+    if not state.warmed:
+        reasons.append("models not warmed up yet")
+    try:
+        await state.store.ping()
+    except StoreError as e:
+        reasons.append(f"behaviour store: {e}")
+    if reasons:
+        response.status_code = 503
+    return ReadyResponse(ready=not reasons, reasons=reasons)
+
+
+@router.get("/models", response_model=ModelsResponse)
+async def models(state: StateDep) -> ModelsResponse:
+    return ModelsResponse(
+        default=state.settings.default_model,
+        models=[
+            ModelInfo(
+                name=s.model.name,
+                version=s.model.version,
+                model_type=s.model.metadata["model_type"],
+                provider=s.model.provider,
+                max_history=s.model.max_history,
+                loaded_at=s.model.loaded_at,
+                metrics=s.model.metadata.get("metrics", {}),
+            )
+            for s in state.models.values()
+        ],
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,113 @@
+"""The API contract: request and response models (OpenAPI is generated from these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+MAX_ID_LENGTH = 128
+
+
+def _id_from_json(value: Any) -> Any:
+    """Ids are strings; JSON integers are accepted too (booleans are not integers here)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Id = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Item(_Strict):
+    item_id: Id
+    category_id: Id | None = Field(None, description="looked up in the model's item table when omitted")
+
+
+class Candidate(Item):
+    pass
+
+
+class HistoryItem(Item):
+    pass
+
+
+class ScoreRequest(_Strict):
+    user_id: Id
+    candidates: list[Candidate] = Field(min_length=1, max_length=1000)
+    history: list[HistoryItem] | None = Field(
+        None, max_length=1000, description="most recent first; replaces the stored history when present"
+    )
+    user_features: dict[Annotated[str, StringConstraints(max_length=64)], Id] | None = Field(None, max_length=64)
+    model: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    return_attention: bool = True
+
+
+class Score(BaseModel):
+    item_id: str
+    probability: float
+    attention: list[float] | None = Field(None, description="attention[j]: weight given to history[j]")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    version: str
+    user_id: str
+    history_source: Literal["store", "request", "none"]
+    degraded: bool = False
+    history: list[Item]
+    scores: list[Score]
+
+
+class Event(_Strict):
+    user_id: Id
+    item_id: Id
+    category_id: Id | None = None
+    timestamp: int | None = Field(None, ge=0, description="seconds; the server's clock when omitted")
+
+
+class EventsRequest(_Strict):
+    events: list[Event] = Field(min_length=1, max_length=1000)
+
+
+class EventsResponse(BaseModel):
+    stored: int
+
+
+class StoredBehaviour(BaseModel):
+    item_id: str
+    category_id: str | None
+    timestamp: int
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    history: list[StoredBehaviour]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    model_type: str
+    provider: str
+    max_history: int
+    loaded_at: float
+    metrics: dict[str, Any]
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    reasons: list[str] = []
+
+
+class ErrorResponse(BaseModel):
+    detail: Any

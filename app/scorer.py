@@ -1,0 +1,202 @@
+"""A loaded model version: its ONNX Runtime session, vocabularies, and batched scoring.
+
+Knows nothing of HTTP or Redis: it takes raw ids and returns probabilities and attention.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PAD, OOV = 0, 1
+REQUIRED_INPUTS = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
+
+
+class ModelLoadError(RuntimeError):
+    """A model version is missing, incomplete or unusable; the message says which and why."""
+
+
+class Lookup:
+    """Vectorised raw id → index over a sorted array (index = position in the vocabulary + 2)."""
+
+    def __init__(self, values: list[str]) -> None:
+        arr = np.asarray(values, dtype=str)
+        self.order = np.argsort(arr, kind="stable")
+        self.sorted = arr[self.order]
+
+    def __call__(self, ids: list[str]) -> np.ndarray:
+        if not ids:
+            return np.zeros(0, dtype=np.int64)
+        q = np.asarray(ids, dtype=str)
+        if self.sorted.size == 0:
+            return np.full(q.shape, OOV, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, q), self.sorted.size - 1)
+        found = self.sorted[pos] == q
+        return np.where(found, self.order[pos] + 2, OOV).astype(np.int64)
+
+
+@dataclass
+class Encoded:
+    """One request in model indices: history oldest first, as the graph expects."""
+
+    hist_items: np.ndarray  # (l,)
+    hist_cats: np.ndarray  # (l,)
+    user_feats: np.ndarray  # (F,)
+    cand_items: np.ndarray  # (c,)
+    cand_cats: np.ndarray  # (c,)
+    unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
+
+
+def select_providers(choice: str) -> list[str]:
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if choice == "cuda":
+        raise ModelLoadError(f"PROVIDER=cuda but ONNX Runtime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+class LoadedModel:
+    def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0) -> None:
+        self.folder = folder
+        meta_path = folder / "metadata.json"
+        if not meta_path.exists():
+            raise ModelLoadError(f"{folder}: no metadata.json (not an exported model version)")
+        try:
+            self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
+            vocab = json.loads((folder / self.metadata["files"]["vocabulary"]).read_text())
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{folder}: unreadable metadata or vocabulary: {e!r}") from e
+        self.name: str = self.metadata["name"]
+        self.version = str(self.metadata["version"])
+        self.max_history = int(self.metadata["max_history"])
+        self.items = Lookup(vocab["items"])
+        self.categories = Lookup(vocab["categories"])
+        self.feature_names: list[str] = list(vocab["user_features"])
+        self.features = {name: Lookup(values) for name, values in vocab["user_features"].items()}
+        item_cat = vocab["item_category"]
+        self._item_category_raw: dict[str, str] = item_cat
+        self.item_category = np.concatenate(
+            [[PAD, OOV], self.categories([item_cat[i] for i in vocab["items"]])]
+        ).astype(np.int64)  # (n_items,) category index of every item index
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(
+                str(folder / self.metadata["files"]["model"]), opts, providers=select_providers(provider)
+            )
+        except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
+            raise ModelLoadError(f"{folder}: ONNX Runtime cannot load the model: {e}") from e
+        names = {i.name for i in self.session.get_inputs()}
+        if names != set(REQUIRED_INPUTS):
+            raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
+        self.provider = self.session.get_providers()[0]
+        self.loaded_at = time.time()
+        if provider != "cpu" and self.provider != "CUDAExecutionProvider":
+            log.warning("model %s v%s runs on %s (CUDA not available)", self.name, self.version, self.provider)
+        else:
+            log.info("model %s v%s runs on %s", self.name, self.version, self.provider)
+
+    def encode(
+        self,
+        history: list[tuple[str, str | None]],
+        user_features: dict[str, str] | None,
+        candidates: list[tuple[str, str | None]],
+    ) -> Encoded:
+        """history most recent first (truncated by the caller); unknown ids → OOV, counted."""
+        hist = history[: self.max_history][::-1]  # oldest first
+        h_items = self.items([i for i, _ in hist])
+        c_items = self.items([i for i, _ in candidates])
+        h_cats = self._categories(h_items, [c for _, c in hist])
+        c_cats = self._categories(c_items, [c for _, c in candidates])
+        feats = user_features or {}
+        f_idx = np.array(
+            [self.features[n]([feats[n]])[0] if n in feats else OOV for n in self.feature_names], dtype=np.int64
+        )
+        unknown = {
+            "item": int((h_items == OOV).sum() + (c_items == OOV).sum()),
+            "category": int((h_cats == OOV).sum() + (c_cats == OOV).sum()),
+            "user_feature": int((f_idx == OOV).sum()),
+        }
+        return Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown)
+
+    def category_of(self, item_id: str) -> str | None:
+        """The training data's category of an item (None for items the model never saw)."""
+        return self._item_category_raw.get(item_id)
+
+    def _categories(self, item_idx: np.ndarray, given: list[str | None]) -> np.ndarray:
+        """The caller's category when given, else the item table's (OOV for unknown items)."""
+        table = self.item_category[item_idx]
+        if all(c is None for c in given):
+            return table
+        explicit = self.categories([c or "" for c in given])
+        return np.where(np.array([c is not None for c in given]), explicit, table)
+
+    def run(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Score several users in one ONNX Runtime call; per request: probabilities (c,), attention (c, l)."""
+        width = max(1, max(e.hist_items.size for e in batch))
+        u = len(batch)
+        hist_items = np.zeros((u, width), dtype=np.int64)
+        hist_cats = np.zeros((u, width), dtype=np.int64)
+        mask = np.zeros((u, width), dtype=bool)
+        for row, e in enumerate(batch):
+            n = e.hist_items.size
+            hist_items[row, :n], hist_cats[row, :n], mask[row, :n] = e.hist_items, e.hist_cats, True
+        counts = [e.cand_items.size for e in batch]
+        feed = {
+            "hist_items": hist_items,
+            "hist_cats": hist_cats,
+            "hist_mask": mask,
+            "user_feats": np.stack([e.user_feats for e in batch]).reshape(u, len(self.feature_names)),
+            "cand_items": np.concatenate([e.cand_items for e in batch]),
+            "cand_cats": np.concatenate([e.cand_cats for e in batch]),
+            "cand_user": np.repeat(np.arange(u, dtype=np.int64), counts),
+        }
+        prob, att = self.session.run(["probability", "attention"], feed)
+        out = []
+        start = 0
+        for e, c in zip(batch, counts, strict=True):
+            out.append((prob[start : start + c], att[start : start + c, : e.hist_items.size]))
+            start += c
+        return out
+
+    def warm_up(self) -> None:
+        """Run the graph at a few shapes so the first real request does not pay for initialisation."""
+        for hist_len, n_cand in ((0, 1), (self.max_history, 200)):
+            e = Encoded(
+                np.full(hist_len, 2, dtype=np.int64),
+                np.full(hist_len, 2, dtype=np.int64),
+                np.full(len(self.feature_names), OOV, dtype=np.int64),
+                np.full(n_cand, 2, dtype=np.int64),
+                np.full(n_cand, 2, dtype=np.int64),
+            )
+            self.run([e, e])
+
+
+def latest_version(repository: Path, name: str) -> Path:
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model {name!r} not found in repository {repository}")
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise ModelLoadError(f"model {name!r} has no published version under {model_dir}")
+    return model_dir / str(versions[-1])
+
+
+def discover(repository: Path) -> list[str]:
+    if not repository.is_dir():
+        raise ModelLoadError(f"model repository {repository} does not exist")
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -1,0 +1,31 @@
+"""Service configuration: one pydantic-settings object, read from the environment and validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variables have the same names, upper-cased."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    model_repository: Path = Field(Path("runs/repository"), description="root of the exported model repository")
+    default_model: str = Field("din", min_length=1, description="model used when a request names none")
+    redis_url: str | None = Field(None, description="behaviour store; unset → embedded in-process store")
+    redis_key_prefix: str = Field("ctr:hist:", description="prefix of the per-user behaviour lists")
+    store_timeout_ms: float = Field(50.0, gt=0, description="bound on one store round trip")
+    history_cap: int = Field(200, ge=1, le=100_000, description="behaviours kept per user")
+    history_ttl_s: int = Field(30 * 24 * 3600, ge=1, description="a user's behaviours expire after this idle time")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="larger request bodies get 413")
+    max_batch_candidates: int = Field(4096, ge=1, description="a batch closes at this many candidates")
+    max_queue_delay_ms: float = Field(1.0, ge=0, description="a batch waits at most this long to fill")
+    queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
+    request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
+    inference_workers: int = Field(1, ge=1, le=64, description="ONNX Runtime runs in flight at once")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per run; 0 = its default")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")

@@ -1,0 +1,91 @@
+"""The service as a real uvicorn process (`python -m app`): concurrency, batching, start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, service_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture
+def server(model_repository: Path, redis_url: str) -> Iterator[str]:
+    env = service_env(model_repository / "repo", redis_url, MAX_QUEUE_DELAY_MS="5", INTRA_OP_THREADS="1")
+    proc, url = _start(env)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_concurrent_requests_are_merged_into_fewer_runs(server: str) -> None:
+    async def fire() -> list[int]:
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            await client.post("/events", json={"events": [{"user_id": f"c{i}", "item_id": "i1"} for i in range(32)]})
+            bodies = [{"user_id": f"c{i}", "candidates": [{"item_id": f"i{j}"} for j in range(50)]} for i in range(32)]
+            rs = await asyncio.gather(*(client.post("/score", json=b) for b in bodies))
+            return [r.status_code for r in rs]
+
+    assert asyncio.run(fire()) == [200] * 32
+    text = httpx.get(f"{server}/metrics").text
+    runs = _metric(text, 'ctr_batch_requests_count{model="din"}')
+    requests = _metric(text, 'ctr_batch_requests_sum{model="din"}')
+    assert requests == 32  # warm-up runs go straight to the model, not through the batcher
+    assert runs < 32, f"{runs} runs for 32 concurrent requests: nothing was merged"
+    assert _metric(text, 'ctr_candidates_scored_total{model="din"}') == 32 * 50
+
+
+def test_start_up_fails_loudly_on_an_empty_repository(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=service_env(tmp_path, None))  # fmt: skip
+    assert proc.returncode != 0
+    assert "not found in repository" in proc.stderr or "not in repository" in proc.stderr
+
+
+def test_start_up_fails_loudly_on_a_corrupt_model(model_repository: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / "repo" / "din", repo / "din")
+    (repo / "din" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")
+    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=service_env(repo, None))  # fmt: skip
+    assert proc.returncode != 0
+    assert "cannot load the model" in proc.stderr

@@ -1,0 +1,181 @@
+"""The real app (lifespan, routes, batcher, ONNX Runtime) against a real redis-server of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import RedisServer
+from training.export import torch_reference
+from training.train import load_checkpoint
+
+
+@pytest.fixture
+def client(model_repository: Path, redis_url: str) -> Iterator[TestClient]:
+    settings = Settings(model_repository=model_repository / "repo", default_model="din", redis_url=redis_url,
+                        store_timeout_ms=200, max_body_bytes=200_000)  # fmt: skip
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _vocab(model_repository: Path, name: str = "din") -> dict:  # type: ignore[type-arg]
+    return json.loads((model_repository / "repo" / name / "1" / "vocab.json").read_text())
+
+
+def _reference(model_repository: Path, name: str, history: list[str], candidates: list[str]) -> tuple:  # type: ignore[type-arg]
+    """Probabilities and attention computed independently: PyTorch training form, vocab by dict lookup."""
+    vocab = _vocab(model_repository, name)
+    item_idx = {v: i + 2 for i, v in enumerate(vocab["items"])}
+    cat_idx = {v: i + 2 for i, v in enumerate(vocab["categories"])}
+    cat_of = vocab["item_category"]
+    oldest_first = history[::-1]
+    n = max(1, len(history))
+    feed = {
+        "hist_items": np.array([[item_idx.get(i, 1) for i in oldest_first] + [0] * (n - len(history))]),
+        "hist_cats": np.array([[cat_idx.get(cat_of.get(i, ""), 1) for i in oldest_first] + [0] * (n - len(history))]),
+        "hist_mask": np.array([[True] * len(history) + [False] * (n - len(history))]),
+        "user_feats": np.array([[1] * len(vocab["user_features"])]),
+        "cand_items": np.array([item_idx.get(i, 1) for i in candidates]),
+        "cand_cats": np.array([cat_idx.get(cat_of.get(i, ""), 1) for i in candidates]),
+        "cand_user": np.zeros(len(candidates), dtype=np.int64),
+    }
+    model, _ = load_checkpoint(model_repository / "runs" / name)
+    p, a = torch_reference(
+        model, {k: v.astype(bool) if k == "hist_mask" else v.astype(np.int64) for k, v in feed.items()}
+    )
+    return p, a[:, : len(history)][:, ::-1]  # most recent first, like the API
+
+
+def test_events_then_score_reads_them_back_with_exact_values(client: TestClient, model_repository: Path) -> None:
+    items = _vocab(model_repository)["items"]
+    history = items[:6]  # sent oldest first by timestamp; the API answers most recent first
+    r = client.post("/events", json={"events": [{"user_id": "42", "item_id": i, "timestamp": 100 + t}
+                                                for t, i in enumerate(history)]})  # fmt: skip
+    assert r.status_code == 200 and r.json() == {"stored": 6}
+    stored = client.get("/users/42/history").json()
+    assert [h["item_id"] for h in stored["history"]] == history[::-1]
+    assert [h["timestamp"] for h in stored["history"]] == [105, 104, 103, 102, 101, 100]
+
+    candidates = items[10:40]
+    r = client.post("/score", json={"user_id": 42, "candidates": [{"item_id": c} for c in candidates]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "din" and body["version"] == "1" and body["user_id"] == "42"
+    assert body["history_source"] == "store" and body["degraded"] is False
+    assert [h["item_id"] for h in body["history"]] == history[::-1]
+    assert all(h["category_id"] == _vocab(model_repository)["item_category"][h["item_id"]] for h in body["history"])
+    assert [s["item_id"] for s in body["scores"]] == candidates
+    p_ref, a_ref = _reference(model_repository, "din", history[::-1], candidates)
+    np.testing.assert_allclose([s["probability"] for s in body["scores"]], p_ref, atol=1e-5)
+    np.testing.assert_allclose([s["attention"] for s in body["scores"]], a_ref, atol=1e-5)
+
+
+def test_request_history_replaces_the_store_and_is_truncated(client: TestClient, model_repository: Path) -> None:
+    items = _vocab(model_repository, "dien")["items"]
+    client.post("/events", json={"events": [{"user_id": "u", "item_id": items[0]}]})
+    history = items[:30]  # max_history is 20: the 20 most recent are used
+    candidates = [{"item_id": items[50]}, {"item_id": "never-seen", "category_id": "c1"}]
+    r = client.post("/score", json={"user_id": "u", "model": "dien", "return_attention": True,
+                                    "history": [{"item_id": i} for i in history], "candidates": candidates})  # fmt: skip
+    body = r.json()
+    assert r.status_code == 200 and body["history_source"] == "request" and body["model"] == "dien"
+    assert [h["item_id"] for h in body["history"]] == history[:20]
+    assert all(len(s["attention"]) == 20 for s in body["scores"])
+    p_ref, a_ref = _reference(model_repository, "dien", history[:20], [items[50]])
+    assert body["scores"][0]["probability"] == pytest.approx(float(p_ref[0]), abs=1e-5)
+    np.testing.assert_allclose(body["scores"][0]["attention"], a_ref[0], atol=1e-5)
+    assert 0 < body["scores"][1]["probability"] < 1  # an unknown item is scored, not refused
+    metrics = client.get("/metrics").text
+    assert 'ctr_unknown_ids_total{kind="item"} 1.0' in metrics
+
+
+def test_new_visitor_without_history(client: TestClient, model_repository: Path) -> None:
+    items = _vocab(model_repository)["items"]
+    r = client.post("/score", json={"user_id": "nobody", "candidates": [{"item_id": items[3]}],
+                                    "return_attention": False})  # fmt: skip
+    body = r.json()
+    assert body["history_source"] == "none" and body["history"] == [] and body["scores"][0]["attention"] is None
+    p_ref, _ = _reference(model_repository, "din", [], [items[3]])
+    assert body["scores"][0]["probability"] == pytest.approx(float(p_ref[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "field"),
+    [
+        ({"user_id": "u", "candidates": []}, 422, "candidates"),
+        ({"user_id": "u", "candidates": [{"item_id": "a"}] * 1001}, 422, "candidates"),
+        ({"user_id": "u" * 129, "candidates": [{"item_id": "a"}]}, 422, "user_id"),
+        ({"user_id": "u", "candidates": [{"item_id": 1.5}]}, 422, "item_id"),
+        ({"user_id": "u", "candidates": [{"item_id": "a"}], "return_attention": "maybe"}, 422, "return_attention"),
+        ({"candidates": [{"item_id": "a"}]}, 422, "user_id"),
+        ({"user_id": "u", "candidates": [{"item_id": "a"}], "model": "nope"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(client: TestClient, payload: dict, status: int, field: str) -> None:  # type: ignore[type-arg]
+    r = client.post("/score", json=payload)
+    assert r.status_code == status, r.text
+    assert field in r.text
+
+
+def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
+    r = client.post("/score", content=b'{"user_id": "u", "candidates": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "json" in r.text.lower()
+    big = {"user_id": "u", "candidates": [{"item_id": "x" * 100}] * 1000, "history": [{"item_id": "y" * 100}] * 900}
+    r = client.post("/score", json=big)
+    assert r.status_code == 413
+
+
+def test_models_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    models = client.get("/models").json()
+    assert models["default"] == "din"
+    assert {m["name"] for m in models["models"]} == {"din", "dien"}
+    assert all(m["provider"] == "CPUExecutionProvider" and m["max_history"] == 20 for m in models["models"])
+    client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]})
+    text = client.get("/metrics").text
+    info = 'ctr_model_info{model="din",provider="CPUExecutionProvider",version="1"} 1.0'
+    for name in ("ctr_requests_total", "ctr_request_latency_seconds_bucket", "ctr_batch_candidates_bucket",
+                 "ctr_inference_seconds_count", "ctr_queue_depth", info):  # fmt: skip
+        assert name in text, name
+    assert 'ctr_requests_total{endpoint="/score",status="200"} 1.0' in text
+
+
+def test_redis_outage_degrades_scoring_refuses_writes_and_recovers(
+    client: TestClient, redis_server: RedisServer, model_repository: Path
+) -> None:
+    items = _vocab(model_repository)["items"]
+    assert client.post("/events", json={"events": [{"user_id": "r", "item_id": items[1]}]}).status_code == 200
+    redis_server.stop()
+    try:
+        r = client.post("/score", json={"user_id": "r", "candidates": [{"item_id": items[2]}]})
+        assert r.status_code == 200 and r.json()["degraded"] is True and r.json()["history_source"] == "none"
+        r = client.post("/score", json={"user_id": "r", "candidates": [{"item_id": items[2]}],
+                                        "history": [{"item_id": items[1]}]})  # fmt: skip
+        assert r.status_code == 200 and r.json()["history_source"] == "request"
+        r = client.post("/events", json={"events": [{"user_id": "r", "item_id": items[3]}]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "behaviour store" in ready.json()["reasons"][0]
+        assert 'ctr_store_errors_total{operation="write"} 1.0' in client.get("/metrics").text
+    finally:
+        redis_server.start()
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/events", json={"events": [{"user_id": "r2", "item_id": items[3]}]}).status_code == 200
+    r = client.post("/score", json={"user_id": "r2", "candidates": [{"item_id": items[2]}]})
+    assert r.json()["degraded"] is False and r.json()["history_source"] == "store"
+
+
+def test_openapi_is_generated_from_the_schemas(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/score", "/events", "/users/{user_id}/history", "/readyz", "/models"} <= set(spec["paths"])
+    score = spec["components"]["schemas"]["ScoreRequest"]
+    assert score["properties"]["candidates"]["maxItems"] == 1000

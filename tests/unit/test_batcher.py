@@ -1,0 +1,135 @@
+"""The batcher alone, driven with asyncio: no server, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from app.batcher import BatchFailed, BatchStats, DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+def _batcher(run, **kw):  # type: ignore[no-untyped-def]
+    opts = {"max_candidates": 100, "max_delay_s": 0.01, "queue_limit": 50, "workers": 1}
+    opts.update(kw)
+    return DynamicBatcher(run, **opts)
+
+
+def test_concurrent_requests_are_merged_while_a_run_is_busy() -> None:
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(5)  # hold the worker so the next requests queue up
+        return [i * 10 for i in items]
+
+    async def main() -> list[int]:
+        b = _batcher(run)
+        b.start()
+        first = asyncio.create_task(b.submit(0, 1, 5))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(b.submit(i, 1, 5)) for i in range(1, 9)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(first, *rest)
+        await b.stop()
+        return out
+
+    assert asyncio.run(main()) == [i * 10 for i in range(9)]
+    assert calls == [[0], list(range(1, 9))]  # eight requests, one run
+
+
+def test_a_lone_request_runs_after_the_max_delay() -> None:
+    stats: list[BatchStats] = []
+
+    async def main() -> int:
+        b = _batcher(lambda items: items, max_delay_s=0.02, on_batch=stats.append)
+        b.start()
+        out = await b.submit(7, 3, 1)
+        await b.stop()
+        return out
+
+    assert asyncio.run(main()) == 7
+    assert stats[0].requests == 1 and stats[0].candidates == 3
+    assert 0.015 <= stats[0].queue_waits[0] < 0.5
+
+
+def test_batches_close_at_max_candidates() -> None:
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return items
+
+    async def main() -> None:
+        b = _batcher(run, max_candidates=30, max_delay_s=0.05)
+        b.start()
+        await asyncio.gather(*(b.submit(i, 10, 5) for i in range(7)))
+        await b.stop()
+
+    asyncio.run(main())
+    assert sizes == [3, 3, 1]
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        b = _batcher(lambda items: [gate.wait(5) and i for i in items], queue_limit=2, max_delay_s=0)
+        b.start()
+        running = asyncio.create_task(b.submit(0, 1, 5))
+        await asyncio.sleep(0.05)  # now running, holding the only worker
+        queued = [asyncio.create_task(b.submit(i, 1, 5)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit(3, 1, 5)
+        gate.set()
+        await asyncio.gather(running, *queued)
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_past_its_deadline_gets_an_error_and_is_not_run() -> None:
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        seen.extend(items)
+        gate.wait(5)
+        return items
+
+    async def main() -> None:
+        b = _batcher(run, max_delay_s=0)
+        b.start()
+        blocker = asyncio.create_task(b.submit(0, 1, 5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(1, 1, 0.05)
+        gate.set()
+        await blocker
+        assert await b.submit(2, 1, 5) == 2
+        await b.stop()
+
+    asyncio.run(main())
+    assert seen == [0, 2]  # request 1 expired in the queue and never ran
+
+
+def test_a_failing_run_fails_only_its_own_requests() -> None:
+    def run(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("bad batch")
+        return items
+
+    async def main() -> None:
+        b = _batcher(run, max_delay_s=0)
+        b.start()
+        with pytest.raises(BatchFailed, match="bad batch"):
+            await b.submit(13, 1, 5)
+        assert await b.submit(4, 1, 5) == 4
+        await b.stop()
+
+    asyncio.run(main())
