@@ -82,8 +82,8 @@ def test_request_history_replaces_the_store_and_is_truncated(client: TestClient,
     client.post("/events", json={"events": [{"user_id": "u", "item_id": items[0]}]})
     history = items[:30]  # max_history is 20: the 20 most recent are used
     candidates = [{"item_id": items[50]}, {"item_id": "never-seen", "category_id": "c1"}]
-    r = client.post("/score", json={"user_id": "u", "model": "dien", "return_attention": True,
-                                    "history": [{"item_id": i} for i in history], "candidates": candidates})  # fmt: skip
+    hist = [{"item_id": i} for i in history]
+    r = client.post("/score", json={"user_id": "u", "model": "dien", "history": hist, "candidates": candidates})
     body = r.json()
     assert r.status_code == 200 and body["history_source"] == "request" and body["model"] == "dien"
     assert [h["item_id"] for h in body["history"]] == history[:20]
