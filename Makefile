@@ -30,14 +30,13 @@ lint: $(STAMP)
 
 REPOSITORY ?= runs/repository
 
-# The main job, as far as it exists today (the HTTP service is the next milestone): train DIN on the
-# synthetic log with planted interests, export it into the model repository (parity-checked), and time
-# the exported graph in-process.
+# The main job: train DIN on the synthetic log with planted interests, export it into the model
+# repository (parity-checked), serve it (Redis when REDIS_URL is set, else the embedded store), seed
+# a few users and print a ready-to-paste curl. Ctrl-C stops the service.
 demo: $(STAMP)
 	$(PY) -m training.train --dataset synthetic --model din --epochs 3 --out $(RUN_DIR)
 	$(PY) -m training.export --run $(RUN_DIR) --repository $(REPOSITORY) --name din
-	$(PY) -m bench.inprocess --repository $(REPOSITORY) --name din --candidates 200 --history 50 \
-		--min-seconds 1 --out $(RUN_DIR)/inprocess.json
+	$(PY) scripts/demo.py --repository $(REPOSITORY) --model din
 
 # The ml-100k recipe (see README: why no user features, history dropout and normalised attention)
 compare-ml100k: $(STAMP)

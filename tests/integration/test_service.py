@@ -179,3 +179,50 @@ def test_openapi_is_generated_from_the_schemas(client: TestClient) -> None:
     assert {"/score", "/events", "/users/{user_id}/history", "/readyz", "/models"} <= set(spec["paths"])
     score = spec["components"]["schemas"]["ScoreRequest"]
     assert score["properties"]["candidates"]["maxItems"] == 1000
+
+
+def _slow_app(model_repository: Path, redis_url: str, **overrides: object) -> TestClient:
+    settings = Settings(model_repository=model_repository / "repo", default_model="din", redis_url=redis_url,
+                        **overrides)  # type: ignore[arg-type]  # fmt: skip
+    return TestClient(create_app(settings))
+
+
+def _slow_down(client: TestClient, seconds: float) -> None:
+    """Make the din batcher's runs slow, as under heavy load."""
+    import time as _time
+
+    batcher = client.app.state.components.models["din"].batcher  # type: ignore[attr-defined]
+    run = batcher._run
+
+    def slow(items):  # type: ignore[no-untyped-def]
+        _time.sleep(seconds)
+        return run(items)
+
+    batcher._run = slow
+
+
+def test_overload_is_refused_at_once_with_retry_after(model_repository: Path, redis_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _slow_app(model_repository, redis_url, queue_limit=2, max_queue_delay_ms=0, max_batch_candidates=1) as c:
+        _slow_down(c, 0.3)
+        body = {"user_id": "o", "candidates": [{"item_id": "a"}], "history": []}
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda _: c.post("/score", json=body), range(12)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(503) >= 6 and codes.count(200) >= 2, codes
+        refused = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "overloaded" in r.text for r in refused)
+        assert c.get("/healthz").status_code == 200
+
+
+def test_requests_past_the_timeout_get_504(model_repository: Path, redis_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _slow_app(model_repository, redis_url, request_timeout_ms=150, max_queue_delay_ms=0,
+                   max_batch_candidates=1) as c:  # fmt: skip
+        _slow_down(c, 0.4)
+        body = {"user_id": "t", "candidates": [{"item_id": "a"}], "history": []}
+        with ThreadPoolExecutor(3) as pool:
+            codes = sorted(r.status_code for r in pool.map(lambda _: c.post("/score", json=body), range(3)))
+        assert 504 in codes, codes
