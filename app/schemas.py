@@ -16,14 +16,20 @@ def _id_from_json(value: Any) -> Any:
     return value
 
 
-Id = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+# no control characters: ids are stored joined by one (app/store.py) and echoed in logs
+Id = Annotated[
+    str,
+    BeforeValidator(_id_from_json),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Input(BaseModel):
+    # unknown fields are ignored, so callers can send more than the contract (a bid, a trace id) safely
+    model_config = ConfigDict(extra="ignore")
 
 
-class Item(_Strict):
+class Item(_Input):
     item_id: Id
     category_id: Id | None = Field(None, description="looked up in the model's item table when omitted")
 
@@ -36,7 +42,7 @@ class HistoryItem(Item):
     pass
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(_Input):
     user_id: Id
     candidates: list[Candidate] = Field(min_length=1, max_length=1000)
     history: list[HistoryItem] | None = Field(
@@ -63,14 +69,14 @@ class ScoreResponse(BaseModel):
     scores: list[Score]
 
 
-class Event(_Strict):
+class Event(_Input):
     user_id: Id
     item_id: Id
     category_id: Id | None = None
     timestamp: int | None = Field(None, ge=0, description="seconds; the server's clock when omitted")
 
 
-class EventsRequest(_Strict):
+class EventsRequest(_Input):
     events: list[Event] = Field(min_length=1, max_length=1000)
 
 

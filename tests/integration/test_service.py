@@ -113,6 +113,7 @@ def test_new_visitor_without_history(client: TestClient, model_repository: Path)
         ({"user_id": "u", "candidates": [{"item_id": "a"}] * 1001}, 422, "candidates"),
         ({"user_id": "u" * 129, "candidates": [{"item_id": "a"}]}, 422, "user_id"),
         ({"user_id": "u", "candidates": [{"item_id": 1.5}]}, 422, "item_id"),
+        ({"user_id": "u", "candidates": [{"item_id": "a\u001fb"}]}, 422, "item_id"),
         ({"user_id": "u", "candidates": [{"item_id": "a"}], "return_attention": "maybe"}, 422, "return_attention"),
         ({"candidates": [{"item_id": "a"}]}, 422, "user_id"),
         ({"user_id": "u", "candidates": [{"item_id": "a"}], "model": "nope"}, 404, "model"),
@@ -226,3 +227,11 @@ def test_requests_past_the_timeout_get_504(model_repository: Path, redis_url: st
         with ThreadPoolExecutor(3) as pool:
             codes = sorted(r.status_code for r in pool.map(lambda _: c.post("/score", json=body), range(3)))
         assert 504 in codes, codes
+
+
+def test_unknown_fields_are_ignored_and_integer_ids_accepted(client: TestClient, model_repository: Path) -> None:
+    items = _vocab(model_repository)["items"]
+    r = client.post("/score", json={"user_id": 7, "trace_id": "abc",
+                                    "candidates": [{"item_id": items[0], "bid": 1.25}],
+                                    "user_features": {"segment": 2}})  # fmt: skip
+    assert r.status_code == 200 and r.json()["user_id"] == "7"
