@@ -135,3 +135,39 @@ def service_env(repository: Path, redis_url: str | None, **extra: str) -> dict[s
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env
+
+
+def start_service(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    """`python -m app` on a free port; returns the process and its URL once /readyz answers 200."""
+    import sys
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("server did not become ready")
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

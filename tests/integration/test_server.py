@@ -6,47 +6,23 @@ import asyncio
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, service_env
+from tests.conftest import free_port, service_env, start_service, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture
 def server(model_repository: Path, redis_url: str) -> Iterator[str]:
     env = service_env(model_repository / "repo", redis_url, MAX_QUEUE_DELAY_MS="5", INTRA_OP_THREADS="1")
-    proc, url = _start(env)
+    proc, url = start_service(env, ROOT)
     yield url
-    proc.terminate()
-    proc.wait(10)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    stop_process(proc)
 
 
 def _metric(text: str, name: str) -> float:
