@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 REPOSITORY ?= runs/repository
+PORT ?= 8000
 
 # The main job: train DIN on the synthetic log with planted interests, export it into the model
 # repository (parity-checked), serve it (Redis when REDIS_URL is set, else the embedded store), seed
@@ -36,7 +37,7 @@ REPOSITORY ?= runs/repository
 demo: $(STAMP)
 	$(PY) -m training.train --dataset synthetic --model din --epochs 3 --out $(RUN_DIR)
 	$(PY) -m training.export --run $(RUN_DIR) --repository $(REPOSITORY) --name din
-	$(PY) scripts/demo.py --repository $(REPOSITORY) --model din
+	$(PY) scripts/demo.py --repository $(REPOSITORY) --model din --port $(PORT)
 
 # The ml-100k recipe (see README: why no user features, history dropout and normalised attention)
 compare-ml100k: $(STAMP)

@@ -1,0 +1,54 @@
+"""The README's main command, `make demo`, run for real: it trains, exports, serves and prints a curl."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # the embedded store, as for a newcomer
+    proc = subprocess.Popen(
+        ["make", "demo", f"PORT={port}", f"RUN_DIR={tmp_path / 'run'}", f"REPOSITORY={tmp_path / 'repo'}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 600
+        curl = None
+        while time.monotonic() < deadline and curl is None:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if line.startswith("curl "):
+                curl = line
+        assert curl is not None, "".join(lines[-40:])
+        args = shlex.split(curl)
+        url, body = args[args.index("POST") + 1], args[args.index("-d") + 1]
+        assert url == f"http://127.0.0.1:{port}/score"
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["history_source"] == "store" and len(answer["history"]) == 20
+        probs = [s["probability"] for s in answer["scores"]]
+        assert all(0 < p < 1 for p in probs) and len(probs) == 4
+        assert re.search(r"published .*/repo/din/1", "".join(lines))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
