@@ -1,0 +1,282 @@
+"""Load benchmark of a running scoring service, in the spirit of Triton's perf_analyzer.
+
+    python -m bench.load --url http://127.0.0.1:8000 --repository runs/repository --name din \
+        --candidates 200 --history 50 --concurrency 1,2,4,8,16,32 [--rates 200,400] [--processes 2]
+
+Seeds users whose stored histories have the requested length (through /events), then drives /score
+with fresh candidate lists drawn from the model's vocabulary: a closed-loop concurrency sweep and,
+with --rates, an open-loop Poisson mode. Each step repeats windows until two consecutive ones agree
+within 10% on throughput. Reports per step: requests/s, candidates/s, p50/p90/p95/p99, errors by
+status, the server's own view from /metrics (mean batch size, queue wait, inference time) and the load
+generator's own CPU use. Runs the in-process ceiling (bench.inprocess, same model and shapes) in the
+same invocation and reports the service's throughput as a fraction of it. Writes JSON, a markdown table
+and a PNG of latency against throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.inprocess import bench_model, load_version
+
+
+@dataclass(frozen=True)
+class Job:
+    url: str
+    mode: str  # "closed" or "open"
+    level: float  # concurrency (closed) or requests/s (open), for this process
+    seconds: float
+    users: int
+    items: tuple[str, ...]
+    candidates: int
+    attention: bool
+    seed: int
+
+
+def _body(rng: random.Random, job: Job) -> dict[str, Any]:
+    return {
+        "user_id": f"load-{rng.randrange(job.users)}",
+        "candidates": [{"item_id": i} for i in rng.sample(job.items, job.candidates)],
+        "return_attention": job.attention,
+    }
+
+
+async def _drive(job: Job) -> dict[str, Any]:
+    rng = random.Random(job.seed)
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=10_000)
+    async with httpx.AsyncClient(base_url=job.url, timeout=30, limits=limits) as client:
+
+        async def one(scheduled: float | None = None) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/score", json=_body(rng, job))
+                statuses[str(r.status_code)] += 1
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] += 1
+                return
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - (scheduled if scheduled is not None else t0))
+
+        end = time.perf_counter() + job.seconds
+        if job.mode == "closed":
+
+            async def worker() -> None:
+                while time.perf_counter() < end:
+                    await one()
+
+            await asyncio.gather(*(worker() for _ in range(int(job.level))))
+        else:  # open loop: Poisson arrivals, latency counted from the scheduled time
+            tasks = []
+            t = time.perf_counter()
+            while t < end:
+                t += rng.expovariate(job.level)
+                await asyncio.sleep(max(0.0, t - time.perf_counter()))
+                tasks.append(asyncio.create_task(one(t)))
+            await asyncio.gather(*tasks)
+    return {"latencies": latencies, "statuses": dict(statuses)}
+
+
+def _run_process(job: Job) -> dict[str, Any]:
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    out = asyncio.run(_drive(job))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out["wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _server_counters(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    wanted = ("ctr_batch_requests_sum", "ctr_batch_requests_count", "ctr_batch_candidates_sum",
+              "ctr_queue_wait_seconds_sum", "ctr_queue_wait_seconds_count", "ctr_inference_seconds_sum",
+              "ctr_inference_seconds_count")  # fmt: skip
+    out: dict[str, float] = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if m and m.group(1) in out:
+            out[m.group(1)] += float(m.group(2))
+    return out
+
+
+def _window(pool: Any, job: Job, processes: int) -> dict[str, Any]:
+    if job.mode == "closed":  # whole connections per process; a process with none sits this step out
+        n = int(job.level)
+        share = [float(n // processes + (1 if p < n % processes else 0)) for p in range(processes)]
+    else:
+        share = [job.level / processes] * processes
+    jobs = [Job(**{**job.__dict__, "level": lv, "seed": job.seed * 1000 + p}) for p, lv in enumerate(share) if lv > 0]
+    results = pool.map(_run_process, jobs)
+    lat = np.asarray([x for r in results for x in r["latencies"]])
+    statuses: Counter[str] = Counter()
+    for r in results:
+        statuses.update(r["statuses"])
+    wall = max(r["wall_seconds"] for r in results)
+    ok = int(lat.size)
+    pct = {f"p{q}_ms": float(1e3 * np.percentile(lat, q)) if ok else float("nan") for q in (50, 90, 95, 99)}
+    return {
+        "requests_per_second": ok / wall,
+        "candidates_per_second": ok * job.candidates / wall,
+        **pct,
+        "statuses": dict(statuses),
+        "errors": {k: v for k, v in statuses.items() if k != "200"},
+        "client_cpu": sum(r["cpu_seconds"] for r in results) / wall,  # cores used by the load generator
+    }
+
+
+def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str, Any]:
+    before = _server_counters(job.url)
+    windows = []
+    for w in range(max_windows):
+        windows.append(_window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes))
+        if len(windows) >= 2:
+            a, b = windows[-2]["requests_per_second"], windows[-1]["requests_per_second"]
+            if a > 0 and abs(a - b) / a <= 0.10:
+                break
+    after = _server_counters(job.url)
+    d = {k: after[k] - before[k] for k in after}
+    step = dict(windows[-1])
+    step["windows"] = len(windows)
+    step["stable"] = len(windows) >= 2 and abs(windows[-2]["requests_per_second"] - step["requests_per_second"]) <= (
+        0.10 * max(windows[-2]["requests_per_second"], 1e-9)
+    )
+    step["server"] = {
+        "mean_requests_per_batch": d["ctr_batch_requests_sum"] / max(d["ctr_batch_requests_count"], 1),
+        "mean_candidates_per_batch": d["ctr_batch_candidates_sum"] / max(d["ctr_batch_requests_count"], 1),
+        "mean_queue_wait_ms": 1e3 * d["ctr_queue_wait_seconds_sum"] / max(d["ctr_queue_wait_seconds_count"], 1),
+        "mean_inference_ms": 1e3 * d["ctr_inference_seconds_sum"] / max(d["ctr_inference_seconds_count"], 1),
+    }
+    return step
+
+
+def seed_users(url: str, users: int, history: int, items: list[str]) -> None:
+    rng = random.Random(0)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for start in range(0, users, 10):
+            events = [{"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
+                      for u in range(start, min(start + 10, users)) for t in range(history)]  # fmt: skip
+            r = client.post("/events", json={"events": events})
+            r.raise_for_status()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Service {report['url']}, model {report['model']} v{report['version']}, {report['candidates']} candidates × "
+        f"{report['history']} history, attention {'on' if report['attention'] else 'off'}; in-process ceiling "
+        f"{report['ceiling_candidates_per_second']:,.0f} candidates/s.",
+        "",
+        "| mode | level | req/s | cand/s | % ceiling | p50 ms | p90 | p95 | p99 | errors | req/batch | queue ms "
+        "| infer ms | client CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in report["steps"]:
+        sv = s["server"]
+        lines.append(
+            f"| {s['mode']} | {s['level']:g} | {s['requests_per_second']:.0f} | {s['candidates_per_second']:,.0f} | "
+            f"{100 * s['fraction_of_ceiling']:.0f}% | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p95_ms']:.2f} | "
+            f"{s['p99_ms']:.2f} | {s['errors'] or '—'} | {sv['mean_requests_per_batch']:.1f} | "
+            f"{sv['mean_queue_wait_ms']:.2f} | {sv['mean_inference_ms']:.2f} | {s['client_cpu']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, marker in (("closed", "o"), ("open", "s")):
+        steps = [s for s in report["steps"] if s["mode"] == mode]
+        if not steps:
+            continue
+        x = [s["candidates_per_second"] for s in steps]
+        for q, style in (("p50_ms", "-"), ("p99_ms", "--")):
+            ax.plot(x, [s[q] for s in steps], style, marker=marker, label=f"{mode} loop {q[:3]}")
+    ax.axhline(10, color="grey", lw=0.8, ls=":", label="10 ms")
+    ax.axvline(report["ceiling_candidates_per_second"], color="red", lw=0.8, ls=":", label="in-process ceiling")
+    ax.set_xlabel("candidates scored per second")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
+    p.add_argument("--name", default="din")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--history", type=int, default=50)
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop steps ('' for none)")
+    p.add_argument("--rates", default="", help="open-loop Poisson steps, requests/s")
+    p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window")
+    p.add_argument("--max-windows", type=int, default=6)
+    p.add_argument("--processes", type=int, default=1, help="load-generator processes")
+    p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results/load"))
+    args = p.parse_args(argv)
+
+    folder, meta = load_version(args.repository, args.name, None)
+    items = json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"]
+    if len(items) < args.candidates:
+        raise SystemExit(f"the vocabulary has {len(items)} items, fewer than --candidates {args.candidates}")
+    seed_users(args.url, args.users, args.history, items)
+    cores = os.cpu_count() or 1
+    ceiling = bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
+    ceiling_cps = ceiling["serving"]["candidates_per_second"]
+    print(f"in-process ceiling: {ceiling_cps:,.0f} candidates/s ({ceiling['serving']['provider']})")
+    report: dict[str, Any] = {
+        "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
+        "history": args.history, "attention": not args.no_attention, "processes": args.processes,
+        "ceiling_candidates_per_second": ceiling_cps, "inprocess": ceiling, "steps": [],
+    }  # fmt: skip
+    plan = [("closed", float(c)) for c in args.concurrency.split(",") if c] + [
+        ("open", float(r)) for r in args.rates.split(",") if r
+    ]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.processes) as pool:
+        for mode, level in plan:
+            job = Job(args.url, mode, level, args.window, args.users, tuple(items), args.candidates,
+                      not args.no_attention, seed=len(report["steps"]) + 1)  # fmt: skip
+            step = {"mode": mode, "level": level, **run_step(pool, job, args.processes, args.max_windows)}
+            step["fraction_of_ceiling"] = step["candidates_per_second"] / ceiling_cps
+            report["steps"].append(step)
+            share = 100 * step["fraction_of_ceiling"]
+            batch = step["server"]["mean_requests_per_batch"]
+            print(f"{mode:>6} {level:>6g}: {step['requests_per_second']:7.0f} req/s  "
+                  f"{step['candidates_per_second']:9,.0f} cand/s ({share:.0f}% of ceiling)  "
+                  f"p50 {step['p50_ms']:.2f} p99 {step['p99_ms']:.2f} ms  errors {step['errors'] or '-'}  "
+                  f"batch {batch:.1f} req  client CPU {step['client_cpu']:.2f}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load.json").write_text(json.dumps(report, indent=2))
+    (args.out / "load.md").write_text(markdown(report))
+    plot(report, args.out / "load.png")
+    print(f"wrote {args.out}/load.json, load.md, load.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""bench.load against a real service process: it seeds, sweeps, reads the server's metrics and writes
+its JSON, markdown and PNG (figures themselves are not asserted: these machines are shared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from tests.conftest import RedisServer, service_env, start_service, stop_process
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_server: RedisServer, tmp_path: Path) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    proc, url = start_service(service_env(model_repository / "repo", redis_server.url), ROOT)
+    try:
+        out = tmp_path / "load"
+        repo = str(model_repository / "repo")
+        cmd = [sys.executable, "-m", "bench.load", "--url", url, "--repository", repo,
+               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--concurrency", "1,4",
+               "--rates", "40", "--window", "0.5", "--max-windows", "2", "--processes", "2",
+               "--out", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "load.json").read_text())
+        assert [(s["mode"], s["level"]) for s in report["steps"]] == [("closed", 1.0), ("closed", 4.0), ("open", 40.0)]
+        for step in report["steps"]:
+            assert step["requests_per_second"] > 0 and step["errors"] == {}
+            assert step["p50_ms"] <= step["p99_ms"] and step["fraction_of_ceiling"] > 0
+            assert step["server"]["mean_requests_per_batch"] >= 1 and step["client_cpu"] > 0
+        assert report["ceiling_candidates_per_second"] > 0
+        assert "| closed | 4 |" in (out / "load.md").read_text()
+        assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
+        stored = redis.Redis.from_url(redis_server.url).llen("ctr:hist:load-3")
+        assert stored == 20  # seeded through /events with the requested history length
+    finally:
+        stop_process(proc)
