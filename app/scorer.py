@@ -68,7 +68,7 @@ def select_providers(choice: str) -> list[str]:
 
 
 class LoadedModel:
-    def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0) -> None:
+    def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> None:
         self.folder = folder
         meta_path = folder / "metadata.json"
         if not meta_path.exists():
@@ -94,6 +94,8 @@ class LoadedModel:
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        if not spinning:  # the event loop shares these cores: spinning threads would steal its time
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(folder / self.metadata["files"]["model"]), opts, providers=select_providers(provider)

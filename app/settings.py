@@ -23,9 +23,14 @@ class Settings(BaseSettings):
     history_ttl_s: int = Field(30 * 24 * 3600, ge=1, description="a user's behaviours expire after this idle time")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="larger request bodies get 413")
     max_batch_candidates: int = Field(4096, ge=1, description="a batch closes at this many candidates")
-    max_queue_delay_ms: float = Field(1.0, ge=0, description="a batch waits at most this long to fill")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, description="a batch waits at most this long to fill (0: batches form while a run is busy)"
+    )
     queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
     inference_workers: int = Field(1, ge=1, le=64, description="ONNX Runtime runs in flight at once")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per run; 0 = its default")
+    intra_op_spinning: bool = Field(
+        False, description="let ONNX Runtime's idle threads spin (off: they yield the cores)"
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")

@@ -48,7 +48,9 @@ class AppState:
         for name in names:
             try:
                 folder = latest_version(settings.model_repository, name)
-                state.models[name] = state._slot(LoadedModel(folder, settings.provider, settings.intra_op_threads))
+                state.models[name] = state._slot(
+                    LoadedModel(folder, settings.provider, settings.intra_op_threads, settings.intra_op_spinning)
+                )
             except ModelLoadError:
                 if name == settings.default_model:
                     raise
