@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from training.datasets import BehaviourLog, SyntheticConfig, generate_synthetic
 from training.samples import PreparedData, prepare
 
-ML100K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+# the shared copy next to the checkout, or wherever ML100K_DIR points (never inside the repository)
+ML100K_DIR = Path(os.environ.get("ML100K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +32,6 @@ def small_data(small_log: BehaviourLog) -> PreparedData:
 
 # --- shared by the service tests: a small exported repository and a real redis-server ----------------
 
-import os  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
