@@ -22,19 +22,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.scorer import latest_version
 from training.export import GraphSpec, random_inputs
 
 DEFAULT_OUT = Path("bench/results")
 
 
 def load_version(repository: Path, name: str, version: int | None) -> tuple[Path, dict[str, Any]]:
-    model_dir = repository / name
-    if version is None:
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-        if not versions:
-            raise SystemExit(f"no published version under {model_dir}")
-        version = versions[-1]
-    folder = model_dir / str(version)
+    """A version folder (the newest when none is given) and its metadata."""
+    folder = latest_version(repository, name) if version is None else repository / name / str(version)
     return folder, json.loads((folder / "metadata.json").read_text())
 
 

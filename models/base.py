@@ -21,11 +21,19 @@ class CTRModel(nn.Module):
     """What every model shares: its config, its embedding tables, and whether it wants negatives."""
 
     uses_negatives = False
+    mlp: MLP  # the final MLP, built by each model for its own input width
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embedding = FeatureEmbedding(cfg)
+
+    def click_logit(
+        self, user: Tensor, query: Tensor, cand_item: Tensor, cand_cat: Tensor, *interest: Tensor
+    ) -> Tensor:
+        """MLP([user profile, candidate, interest…]) plus the first-order terms: (B, ·) → (B,)."""
+        logits = self.mlp(torch.cat([user, query, *interest], dim=-1)).squeeze(-1)  # (B,)
+        return logits + self.embedding.bias(cand_item, cand_cat)
 
 
 class BaseModel(CTRModel):
@@ -47,7 +55,5 @@ class BaseModel(CTRModel):
         query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
         weights = hist_mask.to(keys.dtype)  # (B, L): sum pooling = weight 1 per behaviour
         pooled = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
-        user = self.embedding.user(user_feats)  # (B, F·U)
-        logits = self.mlp(torch.cat([user, query, pooled], dim=-1)).squeeze(-1)  # (B,)
-        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
+        logits = self.click_logit(self.embedding.user(user_feats), query, cand_item, cand_cat, pooled)  # (B,)
         return ModelOutput(logits, weights)

@@ -74,8 +74,7 @@ class DIEN(CTRModel):
         pool_w = weights if self.cfg.dien_pooling == "attention" else hist_mask.to(behaviours.dtype)  # (B, L)
         pooled = torch.einsum("bl,bld->bd", pool_w, behaviours)  # (B, D)
         user = self.embedding.user(user_feats)  # (B, F·U)
-        logits = self.mlp(torch.cat([user, query, pooled, final], dim=-1)).squeeze(-1)  # (B,)
-        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
+        logits = self.click_logit(user, query, cand_item, cand_cat, pooled, final)  # (B,)
         aux = None
         if neg_items is not None and neg_cats is not None:
             negatives = self.embedding.behaviours(neg_items, neg_cats)  # (B, L, D)

@@ -43,7 +43,5 @@ class DIN(CTRModel):
         query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
         weights = self.attention(query, keys, hist_mask)  # (B, L)
         interest = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
-        user = self.embedding.user(user_feats)  # (B, F·U)
-        logits = self.mlp(torch.cat([user, query, interest], dim=-1)).squeeze(-1)  # (B,)
-        logits = logits + self.embedding.bias(cand_item, cand_cat)  # (B,)
+        logits = self.click_logit(self.embedding.user(user_feats), query, cand_item, cand_cat, interest)  # (B,)
         return ModelOutput(logits, weights)

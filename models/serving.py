@@ -63,25 +63,27 @@ def fold_dice(module: nn.Module) -> nn.Module:
     return module
 
 
-def _repeat_per_candidate(t: Tensor, cand_user: Tensor) -> Tensor:
-    return t.index_select(0, cand_user)
-
-
 class _Serving(nn.Module):
     def __init__(self, model: CTRModel) -> None:
         super().__init__()
         self.model = cast(CTRModel, fold_dice(model.eval()).eval())
         self.embedding = self.model.embedding
 
-    def user_repr(self, user_feats: Tensor, cand_user: Tensor) -> Tensor:
-        return _repeat_per_candidate(self.embedding.user(user_feats), cand_user)  # (N, F·U)
+    def click_probability(
+        self,
+        user_feats: Tensor,
+        cand_user: Tensor,
+        query: Tensor,
+        cand_items: Tensor,
+        cand_cats: Tensor,
+        *interest: Tensor,
+    ) -> Tensor:
+        """The model's own output layer, with each candidate's user profile gathered → (N,)."""
+        user = self.embedding.user(user_feats).index_select(0, cand_user)  # (N, F·U)
+        return torch.sigmoid(self.model.click_logit(user, query, cand_items, cand_cats, *interest))
 
 
 class BaseServing(_Serving):
-    def __init__(self, model: BaseModel) -> None:
-        super().__init__(model)
-        self.mlp = cast(BaseModel, self.model).mlp
-
     def forward(
         self,
         hist_items: Tensor,
@@ -96,17 +98,15 @@ class BaseServing(_Serving):
         weights = hist_mask.to(keys.dtype)  # (U, L)
         pooled = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (U, D): once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
-        x = torch.cat([self.user_repr(user_feats, cand_user), query, pooled.index_select(0, cand_user)], dim=-1)
-        logits = self.mlp(x).squeeze(-1) + self.embedding.bias(cand_items, cand_cats)  # (N,)
-        return torch.sigmoid(logits), weights.index_select(0, cand_user)
+        prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats,
+                                      pooled.index_select(0, cand_user))  # fmt: skip
+        return prob, weights.index_select(0, cand_user)
 
 
 class DINServing(_Serving):
     def __init__(self, model: DIN) -> None:
         super().__init__(model)
-        folded = cast(DIN, self.model)
-        self.unit = folded.activation_unit
-        self.mlp = folded.mlp
+        self.unit = cast(DIN, self.model).activation_unit
         self.softmax = model.cfg.attention_softmax
 
     def forward(
@@ -127,9 +127,7 @@ class DINServing(_Serving):
         mask = hist_mask.index_select(0, cand_user)  # (N, L)
         weights = masked_softmax(scores, mask) if self.softmax else torch.sigmoid(scores) * mask  # (N, L)
         interest = torch.bmm(weights.unsqueeze(1), keys_c).squeeze(1)  # (N, D)
-        x = torch.cat([self.user_repr(user_feats, cand_user), query, interest], dim=-1)
-        logits = self.mlp(x).squeeze(-1) + self.embedding.bias(cand_items, cand_cats)  # (N,)
-        return torch.sigmoid(logits), weights
+        return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
 
 
 def gated_recurrence(x_proj: Tensor, gate: Tensor, weight: Tensor, scale_update: bool) -> Tensor:
@@ -160,7 +158,6 @@ class DIENServing(_Serving):
         self.cell = m.evolution.cell
         self.kind = m.evolution.kind
         self.attention_pooling = m.cfg.dien_pooling == "attention"
-        self.mlp = m.mlp
         self.recurrence = torch.jit.script(gated_recurrence)
 
     def forward(
@@ -177,8 +174,6 @@ class DIENServing(_Serving):
         states, _ = self.extractor(behaviours)  # (U, L, D): interest extraction, once per user
         w_in, b_in = self.cell.input_proj.weight, self.cell.input_proj.bias
         proj = states @ w_in.T  # (U, L, 3H): the AUGRU input projection, once per user
-        mask_f = hist_mask.to(behaviours.dtype)  # (U, L)
-        pooled = torch.bmm(mask_f.unsqueeze(1), behaviours).squeeze(1)  # (U, D)
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
         states_c = states.index_select(0, cand_user)  # (N, L, D)
         scores = torch.bmm(states_c, self.attention_proj(query).unsqueeze(-1)).squeeze(-1)  # (N, L)
@@ -192,11 +187,11 @@ class DIENServing(_Serving):
         final = self.recurrence(x_proj, gate, self.cell.hidden_proj.weight, self.kind != "agru")  # (N, H)
         if self.attention_pooling:  # Σ_t a_t e_t depends on the candidate
             pooled_c = torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, cand_user)).squeeze(1)  # (N, D)
-        else:
-            pooled_c = pooled.index_select(0, cand_user)  # (N, D)
-        x = torch.cat([self.user_repr(user_feats, cand_user), query, pooled_c, final], dim=-1)
-        logits = self.mlp(x).squeeze(-1) + self.embedding.bias(cand_items, cand_cats)  # (N,)
-        return torch.sigmoid(logits), weights
+        else:  # the plain sum is per-user work
+            mask_f = hist_mask.to(behaviours.dtype)  # (U, L)
+            pooled_c = torch.bmm(mask_f.unsqueeze(1), behaviours).squeeze(1).index_select(0, cand_user)  # (N, D)
+        prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, pooled_c, final)
+        return prob, weights
 
 
 class NaiveServing(nn.Module):

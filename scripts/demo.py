@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from app.scorer import latest_version
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,8 +45,9 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        version = max(int(v.name) for v in (args.repository / args.model).iterdir() if v.name.isdigit())
-        vocab = json.loads((args.repository / args.model / str(version) / "vocab.json").read_text())
+        folder = latest_version(args.repository, args.model)
+        version = folder.name
+        vocab = json.loads((folder / "vocab.json").read_text())
         by_cat: dict[str, list[str]] = {}
         for item, cat in vocab["item_category"].items():
             by_cat.setdefault(cat, []).append(item)

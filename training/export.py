@@ -30,7 +30,7 @@ from torch import nn
 
 from models import CTRModel
 from models.serving import INPUT_NAMES, OUTPUT_NAMES, NaiveServing, serving_module
-from training.train import load_checkpoint
+from training.train import CHECKPOINT_NAME, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,8 @@ def export_run(
     parity_seed: int = 0,
 ) -> tuple[Path, dict[str, Any]]:
     """Export, check parity, and publish one version; returns its folder and metadata."""
+    if not (Path(run_dir) / CHECKPOINT_NAME).is_file():
+        raise ExportError(f"{run_dir}: no {CHECKPOINT_NAME}; train first (python -m training.train --out {run_dir})")
     model, ckpt = load_checkpoint(run_dir)
     name = name or ckpt["model"]
     if not name.replace("-", "").replace("_", "").isalnum():

@@ -222,10 +222,9 @@ def prepare_din_movielens(
 
 
 def _sample_negatives(
-    rng: np.random.Generator, users: np.ndarray, seen: set[int] | np.ndarray, n_items: int, base: int
+    rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray, n_items: int, base: int
 ) -> np.ndarray:
     """One item per entry of ``users``, uniform over [2, n_items) and not in the user's own log."""
-    seen_keys = np.asarray(seen)
     neg = rng.integers(2, n_items, size=users.size)
     for _ in range(100):
         clash = np.isin(users * base + neg, seen_keys)

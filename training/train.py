@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,14 @@ def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _regularisers(model: CTRModel, train: SampleSet, max_len: int, lam: float) -> list[MiniBatchAwareL2]:
-    """One MBA term per embedding table, with n_j counted over the training samples."""
+Batch = dict[str, Tensor]
+
+
+def _regularisers(
+    model: CTRModel, train: SampleSet, max_len: int, lam: float
+) -> list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]:
+    """One MBA term per embedding table (n_j counted over the training samples), each paired with
+    the batch indices that select its rows."""
     if lam <= 0:
         return []
     hist_items, hist_cats = [], []
@@ -122,34 +129,28 @@ def _regularisers(model: CTRModel, train: SampleSet, max_len: int, lam: float) -
         hist_items.append(items)
         hist_cats.append(cats)
     emb = model.embedding
-    regs = [
-        MiniBatchAwareL2(emb.item, occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings), lam),
-        MiniBatchAwareL2(
-            emb.category, occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings), lam
-        ),
+    item_counts = occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings)
+    cat_counts = occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings)
+    regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]] = [
+        (MiniBatchAwareL2(emb.item, item_counts, lam), lambda b: (b["hist_items"], b["cand_item"])),
+        (MiniBatchAwareL2(emb.category, cat_counts, lam), lambda b: (b["hist_cats"], b["cand_cat"])),
     ]
     if emb.item_bias is not None and emb.category_bias is not None:
-        regs.append(MiniBatchAwareL2(emb.item_bias, regs[0].counts.numpy(), lam))
-        regs.append(MiniBatchAwareL2(emb.category_bias, regs[1].counts.numpy(), lam))
+        regs.append((MiniBatchAwareL2(emb.item_bias, item_counts, lam), lambda b: (b["cand_item"],)))
+        regs.append((MiniBatchAwareL2(emb.category_bias, cat_counts, lam), lambda b: (b["cand_cat"],)))
     for i, table in enumerate(emb.user_features):
-        regs.append(MiniBatchAwareL2(table, occurrence_counts([train.user_feats[:, i]], table.num_embeddings), lam))
+        counts = occurrence_counts([train.user_feats[:, i]], table.num_embeddings)
+        regs.append((MiniBatchAwareL2(table, counts, lam), _feature_column(i)))
     return regs
 
 
-def _reg_inputs(batch: dict[str, Tensor], n_user_feats: int, has_bias: bool) -> list[tuple[Tensor, ...]]:
-    per_table: list[tuple[Tensor, ...]] = [
-        (batch["hist_items"], batch["cand_item"]),
-        (batch["hist_cats"], batch["cand_cat"]),
-    ]
-    if has_bias:
-        per_table += [(batch["cand_item"],), (batch["cand_cat"],)]
-    per_table += [(batch["user_feats"][:, i],) for i in range(n_user_feats)]
-    return per_table
+def _feature_column(i: int) -> Callable[[Batch], tuple[Tensor, ...]]:
+    return lambda b: (b["user_feats"][:, i],)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, data: TensorSamples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Click probabilities (N,) and the mean attention on valid positions, for inspection."""
+    """Click probabilities (N,) and the labels (N,) of a split."""
     model.eval()
     probs = []
     for start in range(0, data.n, batch_size):
@@ -214,11 +215,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
             running += (loss.item() - running) / min(step, 100)
             if out.aux_loss is not None:
                 loss = loss + cfg.aux_weight * out.aux_loss
-            if regs:
-                for reg, idx in zip(
-                    regs, _reg_inputs(batch, len(mcfg.user_feature_cardinalities), mcfg.first_order), strict=True
-                ):
-                    loss = loss + reg(*idx)
+            for reg, rows_of in regs:
+                loss = loss + reg(*rows_of(batch))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -33,7 +33,6 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
     model = slot.model
     degraded = False
     if req.history is not None:
-        source = "request"
         history = [(h.item_id, h.category_id) for h in req.history[: model.max_history]]
     else:
         try:
@@ -43,9 +42,7 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
             state.metrics.degraded.inc()
             stored, degraded = [], True
         history = [(b.item_id, b.category_id) for b in stored]
-        source = "store" if history else "none"
-    if not history and source == "request":
-        source = "none"
+    source = "none" if not history else "request" if req.history is not None else "store"
     candidates = [(c.item_id, c.category_id) for c in req.candidates]
     encoded = model.encode(history, req.user_features, candidates)
     for kind, n in encoded.unknown.items():

@@ -119,3 +119,9 @@ def test_int8_quantisation_reports_auc_change_and_speedup(runs: dict[str, Path],
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
     feed = random_inputs(np.random.default_rng(0), _spec(meta), [5], [10])
     assert np.isfinite(sess.run(["probability"], feed)[0]).all()
+
+
+def test_export_of_a_run_without_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"no checkpoint\.pt; train first"):
+        export_run(tmp_path / "nothing-here", tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

@@ -65,3 +65,13 @@ def test_start_up_fails_loudly_on_a_corrupt_model(model_repository: Path, tmp_pa
                           text=True, timeout=60, env=service_env(repo, None))  # fmt: skip
     assert proc.returncode != 0
     assert "cannot load the model" in proc.stderr
+
+
+def test_provider_cuda_without_cuda_refuses_to_start(model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    from app.scorer import LoadedModel, ModelLoadError
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ModelLoadError, match="PROVIDER=cuda"):
+        LoadedModel(model_repository / "repo" / "din" / "1", provider="cuda")

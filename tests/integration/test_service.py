@@ -164,6 +164,8 @@ def test_redis_outage_degrades_scoring_refuses_writes_and_recovers(
         assert r.status_code == 200 and r.json()["history_source"] == "request"
         r = client.post("/events", json={"events": [{"user_id": "r", "item_id": items[3]}]})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        r = client.get("/users/r/history")
+        assert r.status_code == 503 and "behaviour store unavailable" in r.text
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "behaviour store" in ready.json()["reasons"][0]
         assert 'ctr_store_errors_total{operation="write"} 1.0' in client.get("/metrics").text
@@ -235,3 +237,16 @@ def test_unknown_fields_are_ignored_and_integer_ids_accepted(client: TestClient,
                                     "candidates": [{"item_id": items[0], "bid": 1.25}],
                                     "user_features": {"segment": 2}})  # fmt: skip
     assert r.status_code == 200 and r.json()["user_id"] == "7"
+
+
+def test_a_broken_extra_model_is_skipped_and_the_rest_served(model_repository: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / "repo", repo)
+    (repo / "dien" / "1" / "model.onnx").write_bytes(b"corrupt")
+    with TestClient(create_app(Settings(model_repository=repo, default_model="din"))) as c:
+        assert [m["name"] for m in c.get("/models").json()["models"]] == ["din"]
+        r = c.post("/score", json={"user_id": "u", "model": "dien", "candidates": [{"item_id": "a"}]})
+        assert r.status_code == 404 and "dien" in r.text
+        assert c.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]}).status_code == 200
