@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.auth import warn_if_open
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
-from app.routes import events, health, score
+from app.routes import events, health, models, score
 from app.settings import Settings
 from app.state import AppState
 
@@ -20,7 +21,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = AppState.build(settings, metrics)
+        warn_if_open(settings)
+        state = await AppState.build(settings, metrics)
         state.start()
         app.state.components = state
         try:
@@ -32,5 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LimitsAndMetrics, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(score.router)
     app.include_router(events.router)
+    app.include_router(models.router)
+    app.include_router(models.admin)
     app.include_router(health.router)
     return app

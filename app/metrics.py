@@ -24,8 +24,15 @@ class Metrics:
                                         buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
         self.batch_candidates = Histogram("ctr_batch_candidates", "candidates scored in one run", ["model"],
                                           buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.queue_depth = Gauge("ctr_queue_depth", "requests waiting for a batch", ["model"], registry=r)
-        self.candidates = Counter("ctr_candidates_scored_total", "candidates scored", ["model"], registry=r)
+        self.queue_depth = Gauge("ctr_queue_depth", "requests waiting for a batch", ["model", "version"], registry=r)
+        self.candidates = Counter("ctr_candidates_scored_total", "candidates scored", ["model", "version"],
+                                  registry=r)  # fmt: skip
+        self.scored = Counter("ctr_scored_requests_total", "/score requests answered, by the version that answered",
+                              ["model", "version"], registry=r)  # fmt: skip
+        self.model_loads = Counter("ctr_model_loads_total", "model version loads (outcome: loaded or failed)",
+                                   ["model", "outcome"], registry=r)  # fmt: skip
+        self.auth_failures = Counter("ctr_auth_failures_total", "requests refused for a missing or wrong API key",
+                                     registry=r)  # fmt: skip
         self.history_length = Histogram("ctr_history_length", "history items used per request",
                                         buckets=(0, 1, 5, 10, 20, 50, 100, 200), registry=r)  # fmt: skip
         self.store_errors = Counter("ctr_store_errors_total", "behaviour store failures", ["operation"], registry=r)
@@ -33,6 +40,6 @@ class Metrics:
                                    registry=r)  # fmt: skip
         self.degraded = Counter("ctr_degraded_responses_total", "/score answered without the stored history",
                                 registry=r)  # fmt: skip
-        self.model_info = Gauge("ctr_model_info", "loaded models (value 1)", ["model", "version", "provider"],
-                                registry=r)  # fmt: skip
+        self.model_info = Gauge("ctr_model_info", "loaded model versions (value 1); role: primary, split, standby",
+                                ["model", "version", "provider", "role"], registry=r)  # fmt: skip
         self.events = Counter("ctr_events_stored_total", "behaviours appended to the store", registry=r)

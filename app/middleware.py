@@ -67,6 +67,8 @@ class LimitsAndMetrics:
         path: str = scope.get("path", "")
         if path.startswith("/users/"):
             return "/users/{user_id}/history"  # one label for all users: bounded cardinality
+        if path.startswith("/admin/"):
+            return "/admin"
         known = ("/score", "/events", "/healthz", "/readyz", "/models", "/metrics", "/docs", "/openapi.json")
         return path if path in known else "other"
 

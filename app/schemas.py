@@ -24,6 +24,10 @@ Id = Annotated[
 ]
 
 
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+VersionNumber = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
+
+
 class _Input(BaseModel):
     # unknown fields are ignored, so callers can send more than the contract (a bid, a trace id) safely
     model_config = ConfigDict(extra="ignore")
@@ -49,7 +53,10 @@ class ScoreRequest(_Input):
         None, max_length=1000, description="most recent first; replaces the stored history when present"
     )
     user_features: dict[Annotated[str, StringConstraints(max_length=64)], Id] | None = Field(None, max_length=64)
-    model: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    model: ModelName | None = Field(None, description="DEFAULT_MODEL when omitted")
+    version: VersionNumber | None = Field(
+        None, description="a loaded version of the model; omitted: the primary (or the traffic split's, per user)"
+    )
     return_attention: bool = True
 
 
@@ -95,19 +102,64 @@ class HistoryResponse(BaseModel):
     history: list[StoredBehaviour]
 
 
-class ModelInfo(BaseModel):
-    name: str
+class VersionInfo(BaseModel):
     version: str
+    role: Literal["primary", "split", "standby"] = Field(
+        description="primary: answers by default; split: answers the traffic split's users; standby: only when named"
+    )
     model_type: str
     provider: str
     max_history: int
-    loaded_at: float
-    metrics: dict[str, Any]
+    loaded_at: float = Field(description="Unix time the version started loading")
+    ready_seconds: float = Field(description="load + warm-up + self-check")
+    self_check_max_abs_diff: float | None
+    in_flight: int = Field(description="requests being scored by this version now")
+    metrics: dict[str, Any] = Field(description="the training run's evaluation, from metadata.json")
+
+
+class SplitInfo(BaseModel):
+    version: str
+    percent: float = Field(description="share of users (stable per user id) sent to this version")
+
+
+class LoadError(BaseModel):
+    version: str
+    error: str
+    at: float
+
+
+class ModelStatus(BaseModel):
+    name: str
+    primary: str | None
+    split: SplitInfo | None
+    pinned: bool = Field(description="an admin chose the version: polling does not move this model forward")
+    versions: list[VersionInfo]
+    published: list[int] = Field(description="versions in the repository")
+    last_error: LoadError | None = Field(description="the latest version that failed to load, if any")
+    failures: list[LoadError]
 
 
 class ModelsResponse(BaseModel):
     default: str
-    models: list[ModelInfo]
+    models: list[ModelStatus]
+
+
+class LoadRequest(_Input):
+    version: int | None = Field(None, ge=1, description="omitted: the newest published version (and follow new ones)")
+    activate: bool = Field(True, description="make it the primary; false: load as a standby")
+
+
+class UnloadRequest(_Input):
+    version: int | None = Field(None, ge=1, description="omitted: the whole model")
+
+
+class RollbackRequest(_Input):
+    version: int | None = Field(None, ge=1, description="omitted: the version that was primary before this one")
+
+
+class SplitRequest(_Input):
+    version: int = Field(ge=1, description="loaded first if needed; must not be the primary")
+    percent: float = Field(gt=0, le=100)
 
 
 class ReadyResponse(BaseModel):

@@ -70,6 +70,7 @@ def select_providers(choice: str) -> list[str]:
 class LoadedModel:
     def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> None:
         self.folder = folder
+        self.loaded_at = time.time()
         meta_path = folder / "metadata.json"
         if not meta_path.exists():
             raise ModelLoadError(f"{folder}: no metadata.json (not an exported model version)")
@@ -106,7 +107,8 @@ class LoadedModel:
         if names != set(REQUIRED_INPUTS):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
         self.provider = self.session.get_providers()[0]
-        self.loaded_at = time.time()
+        self.self_check_diff: float | None = None
+        self.ready_seconds = 0.0  # load + warm-up + self-check, set by load_version
         if provider != "cpu" and self.provider != "CUDAExecutionProvider":
             log.warning("model %s v%s runs on %s (CUDA not available)", self.name, self.version, self.provider)
         else:
@@ -187,15 +189,60 @@ class LoadedModel:
             )
             self.run([e, e])
 
+    def self_check(self) -> float | None:
+        """Re-run the inputs the export stored with this version; refuse the version if its answers differ.
 
-def latest_version(repository: Path, name: str) -> Path:
+        Returns the largest absolute difference (None for versions exported without a self-check)."""
+        name = self.metadata["files"].get("selfcheck")
+        if name is None:
+            log.warning("model %s v%s has no self-check data; loaded unchecked", self.name, self.version)
+            return None
+        try:
+            with np.load(self.folder / name, allow_pickle=False) as data:
+                feed = {k.removeprefix("input_"): data[k] for k in data.files if k.startswith("input_")}
+                expected_p, expected_a = data["probability"], data["attention"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{self.folder}: unreadable self-check data: {e!r}") from e
+        try:
+            prob, att = self.session.run(["probability", "attention"], feed)
+        except Exception as e:  # ONNX Runtime's own exception types
+            raise ModelLoadError(f"{self.folder}: self-check inputs do not run: {e}") from e
+        if prob.shape != expected_p.shape or att.shape != expected_a.shape:
+            raise ModelLoadError(f"{self.folder}: self-check output shapes differ from the export's")
+        diff = float(max(np.abs(prob - expected_p).max(initial=0), np.abs(att - expected_a).max(initial=0)))
+        tolerance = float(self.metadata.get("selfcheck", {}).get("tolerance", 1e-4))
+        if not diff <= tolerance:  # also catches NaN
+            raise ModelLoadError(f"{self.folder}: self-check failed: max abs diff {diff:.3g} > {tolerance:g}")
+        return diff
+
+
+def load_version(
+    folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: bool = False
+) -> LoadedModel:
+    """Load, warm up and self-check one version; any failure is a ModelLoadError saying which and why."""
+    model = LoadedModel(folder, provider, intra_op_threads, spinning)
+    try:
+        model.warm_up()
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: warm-up failed: {e}") from e
+    model.self_check_diff = model.self_check()
+    model.ready_seconds = time.time() - model.loaded_at
+    return model
+
+
+def published_versions(repository: Path, name: str) -> list[int]:
+    """The model's published versions, oldest first (hidden staging folders are not versions)."""
     model_dir = repository / name
     if not model_dir.is_dir():
         raise ModelLoadError(f"model {name!r} not found in repository {repository}")
-    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_version(repository: Path, name: str) -> Path:
+    versions = published_versions(repository, name)
     if not versions:
-        raise ModelLoadError(f"model {name!r} has no published version under {model_dir}")
-    return model_dir / str(versions[-1])
+        raise ModelLoadError(f"model {name!r} has no published version under {repository / name}")
+    return repository / name / str(versions[-1])
 
 
 def discover(repository: Path) -> list[str]:

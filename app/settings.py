@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,3 +34,23 @@ class Settings(BaseSettings):
         False, description="let ONNX Runtime's idle threads spin (off: they yield the cores)"
     )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
+    model_poll_interval_s: float = Field(
+        0.0, ge=0, description="look for new versions in the repository this often (0: only POST /admin/... loads)"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="bearer key(s), comma-separated, required by /events, /users/* and /admin/*"
+    )
+    score_requires_key: bool = Field(False, description="require the API key on /score too")
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not any(k.strip() for k in value.get_secret_value().split(",")):
+            return None  # API_KEY="" means no key, as if unset
+        return value
+
+    @property
+    def api_keys(self) -> list[bytes]:
+        if self.api_key is None:
+            return []
+        return [k.strip().encode() for k in self.api_key.get_secret_value().split(",") if k.strip()]

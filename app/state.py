@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
-import numpy as np
 from fastapi import Depends, Request
 
-from app.batcher import BatchStats, DynamicBatcher
 from app.metrics import Metrics
-from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, latest_version
+from app.registry import ModelRegistry
+from app.scorer import ModelLoadError, discover
 from app.settings import Settings
 from app.store import BehaviourStore, MemoryStore, RedisStore
 
 log = logging.getLogger(__name__)
-
-Result = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass
-class ModelSlot:
-    model: LoadedModel
-    batcher: DynamicBatcher[Encoded, Result]
 
 
 @dataclass
@@ -31,14 +22,14 @@ class AppState:
     settings: Settings
     store: BehaviourStore
     metrics: Metrics
-    models: dict[str, ModelSlot] = field(default_factory=dict)
+    registry: ModelRegistry
     warmed: bool = False
 
     @classmethod
-    def build(cls, settings: Settings, metrics: Metrics) -> AppState:
-        """Load and warm every model of the repository; fail with a precise message if that cannot be done."""
-        store = cls._store(settings)
-        state = cls(settings, store, metrics)
+    async def build(cls, settings: Settings, metrics: Metrics) -> AppState:
+        """Load, warm and self-check every model of the repository (the newest version of each that works);
+        fail with a precise message if the default model cannot be served."""
+        state = cls(settings, cls._store(settings), metrics, ModelRegistry(settings, metrics))
         names = discover(settings.model_repository)
         if settings.default_model not in names:
             raise ModelLoadError(
@@ -47,18 +38,12 @@ class AppState:
             )
         for name in names:
             try:
-                folder = latest_version(settings.model_repository, name)
-                state.models[name] = state._slot(
-                    LoadedModel(folder, settings.provider, settings.intra_op_threads, settings.intra_op_spinning)
-                )
+                await state.registry.load_newest_working(name)
             except ModelLoadError:
                 if name == settings.default_model:
+                    await state.close()
                     raise
                 log.exception("model %s not loaded; serving the others", name)
-        for slot in state.models.values():
-            slot.model.warm_up()
-            m = slot.model
-            metrics.model_info.labels(m.name, m.version, m.provider).set(1)
         state.warmed = True
         return state
 
@@ -71,36 +56,12 @@ class AppState:
         log.warning("REDIS_URL is unset: behaviours live in this process's memory and are lost on restart")
         return MemoryStore(settings.history_cap, settings.history_ttl_s)
 
-    def _slot(self, model: LoadedModel) -> ModelSlot:
-        s = self.settings
-        metrics = self.metrics
-
-        def on_batch(stats: BatchStats) -> None:
-            metrics.inference.labels(model.name).observe(stats.run_seconds)
-            metrics.batch_requests.labels(model.name).observe(stats.requests)
-            metrics.batch_candidates.labels(model.name).observe(stats.candidates)
-            metrics.candidates.labels(model.name).inc(stats.candidates)
-            for wait in stats.queue_waits:
-                metrics.queue_wait.observe(wait)
-
-        batcher: DynamicBatcher[Encoded, Result] = DynamicBatcher(
-            model.run,
-            max_candidates=s.max_batch_candidates,
-            max_delay_s=s.max_queue_delay_ms / 1e3,
-            queue_limit=s.queue_limit,
-            workers=s.inference_workers,
-            on_batch=on_batch,
-        )
-        metrics.queue_depth.labels(model.name).set_function(lambda: batcher.depth)
-        return ModelSlot(model, batcher)
-
     def start(self) -> None:
-        for slot in self.models.values():
-            slot.batcher.start()
+        if self.settings.model_poll_interval_s > 0:
+            self.registry.start_polling(self.settings.model_poll_interval_s)
 
     async def close(self) -> None:
-        for slot in self.models.values():
-            await slot.batcher.stop()
+        await self.registry.close()
         await self.store.close()
 
 

@@ -39,6 +39,8 @@ OPSET = 17
 PARITY_TOLERANCE = 1e-5
 MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
 NAIVE_LITERAL_FILE = "naive_literal.onnx"
+SELFCHECK_FILE = "selfcheck.npz"
+SELFCHECK_TOLERANCE = 1e-4  # the loading service's runtime (another ORT build, CUDA) may round differently
 
 DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "hist_items": {0: "users", 1: "history"},
@@ -241,6 +243,18 @@ def quantize_int8(fp32: Path, out: Path, ckpt: dict[str, Any], spec: GraphSpec, 
     }
 
 
+def write_selfcheck(model: Path, out: Path, spec: GraphSpec, max_len: int) -> dict[str, Any]:
+    """Fixed inputs and the published graph's own answers to them, for the loading service to re-run.
+
+    A version that parses but computes something else on the serving machine (a damaged weight file, an
+    ONNX Runtime build that disagrees) is refused there instead of being swapped in."""
+    feed = random_inputs(np.random.default_rng(7), spec, [0, max_len, max(1, max_len // 2)], [1, 50, 7])
+    prob, att = cpu_session(model).run(list(OUTPUT_NAMES), feed)
+    arrays: dict[str, Any] = {f"input_{k}": v for k, v in feed.items()}
+    np.savez(out, probability=prob, attention=att, **arrays)
+    return {"file": out.name, "candidates": int(prob.size), "tolerance": SELFCHECK_TOLERANCE}
+
+
 def next_version(model_dir: Path) -> int:
     versions = (
         [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.exists() else []
@@ -318,6 +332,8 @@ def export_run(
             log.info("int8: %s", quant)
         elif quantize is not None:
             raise ExportError(f"unknown quantisation {quantize!r}; only int8 is supported")
+        selfcheck = write_selfcheck(staging / MODEL_FILE, staging / SELFCHECK_FILE, spec, max_len)
+        files["selfcheck"] = SELFCHECK_FILE
         cfg = ckpt["model_config"]
         metadata: dict[str, Any] = {
             "format": METADATA_FORMAT,
@@ -347,6 +363,7 @@ def export_run(
                 "user_feature_cardinalities": list(spec.feature_cardinalities),
             },
             "parity": parity,
+            "selfcheck": selfcheck,
             "quantization": quant,
             "files": files,
             "runtime": {"opset": OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__},

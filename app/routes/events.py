@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, Depends, HTTPException, Path
 
+from app.auth import require_key
 from app.schemas import MAX_ID_LENGTH, ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, StoredBehaviour
 from app.state import StateDep
 from app.store import Behaviour, StoreError
 
-router = APIRouter(tags=["behaviours"])
+# writes and per-user reads: behind the API key whenever one is configured
+router = APIRouter(tags=["behaviours"], dependencies=[Depends(require_key)])
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "the behaviour store is unavailable; retry"}
+    401: {"model": ErrorResponse, "description": "missing or invalid API key"},
+    503: {"model": ErrorResponse, "description": "the behaviour store is unavailable; retry"},
 }
 
 

@@ -1,11 +1,11 @@
-"""Liveness, readiness, the loaded models, and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.schemas import ModelInfo, ModelsResponse, ReadyResponse
+from app.schemas import ReadyResponse
 from app.state import StateDep
 from app.store import StoreError
 
@@ -20,8 +20,9 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz(state: StateDep, response: Response) -> ReadyResponse:
     reasons = []
-    if not state.models:
-        reasons.append("no model loaded")
+    default = state.registry.models.get(state.settings.default_model)
+    if default is None or default.primary is None:
+        reasons.append(f"default model {state.settings.default_model!r} not loaded")
     if not state.warmed:
         reasons.append("models not warmed up yet")
     try:
@@ -31,25 +32,6 @@ async def readyz(state: StateDep, response: Response) -> ReadyResponse:
     if reasons:
         response.status_code = 503
     return ReadyResponse(ready=not reasons, reasons=reasons)
-
-
-@router.get("/models", response_model=ModelsResponse)
-async def models(state: StateDep) -> ModelsResponse:
-    return ModelsResponse(
-        default=state.settings.default_model,
-        models=[
-            ModelInfo(
-                name=s.model.name,
-                version=s.model.version,
-                model_type=s.model.metadata["model_type"],
-                provider=s.model.provider,
-                max_history=s.model.max_history,
-                loaded_at=s.model.loaded_at,
-                metrics=s.model.metadata.get("metrics", {}),
-            )
-            for s in state.models.values()
-        ],
-    )
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Depends, HTTPException, Response
 
+from app.auth import require_key_for_scoring
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
+from app.registry import RegistryError
 from app.schemas import ErrorResponse, ScoreRequest, ScoreResponse
-from app.state import StateDep
+from app.state import AppState, StateDep
 from app.store import StoreError
 
-router = APIRouter(tags=["scoring"])
+router = APIRouter(tags=["scoring"], dependencies=[Depends(require_key_for_scoring)])
 
 RETRY_AFTER_S = "1"
 
@@ -19,7 +21,8 @@ RETRY_AFTER_S = "1"
     "/score",
     response_model=ScoreResponse,
     responses={
-        404: {"model": ErrorResponse, "description": "unknown model"},
+        401: {"model": ErrorResponse, "description": "missing or invalid API key (when SCORE_REQUIRES_KEY)"},
+        404: {"model": ErrorResponse, "description": "unknown model, or a version that is not loaded"},
         500: {"model": ErrorResponse, "description": "the inference run holding this request failed"},
         503: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
         504: {"model": ErrorResponse, "description": "not scored before the request timeout"},
@@ -27,36 +30,29 @@ RETRY_AFTER_S = "1"
 )
 async def score(req: ScoreRequest, state: StateDep) -> Response:
     name = req.model or state.settings.default_model
-    slot = state.models.get(name)
-    if slot is None:
-        raise HTTPException(404, f"model: unknown model {name!r}; loaded: {sorted(state.models)}")
-    model = slot.model
-    degraded = False
-    if req.history is not None:
-        history = [(h.item_id, h.category_id) for h in req.history[: model.max_history]]
-    else:
-        try:
-            stored = await state.store.recent(req.user_id, model.max_history)
-        except StoreError:
-            state.metrics.store_errors.labels("read").inc()
-            state.metrics.degraded.inc()
-            stored, degraded = [], True
-        history = [(b.item_id, b.category_id) for b in stored]
-    source = "none" if not history else "request" if req.history is not None else "store"
-    candidates = [(c.item_id, c.category_id) for c in req.candidates]
-    encoded = model.encode(history, req.user_features, candidates)
-    for kind, n in encoded.unknown.items():
-        if n:
-            state.metrics.unknown_ids.labels(kind).inc(n)
-    state.metrics.history_length.observe(len(history))
     try:
-        prob, att = await slot.batcher.submit(encoded, len(candidates), state.settings.request_timeout_ms / 1e3)
-    except QueueFull as e:
-        raise HTTPException(503, f"overloaded: {e}", headers={"Retry-After": RETRY_AFTER_S}) from e
-    except DeadlineExceeded as e:
-        raise HTTPException(504, str(e)) from e
-    except BatchFailed as e:
-        raise HTTPException(500, str(e)) from e
+        deployment = state.registry.resolve(name, req.version, req.user_id)
+    except RegistryError as e:
+        raise HTTPException(e.status, str(e)) from e
+    with deployment.lease() as model:  # this request stays on this version even if another is swapped in
+        history, source, degraded = await _history(req, state, model.max_history)
+        candidates = [(c.item_id, c.category_id) for c in req.candidates]
+        encoded = model.encode(history, req.user_features, candidates)
+        for kind, n in encoded.unknown.items():
+            if n:
+                state.metrics.unknown_ids.labels(kind).inc(n)
+        state.metrics.history_length.observe(len(history))
+        try:
+            prob, att = await deployment.batcher.submit(
+                encoded, len(candidates), state.settings.request_timeout_ms / 1e3
+            )
+        except QueueFull as e:
+            raise HTTPException(503, f"overloaded: {e}", headers={"Retry-After": RETRY_AFTER_S}) from e
+        except DeadlineExceeded as e:
+            raise HTTPException(504, str(e)) from e
+        except BatchFailed as e:
+            raise HTTPException(500, str(e)) from e
+    state.metrics.scored.labels(model.name, model.version).inc()
     recent_first = att[:, ::-1]  # the graph's history is oldest first; the API's most recent first
     scores = [
         {"item_id": c.item_id, "probability": float(p), "attention": a.tolist() if req.return_attention else None}
@@ -73,3 +69,22 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
     }
     # orjson directly: FastAPI's generic encoder walks every float (≈ 18 ms for 200 × 50 attention)
     return Response(orjson.dumps(payload), media_type="application/json")
+
+
+async def _history(
+    req: ScoreRequest, state: AppState, max_history: int
+) -> tuple[list[tuple[str, str | None]], str, bool]:
+    """The request's own history, else the store's; a store failure degrades to no history (flagged)."""
+    degraded = False
+    if req.history is not None:
+        history = [(h.item_id, h.category_id) for h in req.history[:max_history]]
+    else:
+        try:
+            stored = await state.store.recent(req.user_id, max_history)
+        except StoreError:
+            state.metrics.store_errors.labels("read").inc()
+            state.metrics.degraded.inc()
+            stored, degraded = [], True
+        history = [(b.item_id, b.category_id) for b in stored]
+    source = "none" if not history else "request" if req.history is not None else "store"
+    return history, source, degraded

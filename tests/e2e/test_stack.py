@@ -25,7 +25,7 @@ def _wait_for(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
             value = check()
             if value:
                 return value
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, KeyError):  # Prometheus answers plain text until it is ready
             pass
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")

@@ -45,7 +45,7 @@ def test_concurrent_requests_are_merged_into_fewer_runs(server: str) -> None:
     requests = _metric(text, 'ctr_batch_requests_sum{model="din"}')
     assert requests == 32  # warm-up runs go straight to the model, not through the batcher
     assert runs < 32, f"{runs} runs for 32 concurrent requests: nothing was merged"
-    assert _metric(text, 'ctr_candidates_scored_total{model="din"}') == 32 * 50
+    assert _metric(text, 'ctr_candidates_scored_total{model="din",version="1"}') == 32 * 50
 
 
 def test_start_up_fails_loudly_on_an_empty_repository(tmp_path: Path) -> None:

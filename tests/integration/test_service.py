@@ -140,12 +140,17 @@ def test_models_health_and_metrics(client: TestClient) -> None:
     models = client.get("/models").json()
     assert models["default"] == "din"
     assert {m["name"] for m in models["models"]} == {"din", "dien"}
-    assert all(m["provider"] == "CPUExecutionProvider" and m["max_history"] == 20 for m in models["models"])
+    for m in models["models"]:
+        assert m["primary"] == "1" and m["split"] is None and m["pinned"] is False and m["published"] == [1]
+        (v,) = m["versions"]
+        assert v["role"] == "primary" and v["provider"] == "CPUExecutionProvider" and v["max_history"] == 20
+        assert v["self_check_max_abs_diff"] is not None and v["self_check_max_abs_diff"] <= 1e-4
     client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]})
     text = client.get("/metrics").text
-    info = 'ctr_model_info{model="din",provider="CPUExecutionProvider",version="1"} 1.0'
+    info = 'ctr_model_info{model="din",provider="CPUExecutionProvider",role="primary",version="1"} 1.0'
     for name in ("ctr_requests_total", "ctr_request_latency_seconds_bucket", "ctr_batch_candidates_bucket",
-                 "ctr_inference_seconds_count", "ctr_queue_depth", info):  # fmt: skip
+                 "ctr_inference_seconds_count", "ctr_queue_depth", info,
+                 'ctr_scored_requests_total{model="din",version="1"} 1.0'):  # fmt: skip
         assert name in text, name
     assert 'ctr_requests_total{endpoint="/score",status="200"} 1.0' in text
 
@@ -194,7 +199,7 @@ def _slow_down(client: TestClient, seconds: float) -> None:
     """Make the din batcher's runs slow, as under heavy load."""
     import time as _time
 
-    batcher = client.app.state.components.models["din"].batcher  # type: ignore[attr-defined]
+    batcher = client.app.state.components.registry.resolve("din", None, "").batcher  # type: ignore[attr-defined]
     run = batcher._run
 
     def slow(items):  # type: ignore[no-untyped-def]
@@ -246,7 +251,10 @@ def test_a_broken_extra_model_is_skipped_and_the_rest_served(model_repository: P
     shutil.copytree(model_repository / "repo", repo)
     (repo / "dien" / "1" / "model.onnx").write_bytes(b"corrupt")
     with TestClient(create_app(Settings(model_repository=repo, default_model="din"))) as c:
-        assert [m["name"] for m in c.get("/models").json()["models"]] == ["din"]
+        listed = {m["name"]: m for m in c.get("/models").json()["models"]}
+        assert listed["din"]["primary"] == "1"
+        assert listed["dien"]["primary"] is None and listed["dien"]["versions"] == []
+        assert "ONNX Runtime cannot load" in listed["dien"]["last_error"]["error"]
         r = c.post("/score", json={"user_id": "u", "model": "dien", "candidates": [{"item_id": "a"}]})
         assert r.status_code == 404 and "dien" in r.text
         assert c.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]}).status_code == 200

@@ -1,0 +1,402 @@
+"""The models being served: which versions are loaded, which one answers whom, and live swaps.
+
+Every change (admin load, unload, rollback, traffic split, a version noticed by polling) builds the new
+version completely, off the event loop: ONNX Runtime session, warm-up, and the self-check stored by the
+export. Only then does it become visible, by one assignment on the event loop, so a request sees either
+the old version or the new one. A request holds a lease on the version it started with until it has
+its answer; a retired version's batcher is stopped only when its last lease is returned. A version that
+fails any step is never swapped in: the old one keeps serving, and the failure is logged, counted and
+listed by ``/models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.batcher import BatchStats, DynamicBatcher
+from app.metrics import Metrics
+from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, load_version, published_versions
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Result = tuple[np.ndarray, np.ndarray]
+RETIRE_TIMEOUT_S = 60.0  # a retired version whose leases are not all back by then is stopped anyway
+
+
+class RegistryError(Exception):
+    """An admin or scoring request the registry cannot carry out; ``status`` is the HTTP answer."""
+
+    status = 400
+
+
+class NotLoaded(RegistryError):
+    status = 404
+
+
+class Conflict(RegistryError):
+    status = 409
+
+
+class LoadFailed(RegistryError):
+    status = 422
+
+
+@dataclass(eq=False)
+class Deployment:
+    """One loaded version and its batcher; ``leases`` counts requests using it right now."""
+
+    model: LoadedModel
+    batcher: DynamicBatcher[Encoded, Result]
+    leases: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    @contextmanager
+    def lease(self) -> Iterator[LoadedModel]:
+        self.leases += 1
+        self._idle.clear()
+        try:
+            yield self.model
+        finally:
+            self.leases -= 1
+            if self.leases == 0:
+                self._idle.set()
+
+    async def retire(self, timeout_s: float = RETIRE_TIMEOUT_S) -> None:
+        """Stop once every request holding a lease has its answer (the registry no longer hands it out)."""
+        if self.leases:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except TimeoutError:
+                log.error("model %s v%s retired with %d requests still on it", self.model.name, self.version,
+                          self.leases)  # fmt: skip
+        await self.batcher.stop()
+
+
+@dataclass
+class TrafficSplit:
+    """``percent`` of users (by a stable hash of their id) go to ``version`` instead of the primary."""
+
+    version: str
+    percent: float
+
+
+@dataclass
+class LoadFailure:
+    version: str
+    error: str
+    at: float
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    primary: str | None = None
+    split: TrafficSplit | None = None
+    pinned: bool = False  # an admin chose a version: polling leaves this model alone
+    activations: list[str] = field(default_factory=list)  # primary versions, oldest first (for rollback)
+    failures: dict[str, LoadFailure] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def last_failure(self) -> LoadFailure | None:
+        return max(self.failures.values(), key=lambda f: f.at, default=None)
+
+
+def user_bucket(model: str, user_id: str) -> float:
+    """A user's stable place in [0, 100) for one model: raising a split's percent only adds users."""
+    digest = hashlib.blake2b(f"{model}\x1f{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 10_000 / 100
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.models: dict[str, ModelEntry] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+
+    # --- serving ---------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str | None, user_id: str) -> Deployment:
+        """The deployment that answers this request: the named version, the split's, or the primary."""
+        entry = self.models.get(name)
+        if entry is None or entry.primary is None:
+            raise NotLoaded(f"model: unknown model {name!r}; loaded: {sorted(self.models)}")
+        if version is not None:
+            dep = entry.deployments.get(version)
+            if dep is None:
+                raise NotLoaded(f"version: model {name!r} has no loaded version {version!r}; "
+                                f"loaded: {sorted(entry.deployments, key=int)}")  # fmt: skip
+            return dep
+        split = entry.split
+        if split is not None and user_bucket(name, user_id) < split.percent:
+            return entry.deployments[split.version]
+        return entry.deployments[entry.primary]
+
+    # --- changes ---------------------------------------------------------------------------------
+
+    async def load(self, name: str, version: int | None = None, activate: bool = True) -> Deployment:
+        """Load (or reuse) a version; with ``activate`` it becomes the primary and the old one retires.
+
+        Without a version: the newest published one, and the model follows new versions again."""
+        if name not in self.models and not (self.settings.model_repository / name).is_dir():
+            raise NotLoaded(f"model {name!r} not found in repository {self.settings.model_repository}")
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            dep = await self._load_locked(entry, version)
+            if activate:
+                self._activate(entry, dep.version)
+                entry.pinned = version is not None
+            return dep
+
+    async def load_newest_working(self, name: str) -> Deployment:
+        """Start-up: the newest version that loads; broken newer ones are recorded as failures."""
+        versions = published_versions(self.settings.model_repository, name)
+        if not versions:
+            raise ModelLoadError(f"model {name!r} has no published version under {self.settings.model_repository}")
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            for v in reversed(versions):
+                try:
+                    dep = await self._load_locked(entry, v)
+                except LoadFailed:
+                    continue
+                self._activate(entry, dep.version)
+                entry.pinned = v != versions[-1]  # serving an older version on purpose: do not retry the newer
+                return dep
+        raise ModelLoadError(f"model {name!r}: no published version loads: {entry.last_failure}")
+
+    async def unload(self, name: str, version: str | None = None) -> None:
+        """Unload one version (not the primary), or the whole model (not the default one)."""
+        entry = self._entry(name)
+        async with entry.lock:
+            if version is None:
+                if name == self.settings.default_model:
+                    raise Conflict(f"{name!r} is the default model (DEFAULT_MODEL); it cannot be unloaded")
+                del self.models[name]
+                for dep in entry.deployments.values():
+                    self._retire(dep)
+                log.warning("model %s unloaded", name)
+            else:
+                if version not in entry.deployments:
+                    raise NotLoaded(f"model {name!r} has no loaded version {version!r}")
+                if version == entry.primary:
+                    raise Conflict(f"version {version} is the primary of {name!r}: load or roll back to another "
+                                   f"version first, or unload the whole model")  # fmt: skip
+                if entry.split is not None and entry.split.version == version:
+                    entry.split = None
+                self._retire(entry.deployments.pop(version))
+                log.warning("model %s v%s unloaded", name, version)
+            self._publish_info()
+
+    async def rollback(self, name: str, version: int | None = None) -> Deployment:
+        """Make an earlier version the primary again: the one given, else the one before the current.
+
+        Clears any traffic split and pins the model (polling will not move it forward again)."""
+        entry = self._entry(name)
+        async with entry.lock:
+            if version is None:
+                earlier = [v for v in entry.activations if v != entry.primary]
+                if not earlier:
+                    raise Conflict(f"model {name!r} has no earlier version to roll back to")
+                version = int(earlier[-1])
+            dep = await self._load_locked(entry, version)
+            entry.split = None
+            self._activate(entry, dep.version)
+            entry.pinned = True
+            log.warning("model %s rolled back to v%s", name, dep.version)
+            return dep
+
+    async def set_split(self, name: str, version: int, percent: float) -> Deployment:
+        """Send ``percent`` of users to ``version`` (loaded first if needed); the rest stay on the primary."""
+        entry = self._entry(name)
+        async with entry.lock:
+            if str(version) == entry.primary:
+                raise Conflict(f"version {version} is already the primary of {name!r}")
+            dep = await self._load_locked(entry, version)
+            entry.split = TrafficSplit(dep.version, percent)
+            log.warning("model %s: %.2f%% of users to v%s, the rest to v%s", name, percent, dep.version,
+                        entry.primary)  # fmt: skip
+            self._publish_info()
+            return dep
+
+    async def clear_split(self, name: str) -> None:
+        entry = self._entry(name)
+        async with entry.lock:
+            entry.split = None
+            self._publish_info()
+
+    # --- polling ---------------------------------------------------------------------------------
+
+    async def poll_once(self) -> list[str]:
+        """Load models and versions that appeared in the repository; returns what changed."""
+        changes: list[str] = []
+        try:
+            names = discover(self.settings.model_repository)
+        except ModelLoadError as e:
+            log.error("polling: %s", e)
+            return changes
+        for name in names:
+            entry = self.models.get(name)
+            try:
+                versions = published_versions(self.settings.model_repository, name)
+            except ModelLoadError:
+                continue  # removed between listing and reading
+            if not versions:
+                continue
+            newest = versions[-1]
+            if entry is None:
+                try:
+                    dep = await self.load_newest_working(name)
+                    changes.append(f"{name} v{dep.version} loaded")
+                except ModelLoadError as e:
+                    log.error("polling: %s", e)
+                continue
+            if entry.pinned or entry.lock.locked() or str(newest) in entry.failures:
+                continue
+            if entry.primary is None or newest > int(entry.primary):
+                try:
+                    dep = await self.load(name, None)
+                    changes.append(f"{name} v{dep.version} active")
+                except LoadFailed:
+                    pass  # logged and counted by _load_locked; the old version keeps serving
+        return changes
+
+    def start_polling(self, interval_s: float) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    for change in await self.poll_once():
+                        log.info("polling: %s", change)
+                except Exception:  # the poller must outlive any one bad round
+                    log.exception("polling round failed")
+
+        self._poller = asyncio.create_task(loop(), name="model-poller")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for entry in self.models.values():
+            for dep in entry.deployments.values():
+                await dep.batcher.stop()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _entry(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotLoaded(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
+        return entry
+
+    async def _load_locked(self, entry: ModelEntry, version: int | None) -> Deployment:
+        """The deployment of ``version`` (newest when None), loading it off the event loop if needed."""
+        repo = self.settings.model_repository
+        if version is None:
+            try:
+                versions = published_versions(repo, entry.name)
+            except ModelLoadError as e:
+                raise NotLoaded(str(e)) from e
+            if not versions:
+                raise NotLoaded(f"model {entry.name!r} has no published version")
+            version = versions[-1]
+        key = str(version)
+        if key in entry.deployments:
+            return entry.deployments[key]
+        folder = repo / entry.name / key
+        if not folder.is_dir():
+            raise NotLoaded(f"model {entry.name!r} has no published version {key} in {repo}")
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(load_version, folder, s.provider, s.intra_op_threads, s.intra_op_spinning)
+            if model.name != entry.name or model.version != key:
+                raise ModelLoadError(f"{folder}: metadata says {model.name!r} v{model.version}")
+        except ModelLoadError as e:
+            entry.failures[key] = LoadFailure(key, str(e), time.time())
+            self.metrics.model_loads.labels(entry.name, "failed").inc()
+            fallback = f"v{entry.primary} keeps serving" if entry.primary else "nothing to serve"
+            log.error("model %s v%s not loaded, %s: %s", entry.name, key, fallback, e)
+            raise LoadFailed(str(e)) from e
+        entry.failures.pop(key, None)
+        self.metrics.model_loads.labels(entry.name, "loaded").inc()
+        dep = Deployment(model, self._batcher(model))
+        dep.batcher.start()
+        entry.deployments[key] = dep
+        log.info("model %s v%s loaded on %s in %.2f s (self-check diff %s)", entry.name, key, model.provider,
+                 time.perf_counter() - started, model.self_check_diff)  # fmt: skip
+        self._publish_info()
+        return dep
+
+    def _activate(self, entry: ModelEntry, version: str) -> None:
+        """The swap: one assignment; the previous primary retires once its requests are answered."""
+        previous = entry.primary
+        if previous == version:
+            return
+        entry.primary = version
+        entry.activations = [v for v in entry.activations if v != version] + [version]
+        if entry.split is not None and entry.split.version == version:
+            entry.split = None  # the split's version was promoted: the test is over
+        if previous is not None and previous in entry.deployments:
+            self._retire(entry.deployments.pop(previous))
+        log.warning("model %s: v%s is the primary now (was %s)", entry.name, version,
+                    f"v{previous}" if previous else "none")  # fmt: skip
+        self._publish_info()
+
+    def _retire(self, dep: Deployment) -> None:
+        with suppress(KeyError):
+            self.metrics.queue_depth.remove(dep.model.name, dep.version)
+        task = asyncio.create_task(dep.retire(), name=f"retire-{dep.model.name}-{dep.version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _publish_info(self) -> None:
+        info = self.metrics.model_info
+        info.clear()
+        for entry in self.models.values():
+            for version, dep in entry.deployments.items():
+                role = ("primary" if version == entry.primary
+                        else "split" if entry.split and entry.split.version == version else "standby")  # fmt: skip
+                info.labels(entry.name, version, dep.model.provider, role).set(1)
+
+    def _batcher(self, model: LoadedModel) -> DynamicBatcher[Encoded, Result]:
+        s, metrics = self.settings, self.metrics
+
+        def on_batch(stats: BatchStats) -> None:
+            metrics.inference.labels(model.name).observe(stats.run_seconds)
+            metrics.batch_requests.labels(model.name).observe(stats.requests)
+            metrics.batch_candidates.labels(model.name).observe(stats.candidates)
+            metrics.candidates.labels(model.name, model.version).inc(stats.candidates)
+            for wait in stats.queue_waits:
+                metrics.queue_wait.observe(wait)
+
+        batcher: DynamicBatcher[Encoded, Result] = DynamicBatcher(
+            model.run,
+            max_candidates=s.max_batch_candidates,
+            max_delay_s=s.max_queue_delay_ms / 1e3,
+            queue_limit=s.queue_limit,
+            workers=s.inference_workers,
+            on_batch=on_batch,
+        )
+        metrics.queue_depth.labels(model.name, model.version).set_function(lambda: batcher.depth)
+        return batcher
