@@ -137,8 +137,10 @@ class ModelRegistry:
     def resolve(self, name: str, version: str | None, user_id: str) -> Deployment:
         """The deployment that answers this request: the named version, the split's, or the primary."""
         entry = self.models.get(name)
-        if entry is None or entry.primary is None:
+        if entry is None:
             raise NotLoaded(f"model: unknown model {name!r}; loaded: {sorted(self.models)}")
+        if entry.primary is None:
+            raise NotLoaded(f"model: {name!r} has no version serving (loading, or failed: see GET /models)")
         if version is not None:
             dep = entry.deployments.get(version)
             if dep is None:
