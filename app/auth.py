@@ -36,11 +36,6 @@ async def require_key(state: StateDep, credentials: Credentials) -> None:
         raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_key_for_scoring(state: StateDep, credentials: Credentials) -> None:
-    if state.settings.score_requires_key:
-        await require_key(state, credentials)
-
-
 def warn_if_open(settings: Settings) -> None:
     if not settings.api_keys:
         log.warning(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from app.auth import warn_if_open
+from app.auth import require_key, warn_if_open
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
 from app.routes import events, health, models, score
@@ -32,7 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)
     app.add_middleware(LimitsAndMetrics, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    app.include_router(score.router)
+    # added here, not in the router, so the OpenAPI document says whether /score needs the key
+    app.include_router(score.router, dependencies=[Depends(require_key)] if settings.score_requires_key else [])
     app.include_router(events.router)
     app.include_router(models.router)
     app.include_router(models.admin)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 MAX_ID_LENGTH = 128
 
@@ -16,13 +16,16 @@ def _id_from_json(value: Any) -> Any:
     return value
 
 
-# no control characters: ids are stored joined by one (app/store.py) and echoed in logs
+ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+_ID_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}
+# no control characters: ids are stored joined by one (app/store.py) and echoed in logs; the JSON schema
+# says what is accepted, integers included (they are read as their decimal string)
 Id = Annotated[
     str,
     BeforeValidator(_id_from_json),
-    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN),
+    WithJsonSchema({"anyOf": [_ID_STRING, {"type": "integer"}]}),
 ]
-
 
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 VersionNumber = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
@@ -169,3 +172,7 @@ class ReadyResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: Any
+
+
+# FastAPI answers 400 (not 422) to a body that is not JSON at all; declared so the contract is complete
+BAD_BODY: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse, "description": "the body is not JSON"}}

@@ -8,12 +8,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Path
 
 from app.auth import require_key
-from app.schemas import MAX_ID_LENGTH, ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, StoredBehaviour
+from app.schemas import (
+    BAD_BODY,
+    MAX_ID_LENGTH,
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    HistoryResponse,
+    StoredBehaviour,
+)
 from app.state import StateDep
 from app.store import Behaviour, StoreError
 
 # writes and per-user reads: behind the API key whenever one is configured
-router = APIRouter(tags=["behaviours"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["behaviours"], dependencies=[Depends(require_key)], responses=BAD_BODY)
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},
     503: {"model": ErrorResponse, "description": "the behaviour store is unavailable; retry"},

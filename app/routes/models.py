@@ -10,6 +10,7 @@ from fastapi import Path as PathParam
 from app.auth import require_key
 from app.registry import ModelEntry, ModelRegistry, RegistryError
 from app.schemas import (
+    BAD_BODY,
     ErrorResponse,
     LoadError,
     LoadRequest,
@@ -25,7 +26,7 @@ from app.scorer import ModelLoadError, published_versions
 from app.state import StateDep
 
 router = APIRouter(tags=["models"])
-admin = APIRouter(prefix="/admin/models", tags=["admin"], dependencies=[Depends(require_key)])
+admin = APIRouter(prefix="/admin/models", tags=["admin"], dependencies=[Depends(require_key)], responses=BAD_BODY)
 
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "missing or invalid API key"},

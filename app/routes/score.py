@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Response
 
-from app.auth import require_key_for_scoring
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
 from app.registry import RegistryError
-from app.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from app.schemas import BAD_BODY, ErrorResponse, ScoreRequest, ScoreResponse
 from app.state import AppState, StateDep
 from app.store import StoreError
 
-router = APIRouter(tags=["scoring"], dependencies=[Depends(require_key_for_scoring)])
+router = APIRouter(tags=["scoring"], responses=BAD_BODY)  # the API key, when SCORE_REQUIRES_KEY, is added by create_app
 
 RETRY_AFTER_S = "1"
 
