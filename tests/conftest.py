@@ -69,11 +69,12 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class RedisServer:
     """A redis-server of the test session's own, on a free port; stop() and start() simulate an outage."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, durable: bool = False) -> None:
+        """``durable``: append-only file fsynced on every write; a killed server loses no acknowledged write."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: the service tests need a real Redis")
-        self.binary, self.workdir, self.port = binary, workdir, free_port()
+        self.binary, self.workdir, self.port, self.durable = binary, workdir, free_port(), durable
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,7 +92,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.durable else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],
