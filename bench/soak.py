@@ -1,0 +1,159 @@
+"""Soak benchmark: a long open-loop run at a fixed share of saturation, with the server's memory and
+latency recorded every sample period; it says whether memory keeps growing.
+
+    python -m bench.soak --url http://127.0.0.1:8000 --repository runs/repository --name din \
+        --fraction 0.7 --minutes 10 [--rate 100] [--pid PID]
+
+Without --rate, saturation is measured first (closed loop, --saturation-concurrency connections) and
+the rate is --fraction of it. The server's process is found by its listening port unless --pid is given;
+its RSS (with any child processes) is read at the end of every sample. Memory "keeps growing" when the
+least-squares slope of RSS over the second half of the run exceeds --max-growth-mb-per-min. Writes
+soak.json, soak.md and soak.png (RSS and latency per sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import psutil
+
+from bench.inprocess import load_version
+from bench.load import Job, _window, run_step, seed_users
+
+
+def server_process(url: str, pid: int | None) -> psutil.Process:
+    if pid is not None:
+        return psutil.Process(pid)
+    port = urlparse(url).port or 80
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    raise SystemExit(f"no process listens on port {port}; pass --pid")
+
+
+def rss_mb(proc: psutil.Process) -> float:
+    procs = [proc, *proc.children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs) / 2**20
+
+
+def growth(samples: list[dict[str, Any]]) -> float:
+    """MB per minute: least-squares slope of RSS over the second half of the samples (after warm-up)."""
+    half = samples[len(samples) // 2 :]
+    if len(half) < 2:
+        return 0.0
+    t = np.array([s["elapsed_min"] for s in half])
+    y = np.array([s["rss_mb"] for s in half])
+    return float(np.polyfit(t, y, 1)[0])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Soak of {report['url']} ({report['model']} v{report['version']}, {report['candidates']} candidates × "
+        f"{report['history']} history): {report['rate']:.1f} req/s open loop = {100 * report['fraction']:.0f}% "
+        f"of a measured saturation of {report['saturation_requests_per_second']:.1f} req/s, "
+        f"{report['minutes']:g} min. RSS growth over the second half: "
+        f"**{report['rss_growth_mb_per_min']:+.2f} MB/min** ({report['verdict']}).",
+        "",
+        "| minute | RSS MB | req/s | p50 ms | p99 ms | errors |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in report["samples"]:
+        lines.append(f"| {s['elapsed_min']:.1f} | {s['rss_mb']:.1f} | {s['requests_per_second']:.1f} | "
+                     f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['errors'] or '—'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["elapsed_min"] for s in report["samples"]]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    a.plot(t, [s["rss_mb"] for s in report["samples"]], marker="o")
+    a.set_ylabel("server RSS (MB)")
+    a.grid(alpha=0.3)
+    for q, style in (("p50_ms", "-"), ("p99_ms", "--")):
+        b.plot(t, [s[q] for s in report["samples"]], style, marker="o", label=q[:3])
+    b.axhline(10, color="grey", lw=0.8, ls=":", label="10 ms")
+    b.set_ylabel("latency (ms)")
+    b.set_xlabel("minutes")
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
+    p.add_argument("--name", default="din")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--history", type=int, default=50)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--sample-seconds", type=float, default=60.0, help="one RSS and latency sample per period")
+    p.add_argument("--fraction", type=float, default=0.7, help="share of the measured saturation")
+    p.add_argument("--rate", type=float, default=None, help="requests/s; skips the saturation measurement")
+    p.add_argument("--saturation-concurrency", type=int, default=16)
+    p.add_argument("--saturation-seconds", type=float, default=10.0)
+    p.add_argument("--max-growth-mb-per-min", type=float, default=1.0)
+    p.add_argument("--processes", type=int, default=1, help="load-generator processes")
+    p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by port)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/soak"))
+    args = p.parse_args(argv)
+
+    server = server_process(args.url, args.pid)
+    folder, meta = load_version(args.repository, args.name, None)
+    items = tuple(json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"])
+    seed_users(args.url, args.users, args.history, list(items))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.processes) as pool:
+        job = Job(args.url, "closed", float(args.saturation_concurrency), args.saturation_seconds, args.users, items,
+                  args.candidates, True, seed=1)  # fmt: skip
+        if args.rate is None:
+            sat = run_step(pool, job, args.processes, max_windows=3)["requests_per_second"]
+            rate = args.fraction * sat
+            print(f"saturation {sat:.1f} req/s → soak at {rate:.1f} req/s ({100 * args.fraction:.0f}%)")
+        else:
+            sat, rate = float("nan"), args.rate
+        samples: list[dict[str, Any]] = []
+        start = time.monotonic()
+        n = max(1, round(60 * args.minutes / args.sample_seconds))
+        for i in range(n):
+            w = _window(pool, Job(**{**job.__dict__, "mode": "open", "level": rate, "seconds": args.sample_seconds,
+                                     "seed": 100 + i}), args.processes)  # fmt: skip
+            sample = {"elapsed_min": (time.monotonic() - start) / 60, "rss_mb": rss_mb(server), **w}
+            samples.append(sample)
+            print(f"{sample['elapsed_min']:5.1f} min  RSS {sample['rss_mb']:7.1f} MB  {w['requests_per_second']:6.1f} "
+                  f"req/s  p50 {w['p50_ms']:6.2f}  p99 {w['p99_ms']:6.2f} ms  errors {w['errors'] or '-'}")  # fmt: skip
+    slope = growth(samples)
+    report: dict[str, Any] = {
+        "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
+        "history": args.history, "minutes": args.minutes, "fraction": rate / sat if sat == sat else float("nan"),
+        "saturation_requests_per_second": sat, "rate": rate, "samples": samples,
+        "rss_start_mb": samples[0]["rss_mb"], "rss_end_mb": samples[-1]["rss_mb"],
+        "rss_growth_mb_per_min": slope, "max_growth_mb_per_min": args.max_growth_mb_per_min,
+        "verdict": "memory keeps growing" if slope > args.max_growth_mb_per_min else "memory flat",
+        "errors": sum(sum(s["errors"].values()) for s in samples),
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(report, indent=2))
+    (args.out / "soak.md").write_text(markdown(report))
+    plot(report, args.out / "soak.png")
+    print(f"RSS {report['rss_start_mb']:.1f} → {report['rss_end_mb']:.1f} MB; growth over the second half "
+          f"{slope:+.2f} MB/min: {report['verdict']}; wrote {args.out}/soak.json, soak.md, soak.png")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

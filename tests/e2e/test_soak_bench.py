@@ -1,0 +1,36 @@
+"""bench.soak against a real service process, shortened to seconds: it finds the server's process by its
+port, measures saturation, samples RSS and latency, and writes its JSON, markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import RedisServer, service_env, start_service, stop_process
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_server: RedisServer, tmp_path: Path) -> None:
+    if redis_server.proc is None:
+        redis_server.start()
+    proc, url = start_service(service_env(model_repository / "repo", redis_server.url), ROOT)
+    try:
+        out = tmp_path / "soak"
+        cmd = [sys.executable, "-m", "bench.soak", "--url", url, "--repository", str(model_repository / "repo"),
+               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--minutes", "0.05",
+               "--sample-seconds", "1", "--saturation-concurrency", "4", "--saturation-seconds", "1",
+               "--out", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "soak.json").read_text())
+        assert len(report["samples"]) == 3 and report["errors"] == 0
+        assert 0 < report["rate"] < report["saturation_requests_per_second"]
+        assert all(s["rss_mb"] > 50 and s["requests_per_second"] > 0 for s in report["samples"])
+        assert report["verdict"] in ("memory flat", "memory keeps growing")
+        assert "MB/min" in (out / "soak.md").read_text()
+        assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        stop_process(proc)
