@@ -1,8 +1,8 @@
 """The serving form of each model: a batch of users, each scored against many candidates.
 
-Per-user work (history embeddings, the key-only part of DIN's activation unit, DIEN's GRU over the
-history and its AUGRU input projection) runs once per user; only what depends on the candidate runs
-per candidate. Dice is folded into affine ops. This is the graph that ONNX export writes.
+Per-user work (history embeddings, DIN's first attention layer as one operator per user history,
+DIEN's GRU over the history and its AUGRU input projection) runs once per user; only what depends on the
+candidate runs per candidate. Dice is folded into affine ops. This is the graph that ONNX export writes.
 
 Inputs (U users, N candidates in all, L history positions, F user features):
     hist_items (U, L) int64, hist_cats (U, L) int64, hist_mask (U, L) bool — oldest first, right-padded
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
-from models.layers import Dice, masked_softmax
+from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax
 
 INPUT_NAMES = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
 OUTPUT_NAMES = ("probability", "attention")
@@ -103,11 +103,129 @@ class BaseServing(_Serving):
         return prob, weights.index_select(0, cand_user)
 
 
+class MaxPReLU(nn.Module):
+    """PReLU as max(x, w·x): exact when every slope w ≤ 1, and two ONNX ops instead of four (ONNX
+    Runtime's own PRelu op, with per-channel slopes, is slower than either)."""
+
+    def __init__(self, prelu: PReLULast) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(prelu.weight.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.maximum(x, x * self.weight)
+
+
+def serving_activation(module: nn.Module) -> nn.Module:
+    """The cheapest exact inference form of an activation: MaxPReLU where the slopes allow it."""
+    if isinstance(module, PReLULast) and bool((module.weight <= 1).all()):
+        return MaxPReLU(module)
+    return module
+
+
+# Building a user's layer-1 operator costs about as much as this many candidates' layer 1 (measured at
+# 128-dim behaviours, 50 positions, H = 80; both scale with L·H·D).
+USER_COST_IN_CANDIDATES = 24
+
+
+@torch.jit.script
+def candidate_grid(cand_user: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Each candidate's row in a (U, C_max) grid (N,), and each grid row's candidate (U·C_max,), N where empty."""
+    n = cand_user.size(0)
+    order = torch.argsort(cand_user)  # candidates grouped by user; the order within a user is free
+    users_sorted = cand_user.index_select(0, order)  # (N,)
+    starts = torch.cumsum(counts, 0) - counts  # (U,) first sorted position of each user
+    slot = torch.arange(n) - starts.index_select(0, users_sorted)  # (N,) slot within its user, sorted order
+    grid_index = torch.zeros_like(cand_user).scatter(0, order, users_sorted * counts.max() + slot)  # (N,)
+    rows = torch.full((counts.size(0) * int(counts.max()),), n, dtype=torch.long)
+    return grid_index, rows.scatter(0, grid_index, torch.arange(n))
+
+
+@torch.jit.script
+def first_layer(
+    keys: Tensor, query: Tensor, cand_user: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, bias: Tensor,
+    user_cost: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Layer-1 pre-activations z (R·L, H) for R score rows, each candidate's row (N,), and whether the rows
+    are the per-user grid (U, C_max) (1) or the candidates themselves (0). See DINAttention."""
+    users, length, dim, n = keys.size(0), keys.size(1), keys.size(2), query.size(0)
+    hidden = bias.size(0)
+    counts = torch.zeros(users, dtype=torch.long).scatter_add(0, cand_user, torch.ones_like(cand_user))  # (U,)
+    grid_rows = users * (int(counts.max()) + user_cost)  # what the per-user form costs, in candidate rows
+    if n > 0 and 4 * grid_rows <= 5 * n:
+        # once per user: the operator [G; c] with G[d, l, h] = k[l, d]·W_p[h, d] + W_q'[h, d], c[l, h] = W_k'·k_l + b
+        g = keys.transpose(1, 2).unsqueeze(3) * w_prod.t().unsqueeze(1) + w_query.t().unsqueeze(1)  # (U, D, L, H)
+        c = keys @ w_key.t() + bias  # (U, L, H)
+        operator = torch.cat([g.reshape(users, dim, -1), c.reshape(users, 1, -1)], dim=1)  # (U, D+1, L·H)
+        # candidates into a (U, C_max) grid, an empty slot holding an all-zero row; the appended 1 picks up c
+        grid_index, source = candidate_grid(cand_user, counts)  # (N,), (U·C_max,)
+        q1 = torch.cat([query, torch.ones_like(query[:, :1])], dim=1)  # (N, D+1)
+        padded = torch.cat([q1, torch.zeros_like(q1[:1])], dim=0)  # (N+1, D+1)
+        grid = padded.index_select(0, source).reshape(users, -1, dim + 1)  # (U, C_max, D+1)
+        z = torch.bmm(grid, operator)  # (U, C_max, L·H): one product per user
+        return z.reshape(-1, hidden), grid_index, torch.ones((), dtype=torch.long)
+    # per candidate, split form: only the key part is per user
+    key_part = keys @ w_key.t()  # (U, L, H)
+    keys_c = keys.index_select(0, cand_user)  # (N, L, D)
+    q_part = (query @ w_query.t() + bias).unsqueeze(1)  # (N, 1, H)
+    prod_part = ((query.unsqueeze(1) * keys_c).reshape(-1, dim) @ w_prod.t()).reshape(n, length, hidden)
+    z = q_part + key_part.index_select(0, cand_user) + prod_part  # (N, L, H)
+    return z.reshape(-1, hidden), torch.arange(n), torch.zeros((), dtype=torch.long)
+
+
+@torch.jit.script
+def pool(
+    scores: Tensor, keys: Tensor, mask: Tensor, cand_user: Tensor, rows: Tensor, grid: Tensor, softmax: bool
+) -> tuple[Tensor, Tensor]:
+    """Scores (R·L,) → attention (N, L), exactly zero on padding, and interest Σ_l a_l·k_l (N, D)."""
+    users, length, dim = keys.size(0), keys.size(1), keys.size(2)
+    if bool(grid):
+        s = scores.reshape(users, -1, length)  # (U, C_max, L)
+        m = mask.unsqueeze(1)  # (U, 1, L)
+        att = masked_softmax(s, m) if softmax else torch.sigmoid(s) * m
+        interest = torch.bmm(att, keys)  # (U, C_max, D)
+        return att.reshape(-1, length).index_select(0, rows), interest.reshape(-1, dim).index_select(0, rows)
+    s = scores.reshape(-1, length)  # (N, L)
+    m = mask.index_select(0, cand_user)  # (N, L)
+    att = masked_softmax(s, m) if softmax else torch.sigmoid(s) * m
+    return att, torch.bmm(att.unsqueeze(1), keys.index_select(0, cand_user)).squeeze(1)
+
+
+class DINAttention(nn.Module):
+    """DIN's activation unit at serving time: weights (N, L) and interest (N, D) for flat candidates.
+
+    Layer 1 of the unit is linear in the query q for a fixed history k:
+        z_l = W_p·(q ⊙ k_l) + W_q'·q + W_k'·k_l + b = G_l·q + c_l,   G_l = W_p·diag(k_l) + W_q',  c_l = W_k'·k_l + b
+    so each user's history defines one operator [G; c] (D+1 → L·H), and all that user's candidates go
+    through it as one (C, D+1)·(D+1, L·H) product: no (N, L, D) copy of the history, no q ⊙ k pass, no
+    bias adds. That pays when a user has many candidates: building [G; c] costs about
+    USER_COST_IN_CANDIDATES candidates' worth, and a batch of many users with few candidates each would
+    need one operator per user (2 MB each at L = 50, H = 80). Such batches, and batches whose users'
+    candidate counts are so uneven that the (U, C_max) grid would be mostly empty, take the split form per
+    candidate. Both compute the same function; the choice is an ONNX If on the batch's shape, and the
+    layers after the first run on 2-D (rows, H) tensors either way (one Gemm each, bias included).
+    """
+
+    def __init__(self, unit: ActivationUnit, softmax: bool) -> None:
+        super().__init__()
+        frozen = [nn.Parameter(w.detach().clone(), requires_grad=False) for w in unit.split_weights()]
+        self.w_query, self.w_key, self.w_prod = frozen  # (H, D) each: W_q + W_d, W_k − W_d, W_p
+        self.bias = nn.Parameter(unit.first.bias.detach().clone(), requires_grad=False)  # (H,)
+        self.first_activation = serving_activation(unit.first_activation)
+        self.rest = nn.Sequential(*(serving_activation(m) for m in unit.rest.net))  # (M, H) → (M, 1)
+        self.softmax = softmax
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor, cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (U, L, D), query (N, D), mask (U, L), cand_user (N,) → weights (N, L), interest (N, D)."""
+        z, rows, grid = first_layer(keys, query, cand_user, self.w_query, self.w_key, self.w_prod, self.bias,
+                                    USER_COST_IN_CANDIDATES)  # fmt: skip
+        scores = self.rest(self.first_activation(z)).squeeze(-1)  # (R·L,)
+        return pool(scores, keys, mask, cand_user, rows, grid, self.softmax)
+
+
 class DINServing(_Serving):
     def __init__(self, model: DIN) -> None:
         super().__init__(model)
-        self.unit = cast(DIN, self.model).activation_unit
-        self.softmax = model.cfg.attention_softmax
+        self.attention = DINAttention(cast(DIN, self.model).activation_unit, model.cfg.attention_softmax)
 
     def forward(
         self,
@@ -119,14 +237,9 @@ class DINServing(_Serving):
         cand_cats: Tensor,
         cand_user: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        keys = self.embedding.behaviours(hist_items, hist_cats)  # (U, L, D): once per user
-        key_part = self.unit.key_part(keys)  # (U, L, H): (W_k − W_d)·k, once per user
+        keys = self.embedding.behaviours(hist_items, hist_cats)  # (U, L, D)
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
-        keys_c = keys.index_select(0, cand_user)  # (N, L, D)
-        scores = self.unit.scores(query, keys_c, key_part.index_select(0, cand_user))  # (N, L)
-        mask = hist_mask.index_select(0, cand_user)  # (N, L)
-        weights = masked_softmax(scores, mask) if self.softmax else torch.sigmoid(scores) * mask  # (N, L)
-        interest = torch.bmm(weights.unsqueeze(1), keys_c).squeeze(1)  # (N, D)
+        weights, interest = self.attention(keys, query, hist_mask, cand_user)  # (N, L), (N, D)
         return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
 
 

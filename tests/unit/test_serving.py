@@ -59,3 +59,41 @@ def test_serving_form_equals_the_training_form(kind: str, options: dict[str, obj
     torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
     assert (a[~mask[feed["cand_user"]]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("candidates", "options", "slope"),
+    [
+        ((100, 100, 100), {}, 0.25),  # enough candidates per user: the per-user (U, C_max) grid
+        ((100, 100, 100), {"attention_softmax": True}, 0.25),
+        ((200, 190, 195), {}, 1.5),  # uneven counts (empty grid slots); a slope > 1 keeps the 4-op PReLU
+        ((3, 200, 7), {}, 0.25),  # too uneven for the grid: per candidate
+    ],
+)
+def test_din_serving_layouts_equal_the_training_form(
+    candidates: tuple[int, ...], options: dict[str, object], slope: float
+) -> None:
+    """Both layouts of DIN's first attention layer (chosen from the batch's shape) match the training form,
+    including a user with an empty history and candidates in no particular order."""
+    model = build_model("din", ModelConfig(**{**CFG.to_dict(), **options})).eval()
+    with torch.no_grad():
+        model.activation_unit.first_activation.weight[0] = slope  # type: ignore[index]
+    lengths = torch.tensor([0, 9, 4])
+    mask = torch.arange(9) < lengths[:, None]
+    n = sum(candidates)
+    feed = {
+        "hist_items": torch.randint(2, 40, (3, 9)) * mask,
+        "hist_cats": torch.randint(2, 6, (3, 9)) * mask,
+        "hist_mask": mask,
+        "user_feats": torch.randint(1, 5, (3, 1)),
+        "cand_items": torch.randint(1, 40, (n,)),
+        "cand_cats": torch.randint(1, 6, (n,)),
+        "cand_user": torch.repeat_interleave(torch.arange(3), torch.tensor(candidates))[torch.randperm(n)],
+    }
+    serving = serving_module(model)
+    with torch.no_grad():
+        p, a = serving(**feed)
+        p_ref, a_ref = NaiveServing(model)(**feed)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    assert (a[~mask[feed["cand_user"]]] == 0).all()
