@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
@@ -16,6 +17,9 @@ class Metrics:
                                 registry=r)  # fmt: skip
         self.latency = Histogram("ctr_request_latency_seconds", "HTTP request latency", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.stage = Histogram("ctr_stage_seconds", "one /score request's time per stage: parse (receive, JSON, "
+                               "validation), store, encode, queue, inference, serialize", ["stage"],
+                               buckets=STAGE_BUCKETS, registry=r)  # fmt: skip
         self.queue_wait = Histogram("ctr_queue_wait_seconds", "time a /score request waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.inference = Histogram("ctr_inference_seconds", "one ONNX Runtime run", ["model"],

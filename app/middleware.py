@@ -23,6 +23,7 @@ class LimitsAndMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope.setdefault("state", {})["started"] = started  # request.state.started: the routes' stage timings
         status = {"code": 500}
         endpoint = self._endpoint(scope)
 

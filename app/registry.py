@@ -391,6 +391,8 @@ class ModelRegistry:
             metrics.candidates.labels(model.name, model.version).inc(stats.candidates)
             for wait in stats.queue_waits:
                 metrics.queue_wait.observe(wait)
+                metrics.stage.labels("queue").observe(wait)
+                metrics.stage.labels("inference").observe(stats.run_seconds)  # each request waits for the whole run
 
         batcher: DynamicBatcher[Encoded, Result] = DynamicBatcher(
             model.run,

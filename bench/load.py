@@ -23,6 +23,8 @@ import os
 import random
 import re
 import resource
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ class Job:
     candidates: int
     attention: bool
     seed: int
+    connections: int = 64  # open loop: requests in flight at most; later arrivals wait (and that wait counts)
 
 
 def _body(rng: random.Random, job: Job) -> dict[str, Any]:
@@ -60,13 +63,18 @@ async def _drive(job: Job) -> dict[str, Any]:
     rng = random.Random(job.seed)
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=10_000)
+    # a bounded pool: httpx's pool slows down with thousands of connections, and an open loop that opens
+    # one per late request makes the load generator the bottleneck (seen in the first soak runs)
+    pool_size = int(job.level) if job.mode == "closed" else job.connections
+    limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+    slots = asyncio.Semaphore(pool_size)
     async with httpx.AsyncClient(base_url=job.url, timeout=30, limits=limits) as client:
 
         async def one(scheduled: float | None = None) -> None:
             t0 = time.perf_counter()
             try:
-                r = await client.post("/score", json=_body(rng, job))
+                async with slots:
+                    r = await client.post("/score", json=_body(rng, job))
                 statuses[str(r.status_code)] += 1
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] += 1
@@ -103,6 +111,9 @@ def _run_process(job: Job) -> dict[str, Any]:
     return out
 
 
+STAGES = ("parse", "store", "encode", "queue", "inference", "serialize")
+
+
 def _server_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     wanted = ("ctr_batch_requests_sum", "ctr_batch_requests_count", "ctr_batch_candidates_sum",
@@ -110,9 +121,31 @@ def _server_counters(url: str) -> dict[str, float]:
               "ctr_inference_seconds_count")  # fmt: skip
     out: dict[str, float] = dict.fromkeys(wanted, 0.0)
     for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if m and m.group(1) in out:
-            out[m.group(1)] += float(m.group(2))
+        m = re.match(r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        if name in out:
+            out[name] += value
+        elif name in ("ctr_stage_seconds_sum", "ctr_stage_seconds_count"):
+            stage = re.search(r'stage="([a-z]+)"', labels)
+            if stage:
+                out[f"{name}:{stage.group(1)}"] = value
+        elif name in ("ctr_request_latency_seconds_sum", "ctr_request_latency_seconds_count") and "/score" in labels:
+            out[name] = value
+    return out
+
+
+def stage_breakdown(d: dict[str, float]) -> dict[str, float]:
+    """Mean ms per /score request in each stage, the server's whole handling time, and what no stage holds
+    (HTTP framing, response writing, event-loop scheduling between stages)."""
+    out = {}
+    for stage in STAGES:
+        n = d.get(f"ctr_stage_seconds_count:{stage}", 0.0)
+        out[stage] = 1e3 * d.get(f"ctr_stage_seconds_sum:{stage}", 0.0) / n if n else 0.0
+    n = d.get("ctr_request_latency_seconds_count", 0.0)
+    out["server_total"] = 1e3 * d.get("ctr_request_latency_seconds_sum", 0.0) / n if n else 0.0
+    out["other"] = max(0.0, out["server_total"] - sum(out[s] for s in STAGES))
     return out
 
 
@@ -151,7 +184,7 @@ def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str,
             if a > 0 and abs(a - b) / a <= 0.10:
                 break
     after = _server_counters(job.url)
-    d = {k: after[k] - before[k] for k in after}
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
     step = dict(windows[-1])
     step["windows"] = len(windows)
     step["stable"] = len(windows) >= 2 and abs(windows[-2]["requests_per_second"] - step["requests_per_second"]) <= (
@@ -162,18 +195,30 @@ def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str,
         "mean_candidates_per_batch": d["ctr_batch_candidates_sum"] / max(d["ctr_batch_requests_count"], 1),
         "mean_queue_wait_ms": 1e3 * d["ctr_queue_wait_seconds_sum"] / max(d["ctr_queue_wait_seconds_count"], 1),
         "mean_inference_ms": 1e3 * d["ctr_inference_seconds_sum"] / max(d["ctr_inference_seconds_count"], 1),
+        "stages_ms": stage_breakdown(d),
     }
     return step
 
 
 def seed_users(url: str, users: int, history: int, items: list[str]) -> None:
+    """Each user gets ``history`` behaviours; a 503 (store briefly slow) is retried as Retry-After asks."""
     rng = random.Random(0)
     with httpx.Client(base_url=url, timeout=30) as client:
         for start in range(0, users, 10):
             events = [{"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
                       for u in range(start, min(start + 10, users)) for t in range(history)]  # fmt: skip
-            r = client.post("/events", json={"events": events})
+            for attempt in range(10):
+                r = client.post("/events", json={"events": events})
+                if r.status_code != 503:
+                    break
+                time.sleep(float(r.headers.get("retry-after", 1)) * (attempt + 1) / 4)
             r.raise_for_status()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C, so the pool's worker processes are terminated with it (a killed
+    benchmark once left a worker sending load at a server that a later run was measuring)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -194,6 +239,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"{s['p99_ms']:.2f} | {s['errors'] or '—'} | {sv['mean_requests_per_batch']:.1f} | "
             f"{sv['mean_queue_wait_ms']:.2f} | {sv['mean_inference_ms']:.2f} | {s['client_cpu']:.2f} |"
         )
+    lines += [
+        "",
+        "Where a /score request's time goes, server side (mean ms per request, from `ctr_stage_seconds`):",
+        "",
+        "| mode | level | " + " | ".join(STAGES) + " | other | server total |",
+        "| --- | --- | " + " | ".join("---" for _ in STAGES) + " | --- | --- |",
+    ]
+    for s in report["steps"]:
+        st = s["server"]["stages_ms"]
+        cells = " | ".join(f"{st[k]:.2f}" for k in (*STAGES, "other", "server_total"))
+        lines.append(f"| {s['mode']} | {s['level']:g} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/load"))
     args = p.parse_args(argv)
+    stop_on_sigterm()
 
     folder, meta = load_version(args.repository, args.name, None)
     items = json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"]
@@ -271,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{step['candidates_per_second']:9,.0f} cand/s ({share:.0f}% of ceiling)  "
                   f"p50 {step['p50_ms']:.2f} p99 {step['p99_ms']:.2f} ms  errors {step['errors'] or '-'}  "
                   f"batch {batch:.1f} req  client CPU {step['client_cpu']:.2f}")  # fmt: skip
+            st = step["server"]["stages_ms"]
+            print("        server ms/request: " + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other")))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2))
     (args.out / "load.md").write_text(markdown(report))

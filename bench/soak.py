@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from bench.inprocess import load_version
-from bench.load import Job, _window, run_step, seed_users
+from bench.load import Job, _window, run_step, seed_users, stop_on_sigterm
 
 
 def server_process(url: str, pid: int | None) -> psutil.Process:
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by port)")
     p.add_argument("--out", type=Path, default=Path("bench/results/soak"))
     args = p.parse_args(argv)
+    stop_on_sigterm()
 
     server = server_process(args.url, args.pid)
     folder, meta = load_version(args.repository, args.name, None)

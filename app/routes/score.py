@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import orjson
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
 from app.registry import RegistryError
@@ -27,7 +30,10 @@ RETRY_AFTER_S = "1"
         504: {"model": ErrorResponse, "description": "not scored before the request timeout"},
     },
 )
-async def score(req: ScoreRequest, state: StateDep) -> Response:
+async def score(req: ScoreRequest, state: StateDep, request: Request) -> Response:
+    stage = state.metrics.stage
+    t = time.perf_counter()
+    stage.labels("parse").observe(t - getattr(request.state, "started", t))  # receive, JSON, validation
     name = req.model or state.settings.default_model
     try:
         deployment = state.registry.resolve(name, req.version, req.user_id)
@@ -35,12 +41,16 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
         raise HTTPException(e.status, str(e)) from e
     with deployment.lease() as model:  # this request stays on this version even if another is swapped in
         history, source, degraded = await _history(req, state, model.max_history)
+        now = time.perf_counter()
+        stage.labels("store").observe(now - t)
+        t = now
         candidates = [(c.item_id, c.category_id) for c in req.candidates]
         encoded = model.encode(history, req.user_features, candidates)
         for kind, n in encoded.unknown.items():
             if n:
                 state.metrics.unknown_ids.labels(kind).inc(n)
         state.metrics.history_length.observe(len(history))
+        stage.labels("encode").observe(time.perf_counter() - t)
         try:
             prob, att = await deployment.batcher.submit(
                 encoded, len(candidates), state.settings.request_timeout_ms / 1e3
@@ -52,10 +62,12 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
         except BatchFailed as e:
             raise HTTPException(500, str(e)) from e
     state.metrics.scored.labels(model.name, model.version).inc()
-    recent_first = att[:, ::-1]  # the graph's history is oldest first; the API's most recent first
+    t = time.perf_counter()
+    # the graph's history is oldest first, the API's most recent first; rows go to orjson as float32 arrays
+    recent_first = np.ascontiguousarray(att[:, ::-1]) if req.return_attention else [None] * len(prob)
     scores = [
-        {"item_id": c.item_id, "probability": float(p), "attention": a.tolist() if req.return_attention else None}
-        for c, p, a in zip(req.candidates, prob, recent_first, strict=True)
+        {"item_id": c.item_id, "probability": p, "attention": a}
+        for c, p, a in zip(req.candidates, prob.tolist(), recent_first, strict=True)
     ]
     payload = {
         "model": model.name,
@@ -66,8 +78,11 @@ async def score(req: ScoreRequest, state: StateDep) -> Response:
         "history": [{"item_id": i, "category_id": c or model.category_of(i)} for i, c in history],
         "scores": scores,
     }
-    # orjson directly: FastAPI's generic encoder walks every float (≈ 18 ms for 200 × 50 attention)
-    return Response(orjson.dumps(payload), media_type="application/json")
+    # orjson directly: FastAPI's generic encoder walks every float (≈ 18 ms for 200 × 50 attention); numpy
+    # rows are written natively, float32 at their shortest repr (≈ 40% fewer bytes than float64 repr)
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    stage.labels("serialize").observe(time.perf_counter() - t)
+    return Response(body, media_type="application/json")
 
 
 async def _history(

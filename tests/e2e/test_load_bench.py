@@ -34,8 +34,11 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_server: Re
             assert step["requests_per_second"] > 0 and step["errors"] == {}
             assert step["p50_ms"] <= step["p99_ms"] and step["fraction_of_ceiling"] > 0
             assert step["server"]["mean_requests_per_batch"] >= 1 and step["client_cpu"] > 0
+            stages = step["server"]["stages_ms"]
+            assert all(stages[k] > 0 for k in ("parse", "store", "encode", "queue", "inference", "serialize"))
+            assert stages["server_total"] >= stages["inference"] and stages["other"] >= 0
         assert report["ceiling_candidates_per_second"] > 0
-        assert "| closed | 4 |" in (out / "load.md").read_text()
+        assert "| closed | 4 |" in (out / "load.md").read_text() and "| parse |" in (out / "load.md").read_text()
         assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
         stored = redis.Redis.from_url(redis_server.url).llen("ctr:hist:load-3")
         assert stored == 20  # seeded through /events with the requested history length
