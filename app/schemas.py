@@ -33,7 +33,7 @@ VersionNumber = Annotated[str, BeforeValidator(_id_from_json), StringConstraints
 
 class _Input(BaseModel):
     # unknown fields are ignored, so callers can send more than the contract (a bid, a trace id) safely
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class Item(_Input):

@@ -215,6 +215,16 @@ def seed_users(url: str, users: int, history: int, items: list[str]) -> None:
             r.raise_for_status()
 
 
+def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
+    """The service, model and request shape a benchmark drives (shared by bench.load and bench.soak)."""
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
+    p.add_argument("--name", default="din")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--history", type=int, default=50)
+    p.add_argument("--users", type=int, default=users, help="seeded users the requests draw from")
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM ends the run like Ctrl-C, so the pool's worker processes are terminated with it (a killed
     benchmark once left a worker sending load at a server that a later run was measuring)."""
@@ -281,12 +291,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
-    p.add_argument("--name", default="din")
-    p.add_argument("--candidates", type=int, default=200)
-    p.add_argument("--history", type=int, default=50)
-    p.add_argument("--users", type=int, default=200)
+    add_target_arguments(p, users=200)
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="closed-loop steps ('' for none)")
     p.add_argument("--rates", default="", help="open-loop Poisson steps, requests/s")
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window")

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from bench.inprocess import load_version
-from bench.load import Job, _window, run_step, seed_users, stop_on_sigterm
+from bench.load import Job, _window, add_target_arguments, run_step, seed_users, stop_on_sigterm
 
 
 def server_process(url: str, pid: int | None) -> psutil.Process:
@@ -95,12 +95,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
-    p.add_argument("--name", default="din")
-    p.add_argument("--candidates", type=int, default=200)
-    p.add_argument("--history", type=int, default=50)
-    p.add_argument("--users", type=int, default=1000)
+    add_target_arguments(p, users=1000)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--sample-seconds", type=float, default=60.0, help="one RSS and latency sample per period")
     p.add_argument("--fraction", type=float, default=0.7, help="share of the measured saturation")

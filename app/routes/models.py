@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi import Path as PathParam
 
 from app.auth import require_key
-from app.registry import ModelEntry, ModelRegistry, RegistryError
+from app.registry import ModelEntry, ModelRegistry
 from app.schemas import (
     BAD_BODY,
     ErrorResponse,
@@ -26,6 +26,7 @@ from app.scorer import ModelLoadError, published_versions
 from app.state import StateDep
 
 router = APIRouter(tags=["models"])
+# a RegistryError raised below becomes its HTTP status with the message as detail (app/main.py)
 admin = APIRouter(prefix="/admin/models", tags=["admin"], dependencies=[Depends(require_key)], responses=BAD_BODY)
 
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -89,10 +90,7 @@ async def load(state: StateDep, req: LoadRequest | None = None, name: str = Name
     Requests in flight finish on the version they started with. On any failure the old version keeps
     serving and the answer is 422 with the reason (also in GET /models and the metrics)."""
     req = req or LoadRequest()
-    try:
-        await state.registry.load(name, req.version, req.activate)
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    await state.registry.load(name, req.version, req.activate)
     return _status(state, name)
 
 
@@ -100,10 +98,7 @@ async def load(state: StateDep, req: LoadRequest | None = None, name: str = Name
 async def unload(state: StateDep, req: UnloadRequest | None = None, name: str = Name) -> ModelsResponse:
     """Unload one standby or split version, or (without a version) the whole model; never the default model."""
     req = req or UnloadRequest()
-    try:
-        await state.registry.unload(name, None if req.version is None else str(req.version))
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    await state.registry.unload(name, None if req.version is None else str(req.version))
     return await list_models(state)
 
 
@@ -111,27 +106,18 @@ async def unload(state: StateDep, req: UnloadRequest | None = None, name: str = 
 async def rollback(state: StateDep, req: RollbackRequest | None = None, name: str = Name) -> ModelStatus:
     """Make an earlier version the primary (the previous one by default); clears the split, pins the model."""
     req = req or RollbackRequest()
-    try:
-        await state.registry.rollback(name, req.version)
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    await state.registry.rollback(name, req.version)
     return _status(state, name)
 
 
 @admin.put("/{name}/split", response_model=ModelStatus, responses=ADMIN_ERRORS)
 async def set_split(state: StateDep, req: SplitRequest, name: str = Name) -> ModelStatus:
     """Send a stable share of users to another version (an A/B test); the rest stay on the primary."""
-    try:
-        await state.registry.set_split(name, req.version, req.percent)
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    await state.registry.set_split(name, req.version, req.percent)
     return _status(state, name)
 
 
 @admin.delete("/{name}/split", response_model=ModelStatus, responses=ADMIN_ERRORS)
 async def clear_split(state: StateDep, name: str = Name) -> ModelStatus:
-    try:
-        await state.registry.clear_split(name)
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    await state.registry.clear_split(name)
     return _status(state, name)

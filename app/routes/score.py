@@ -9,7 +9,6 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
-from app.registry import RegistryError
 from app.schemas import BAD_BODY, ErrorResponse, ScoreRequest, ScoreResponse
 from app.state import AppState, StateDep
 from app.store import StoreError
@@ -35,10 +34,7 @@ async def score(req: ScoreRequest, state: StateDep, request: Request) -> Respons
     t = time.perf_counter()
     stage.labels("parse").observe(t - getattr(request.state, "started", t))  # receive, JSON, validation
     name = req.model or state.settings.default_model
-    try:
-        deployment = state.registry.resolve(name, req.version, req.user_id)
-    except RegistryError as e:
-        raise HTTPException(e.status, str(e)) from e
+    deployment = state.registry.resolve(name, req.version, req.user_id)  # RegistryError → 404 (app/main.py)
     with deployment.lease() as model:  # this request stays on this version even if another is swapped in
         history, source, degraded = await _history(req, state, model.max_history)
         now = time.perf_counter()
