@@ -38,7 +38,7 @@ def _spec(meta: dict) -> GraphSpec:  # type: ignore[type-arg]
 def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[str, Path], tmp_path: Path) -> None:
     folder, meta = export_run(runs[kind], tmp_path)
     assert folder == tmp_path / kind / "1"
-    expected = {"model.onnx", "naive.onnx", "metadata.json", "vocab.json"} | (
+    expected = {"model.onnx", "naive.onnx", "metadata.json", "vocab.json", "selfcheck.npz"} | (
         {"naive_literal.onnx"} if kind == "din" else set()
     )
     assert {p.name for p in folder.iterdir()} == expected
@@ -49,6 +49,7 @@ def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[s
     assert on_disk["parity"]["cases"] >= 10
     assert on_disk["parity"]["max_abs_diff_probability"] <= 1e-5
     assert on_disk["parity"]["max_abs_diff_attention"] <= 1e-5
+    assert on_disk["selfcheck"] == {"file": "selfcheck.npz", "candidates": 58, "tolerance": 1e-4}
     assert [i["name"] for i in on_disk["inputs"]] == [
         "hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user"]  # fmt: skip
     assert on_disk["vocabulary"]["oov_index"] == 1 and on_disk["vocabulary"]["user_features"] == ["segment"]
