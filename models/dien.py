@@ -36,16 +36,28 @@ class DIEN(CTRModel):
         states, _ = self.extractor(behaviours)  # (B, L, D)
         return states
 
-    def auxiliary_loss(self, states: Tensor, behaviours: Tensor, negatives: Tensor, mask: Tensor) -> Tensor:
-        """h_t must tell the real next behaviour e_{t+1} from a sampled one ê_{t+1} (paper eq. 1)."""
+    def auxiliary_loss(
+        self, states: Tensor, behaviours: Tensor, neg_items: Tensor, neg_cats: Tensor, mask: Tensor
+    ) -> Tensor:
+        """h_t must tell the real next behaviour e_{t+1} from a sampled one ê_{t+1} (paper eq. 1), averaged
+        over the steps t whose next behaviour is real (mask[:, t+1]).
+
+        Only those steps are computed (about a quarter of the positions with 50-item histories and history
+        dropout 0.7): they are gathered first, and so are the sampled items' embeddings. The first layer is
+        split, W·[h; e] = W_h·h + W_e·e, so W_h·h_t is computed once for the real and the sampled item."""
         d = states.shape[-1]
-        w_h, w_e = self.aux_first.weight.split(d, dim=1)  # W·[h; e] = W_h·h + W_e·e
-        h_part = F.linear(states[:, :-1], w_h, self.aux_first.bias)  # (B, L-1, A)
-        e_next = torch.stack([behaviours[:, 1:], negatives[:, 1:]])  # (2, B, L-1, D): real, sampled
-        logits = self.aux_rest(torch.relu(h_part + e_next @ w_e.T)).squeeze(-1)  # (2, B, L-1)
-        valid = mask[:, 1:].to(states.dtype)  # (B, L-1): steps t with a real t+1
-        loss = F.softplus(-logits[0]) + F.softplus(logits[1])  # −log σ(pos) − log(1 − σ(neg))
-        return (loss * valid).sum() / valid.sum().clamp(min=1.0)
+        next_real = torch.zeros_like(mask)  # (B, L): position t has a real behaviour at t+1
+        next_real[:, :-1] = mask[:, 1:]
+        t = next_real.flatten().nonzero().squeeze(1)  # (N,) flat (b, t) indices into (B·L)
+        h_t = states.reshape(-1, d).index_select(0, t)  # (N, D)
+        e_real = behaviours.reshape(-1, d).index_select(0, t + 1)  # (N, D)
+        e_sampled = self.embedding.behaviours(neg_items.flatten()[t + 1], neg_cats.flatten()[t + 1])  # (N, D)
+        w_h, w_e = self.aux_first.weight.split(d, dim=1)
+        h_part = F.linear(h_t, w_h, self.aux_first.bias)  # (N, A)
+        e_part = torch.stack([e_real, e_sampled]) @ w_e.T  # (2, N, A): real, sampled
+        logits = self.aux_rest(torch.relu(h_part + e_part)).squeeze(-1)  # (2, N)
+        loss = F.softplus(-logits[0]) + F.softplus(logits[1])  # −log σ(real) − log(1 − σ(sampled))
+        return loss.sum() / max(t.numel(), 1)
 
     def attention(self, query: Tensor, states: Tensor, mask: Tensor) -> Tensor:
         """a_t = softmax_t(h_t · W e_a) over valid positions (paper eq. 4) → (B, L)."""
@@ -77,6 +89,5 @@ class DIEN(CTRModel):
         logits = self.click_logit(user, query, cand_item, cand_cat, pooled, final)  # (B,)
         aux = None
         if neg_items is not None and neg_cats is not None:
-            negatives = self.embedding.behaviours(neg_items, neg_cats)  # (B, L, D)
-            aux = self.auxiliary_loss(states, behaviours, negatives, hist_mask)
+            aux = self.auxiliary_loss(states, behaviours, neg_items, neg_cats, hist_mask)
         return ModelOutput(logits, weights, aux)

@@ -87,3 +87,35 @@ def test_dien_auxiliary_loss_is_returned_with_negatives() -> None:
     assert out.aux_loss is not None and out.aux_loss.item() > 0
     out.aux_loss.backward()
     assert model.extractor.weight_hh_l0.grad is not None
+
+
+def test_dien_auxiliary_loss_matches_the_literal_masked_form() -> None:
+    """Only steps with a real next behaviour are computed; the literal form runs the auxiliary net on
+    concat(h_t, e_{t+1}) at every step and masks the loss afterwards. Values and gradients must agree."""
+    model = build_model("dien", CFG).double()
+    x = _inputs()
+    x["hist_mask"][3, 2] = False  # a dropped position inside a history, as history dropout makes
+    g = torch.Generator().manual_seed(2)
+    neg_items, neg_cats = torch.randint(2, 50, (5, 9), generator=g), torch.randint(2, 7, (5, 9), generator=g)
+    behaviours = model.embedding.behaviours(x["hist_items"], x["hist_cats"])  # (B, L, D)
+    states = torch.randn(5, 9, behaviours.shape[-1], dtype=torch.double, requires_grad=True)
+    params = [states, *model.parameters()]
+    got = model.auxiliary_loss(states, behaviours, neg_items, neg_cats, x["hist_mask"])
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+
+    behaviours = model.embedding.behaviours(x["hist_items"], x["hist_cats"])
+    negatives = model.embedding.behaviours(neg_items, neg_cats)
+    valid = x["hist_mask"][:, 1:].double()  # (B, L-1)
+
+    def aux_logits(e_next: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(model.aux_first(torch.cat([states[:, :-1], e_next[:, 1:]], dim=-1)))
+        return model.aux_rest(hidden).squeeze(-1)  # (B, L-1)
+
+    per_step = -torch.log(torch.sigmoid(aux_logits(behaviours))) - torch.log(1 - torch.sigmoid(aux_logits(negatives)))
+    want = (per_step * valid).sum() / valid.sum()
+    g_want = torch.autograd.grad(want, params, allow_unused=True)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b)
