@@ -195,9 +195,12 @@ class GatedGRUSequence(torch.autograd.Function):
 
     Same maths as stepping ``AUGRUCell``: h_t = h_{t−1} + ũ_t ⊙ (h̃_t − h_{t−1}) with ũ_t = g_t·u_t
     (``scale_update``: AUGRU, AIGRU with g = mask, a plain GRU with g = 1) or ũ_t = g_t (AGRU), and
-    U·h_{t−1} + b_h inside the gates. Autograd over 50 small steps spends most of its time in
-    bookkeeping; this backward runs 4 tensor ops per step and vectorises the rest over
-    steps. Not exportable: the cell loop and
+    h̃_t = tanh(x_n + r_t ⊙ (U_n·h_{t−1} + b_n)) with b_n the only bias on the hidden side (the u and r
+    hidden biases fold into the input projection's). Autograd over 50 small steps spends most of its
+    time in bookkeeping; this backward runs 4 tensor ops per step and vectorises the rest over steps.
+
+    Time-major (L, B, ·) throughout: every step reads and writes contiguous (B, ·) slabs of buffers
+    allocated once, so nothing is stacked or transposed afterwards. Not exportable: the cell loop and
     nn.GRU are what eval and ONNX export run (tests check they agree, gradients included).
     """
 
@@ -207,81 +210,82 @@ class GatedGRUSequence(torch.autograd.Function):
         x_proj: Tensor,
         gate: Tensor,
         weight: Tensor,
-        hidden_bias: Tensor,
+        candidate_bias: Tensor | None,
         scale_update: bool,
     ) -> Tensor:
-        """x_proj (B, L, 3H), gate (B, L, 1), weight (3H, H), hidden_bias (3H,) → states h_1..h_L (B, L, H)."""
-        hd = x_proj.shape[-1] // 3
-        h = x_proj.new_zeros(x_proj.shape[0], hd)  # (B, H)
-        saved: list[Tensor] = []  # per step: h_{t−1}, [u, r], h̃, U_h·h_{t−1} + b (kept as they come: no copies)
-        for x_t, g_t in zip(x_proj.unbind(1), gate.unbind(1), strict=True):
-            hidden = torch.addmm(hidden_bias, h, weight.T)  # (B, 3H)
-            ur = torch.sigmoid(x_t[:, : 2 * hd] + hidden[:, : 2 * hd])  # (B, 2H)
-            hh = hidden[:, 2 * hd :]
-            n = torch.tanh(x_t[:, 2 * hd :] + ur[:, hd:] * hh)  # (B, H)
-            ut = g_t * ur[:, :hd] if scale_update else g_t
-            saved += [h, ur, n, hh]
-            h = h + ut * (n - h)
-        ctx.save_for_backward(gate, weight, *saved)
+        """x_proj (L, B, 3H), gate (L, B, 1), weight (3H, H), candidate_bias (H,) or None
+        → states h_1..h_L (L, B, H)."""
+        steps, batch, three_h = x_proj.shape
+        hd = three_h // 3
+        hidden = x_proj.new_empty(steps, batch, three_h)  # U·h_{t−1} (+ b_n on the candidate part)
+        gates = x_proj.new_empty(steps, batch, 2 * hd)  # [u_t, r_t]
+        cand = x_proj.new_empty(steps, batch, hd)  # h̃_t
+        states = x_proj.new_empty(steps + 1, batch, hd)  # h_0 = 0, h_1 … h_L
+        states[0].zero_()
+        for t in range(steps):
+            h, hid, ur, n, h_next = states[t], hidden[t], gates[t], cand[t], states[t + 1]
+            torch.mm(h, weight.T, out=hid)  # (B, 3H)
+            if candidate_bias is not None:
+                hid[:, 2 * hd :].add_(candidate_bias)
+            torch.add(x_proj[t, :, : 2 * hd], hid[:, : 2 * hd], out=ur).sigmoid_()  # (B, 2H)
+            torch.mul(ur[:, hd:], hid[:, 2 * hd :], out=n).add_(x_proj[t, :, 2 * hd :]).tanh_()  # (B, H)
+            u_t = gate[t] * ur[:, :hd] if scale_update else gate[t]  # ũ_t, (B, H) or (B, 1)
+            torch.sub(n, h, out=h_next).mul_(u_t).add_(h)  # h + ũ ⊙ (h̃ − h)
+        ctx.save_for_backward(gate, weight, states, gates, cand, hidden)
         ctx.scale_update = scale_update  # type: ignore[attr-defined]
-        return torch.stack([*saved[4::4], h], dim=1)  # (B, L, H)
+        ctx.has_bias = candidate_bias is not None  # type: ignore[attr-defined]
+        return states[1:]
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, d_states: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-        gate, weight, *saved = ctx.saved_tensors  # type: ignore[attr-defined]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, None]:
+        gate, weight, states, gates, cand, hidden = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = ctx.scale_update  # type: ignore[attr-defined]
-        hd = weight.shape[1]
+        steps, batch, hd = cand.shape
         # Everything that does not depend on the incoming gradient is computed for all steps at once,
         # so the sequential loop is left with 3 tensor ops and a matrix product per step:
-        #   ∂pre = [∂h·C_u, ∂h·C_r, ∂h·C_n], ∂(U·h_{t−1}) = [∂h·C_u, ∂h·C_r, ∂h·C_n·r],
-        #   ∂h_{t−1} = ∂h·(1 − ũ) + ∂(U·h_{t−1})·U
-        h_prev = torch.stack(saved[0::4])  # (L, B, H)
-        ur = torch.stack(saved[1::4])  # (L, B, 2H)
-        n = torch.stack(saved[2::4])  # (L, B, H)
-        hh = torch.stack(saved[3::4])  # (L, B, H)
-        u, r = ur[..., :hd], ur[..., hd:]
-        g = gate.transpose(0, 1)  # (L, B, 1)
-        ut = g * u if scale else g.expand_as(u)
+        #   ∂(U·h_{t−1}) = ∂h ⊙ [C_u, C_r, C_n ⊙ r],  ∂pre = ∂h ⊙ [C_u, C_r, C_n],
+        #   ∂h_{t−1} = ∂h ⊙ (1 − ũ) + ∂(U·h_{t−1})·U
+        h_prev = states[:-1]  # (L, B, H)
+        u, r = gates[..., :hd], gates[..., hd:]  # (L, B, H) each
+        n, hh = cand, hidden[..., 2 * hd :]
+        ut = gate * u if scale else gate  # (L, B, H) or (L, B, 1)
         diff = n - h_prev
-        c_n = ut * (1 - n * n)
-        c_r = c_n * hh * r * (1 - r)
-        c_u = diff * g * u * (1 - u) if scale else torch.zeros_like(u)
-        coef_pre = torch.cat([c_u, c_r, c_n], dim=-1)  # (L, B, 3H)
-        coef_hidden = torch.cat([c_u, c_r, c_n * r], dim=-1)  # (L, B, 3H)
-        keep = 1 - ut  # (L, B, H)
-        dh = torch.zeros_like(d_states[:, 0])
-        dhs: list[Tensor] = []
-        d_hidden: list[Tensor] = []
-        for t in reversed(range(gate.shape[1])):
-            dh = dh + d_states[:, t]
-            dhs.append(dh)
-            d_hidden.append(dh.repeat(1, 3) * coef_hidden[t])  # (B, 3H)
-            dh = torch.addmm(dh * keep[t], d_hidden[-1], weight)
-        dh_all = torch.stack(dhs[::-1])  # (L, B, H): ∂loss/∂h_t, all paths
-        d_hid = torch.stack(d_hidden[::-1])  # (L, B, 3H)
-        d_pre = dh_all.repeat(1, 1, 3) * coef_pre  # (L, B, 3H)
+        c_n = ut * (1 - n * n)  # (L, B, H)
+        c_u = diff * gate * u * (1 - u) if scale else torch.zeros_like(c_n)
+        coef_hidden = torch.cat([c_u, c_n * hh * r * (1 - r), c_n * r], dim=-1)  # (L, B, 3H): [C_u, C_r, C_n·r]
+        keep = 1 - ut  # (L, B, H) or (L, B, 1)
+        dh_all = d_states.new_empty(steps, batch, hd)  # ∂loss/∂h_t, all paths
+        d_hidden = d_states.new_empty(steps, batch, 3 * hd)  # ∂(U·h_{t−1} + b)
+        dh = d_states.new_zeros(batch, hd)
+        for t in reversed(range(steps)):
+            dh = torch.add(dh, d_states[t], out=dh_all[t])
+            torch.mul(coef_hidden[t], dh.repeat(1, 3), out=d_hidden[t])  # (B, 3H)
+            dh = torch.addmm(dh * keep[t], d_hidden[t], weight)
+        d_hid = d_hidden.view(steps * batch, 3 * hd)
+        d_weight = d_hid.T @ h_prev.reshape(steps * batch, hd)  # (3H, H)
+        d_bias = d_hid[:, 2 * hd :].sum(0) if ctx.has_bias else None  # type: ignore[attr-defined]
+        d_pre = d_hidden  # the u and r parts are the same; the candidate's has no r factor:
+        torch.mul(dh_all, c_n, out=d_pre[..., 2 * hd :])  # (done last: d_hidden is not needed any more)
         d_gate = (dh_all * (diff * u if scale else diff)).sum(-1, keepdim=True)  # (L, B, 1)
-        d_weight = torch.einsum("lbk,lbh->kh", d_hid, h_prev)  # (3H, H)
-        d_bias = d_hid.sum(dim=(0, 1))  # (3H,)
-        return d_pre.transpose(0, 1), d_gate.transpose(0, 1), d_weight, d_bias, None
+        return d_pre, d_gate, d_weight, d_bias, None
 
 
 def gru_states(gru: nn.GRU, x: Tensor) -> Tensor:
     """PyTorch's single-layer batch-first GRU over x (B, L, D) → states (B, L, H), computed by the fused
     recurrence. Gate order (r, z, n) becomes (u, r, n) with u = 1 − z, i.e. z's pre-activation negated:
-    h' = (1 − z)·n + z·h = h + u·(n − h)."""
+    h' = (1 − z)·n + z·h = h + u·(n − h). The states come back as a (B, L, H) view of time-major memory."""
     hd = gru.hidden_size
     w_ih, w_hh, b_ih, b_hh = (cast(Tensor, getattr(gru, n)) for n in ("weight_ih_l0", "weight_hh_l0",
                                                                      "bias_ih_l0", "bias_hh_l0"))  # fmt: skip
     w_in = torch.cat([-w_ih[hd : 2 * hd], w_ih[:hd], w_ih[2 * hd :]])  # (3H, D)
     w_rec = torch.cat([-w_hh[hd : 2 * hd], w_hh[:hd], w_hh[2 * hd :]])  # (3H, H)
     b_in = torch.cat([-(b_ih[hd : 2 * hd] + b_hh[hd : 2 * hd]), b_ih[:hd] + b_hh[:hd], b_ih[2 * hd :]])  # (3H,)
-    b_rec = torch.cat([b_hh.new_zeros(2 * hd), b_hh[2 * hd :]])  # only b_hn sits inside r ⊙ (·)
-    ones = x.new_ones(x.shape[0], x.shape[1], 1)
-    states: Tensor = GatedGRUSequence.apply(F.linear(x, w_in, b_in), ones, w_rec, b_rec, True)
-    return states
+    x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (L, B, 3H)
+    ones = x.new_ones(x.shape[1], x.shape[0], 1)  # (L, B, 1)
+    states: Tensor = GatedGRUSequence.apply(x_proj, ones, w_rec, b_hh[2 * hd :], True)  # (L, B, H)
+    return states.transpose(0, 1)
 
 
 class InterestEvolution(nn.Module):
@@ -299,15 +303,14 @@ class InterestEvolution(nn.Module):
         For AIGRU the scaled input still updates the state; the mask is applied to the step instead.
         """
         inputs = interests * attention.unsqueeze(-1) if self.kind == "aigru" else interests
+        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            x_proj_tm = self.cell.input_proj(inputs.transpose(0, 1))  # (L, B, 3H), time-major
+            gate = mask.T.unsqueeze(-1).to(attention.dtype) if self.kind == "aigru" else attention.T.unsqueeze(-1)
+            weight = self.cell.hidden_proj.weight
+            states: Tensor = GatedGRUSequence.apply(x_proj_tm, gate, weight, None, self.kind != "agru")  # (L, B, H)
+            return states[-1]
         x_proj = self.cell.input_proj(inputs)  # (B, L, 3H)
         a = attention.unsqueeze(-1)  # (B, L, 1)
-        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            gate = mask.unsqueeze(-1).to(a.dtype) if self.kind == "aigru" else a
-            weight = self.cell.hidden_proj.weight
-            states: Tensor = GatedGRUSequence.apply(
-                x_proj, gate, weight, weight.new_zeros(weight.shape[0]), self.kind != "agru"
-            )
-            return states[:, -1]
         h = interests.new_zeros(interests.shape[0], interests.shape[-1])  # (B, H)
         steps = zip(x_proj.unbind(1), a.unbind(1), mask.unsqueeze(-1).unbind(1), strict=True)
         for x_t, a_t, valid_t in steps:
