@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from training.train import Batch, TensorSamples, TrainConfig, _regularisers, load_data, model_config
+from training.train import Batch, TensorSamples, TrainConfig, _regularisers, keep_freed_memory, load_data, model_config
 
 
 def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[torch.nn.Module, list[Batch], list[torch.Tensor], list]:
@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60, help="timed steps (after 10 warm-up steps)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 10 steps")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are")
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        keep_freed_memory()  # as training.train does
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
