@@ -82,14 +82,18 @@ def test_fused_training_recurrence_matches_the_cell_loop(kind: str) -> None:
     mask = torch.ones(4, 9, dtype=torch.bool)
     mask[1, 5:] = False
     mask[2, :] = False
-    att = (torch.rand(4, 9, dtype=torch.double) * mask).requires_grad_()
-    params = [states, att, *evo.parameters()]
-    fused = evo(states, att, mask)  # grad enabled → hand-written backward
+    mask[3, [0, 4, 5, 8]] = False  # dropped positions inside a history (history dropout)
+    scores = torch.rand(4, 9, dtype=torch.double, requires_grad=True)
+    params = [states, scores, *evo.parameters()]
+    # attention is zero on padding by construction, as masked_softmax makes it: the fused path skips
+    # those steps, so their attention gets no gradient of its own (the mask would zero it anyway)
+    fused = evo(states, scores * mask, mask)  # grad enabled → hand-written backward, valid steps only
     g_fused = torch.autograd.grad(fused.pow(2).sum(), params)
     with torch.no_grad():
-        loop = evo(states, att, mask)  # the exported path
+        loop = evo(states, scores * mask, mask)  # the exported path, all steps
     torch.testing.assert_close(fused, loop)
-    # autograd through the cell loop, the reference for the hand-written backward
+    # autograd through the cell loop over all steps, the reference for the hand-written backward
+    att = scores * mask
     h = states.new_zeros(4, 5)
     x_proj = evo.cell.input_proj(states * att.unsqueeze(-1) if kind == "aigru" else states)
     for t in range(9):
