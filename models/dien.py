@@ -61,7 +61,9 @@ class DIEN(CTRModel):
 
     def attention(self, query: Tensor, states: Tensor, mask: Tensor) -> Tensor:
         """a_t = softmax_t(h_t · W e_a) over valid positions (paper eq. 4) → (B, L)."""
-        scores = torch.einsum("bld,bd->bl", states, self.attention_proj(query))  # (B, L)
+        # a broadcast product and a sum: on the strided (time-major) states einsum's batched matrix-vector
+        # product is ≈ 3× slower
+        scores = (states * self.attention_proj(query).unsqueeze(1)).sum(-1)  # (B, L)
         return masked_softmax(scores, mask)
 
     def interest_evolution(self, states: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
