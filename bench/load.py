@@ -30,9 +30,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+import psutil
 
 from bench.inprocess import bench_model, load_version
 
@@ -174,8 +176,22 @@ def _window(pool: Any, job: Job, processes: int) -> dict[str, Any]:
     }
 
 
-def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str, Any]:
+def _cpu_seconds(proc: psutil.Process | None) -> float:
+    """User + system CPU seconds of the server and its children (uvicorn workers); NaN when not local."""
+    if proc is None:
+        return float("nan")
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def run_step(
+    pool: Any, job: Job, processes: int, max_windows: int, server: psutil.Process | None = None
+) -> dict[str, Any]:
     before = _server_counters(job.url)
+    cpu_before, wall_before = _cpu_seconds(server), time.perf_counter()
     windows = []
     for w in range(max_windows):
         windows.append(_window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes))
@@ -184,6 +200,7 @@ def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str,
             if a > 0 and abs(a - b) / a <= 0.10:
                 break
     after = _server_counters(job.url)
+    server_cores = (_cpu_seconds(server) - cpu_before) / (time.perf_counter() - wall_before)
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     step = dict(windows[-1])
     step["windows"] = len(windows)
@@ -196,7 +213,11 @@ def run_step(pool: Any, job: Job, processes: int, max_windows: int) -> dict[str,
         "mean_queue_wait_ms": 1e3 * d["ctr_queue_wait_seconds_sum"] / max(d["ctr_queue_wait_seconds_count"], 1),
         "mean_inference_ms": 1e3 * d["ctr_inference_seconds_sum"] / max(d["ctr_inference_seconds_count"], 1),
         "stages_ms": stage_breakdown(d),
+        # CPU the server process used, in cores, and per answered request (client's: client_cpu)
+        "cpu_cores": server_cores,
+        "cpu_ms_per_request": 1e3 * server_cores / max(step["requests_per_second"], 1e-9),
     }
+    step["client_cpu_ms_per_request"] = 1e3 * step["client_cpu"] / max(step["requests_per_second"], 1e-9)
     return step
 
 
@@ -223,6 +244,20 @@ def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
     p.add_argument("--candidates", type=int, default=200)
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--users", type=int, default=users, help="seeded users the requests draw from")
+
+
+def server_process(url: str, pid: int | None = None) -> psutil.Process | None:
+    """The server's process: ``pid``, else whichever local process listens on the URL's port (None if the
+    server runs elsewhere)."""
+    if pid is not None:
+        return psutil.Process(pid)
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    port = urlparse(url).port or 80
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
 
 
 def stop_on_sigterm() -> None:
@@ -253,13 +288,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Where a /score request's time goes, server side (mean ms per request, from `ctr_stage_seconds`):",
         "",
-        "| mode | level | " + " | ".join(STAGES) + " | other | server total |",
-        "| --- | --- | " + " | ".join("---" for _ in STAGES) + " | --- | --- |",
+        "| mode | level | " + " | ".join(STAGES) + " | other | server total | server CPU ms/req | client CPU ms/req |",
+        "| --- | --- | " + " | ".join("---" for _ in STAGES) + " | --- | --- | --- | --- |",
     ]
     for s in report["steps"]:
         st = s["server"]["stages_ms"]
         cells = " | ".join(f"{st[k]:.2f}" for k in (*STAGES, "other", "server_total"))
-        lines.append(f"| {s['mode']} | {s['level']:g} | {cells} |")
+        cpu = f"{s['server']['cpu_ms_per_request']:.2f} | {s['client_cpu_ms_per_request']:.2f}"
+        lines.append(f"| {s['mode']} | {s['level']:g} | {cells} | {cpu} |")
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window")
     p.add_argument("--max-windows", type=int, default=6)
     p.add_argument("--processes", type=int, default=1, help="load-generator processes")
+    p.add_argument("--connections", type=int, default=64,
+                   help="open loop: requests in flight per process at most (> QUEUE_LIMIT to see 503s)")  # fmt: skip
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/load"))
     args = p.parse_args(argv)
@@ -319,12 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     plan = [("closed", float(c)) for c in args.concurrency.split(",") if c] + [
         ("open", float(r)) for r in args.rates.split(",") if r
     ]
+    server = server_process(args.url)
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
         for mode, level in plan:
             job = Job(args.url, mode, level, args.window, args.users, tuple(items), args.candidates,
-                      not args.no_attention, seed=len(report["steps"]) + 1)  # fmt: skip
-            step = {"mode": mode, "level": level, **run_step(pool, job, args.processes, args.max_windows)}
+                      not args.no_attention, seed=len(report["steps"]) + 1, connections=args.connections)  # fmt: skip
+            step = {"mode": mode, "level": level, **run_step(pool, job, args.processes, args.max_windows, server)}
             step["fraction_of_ceiling"] = step["candidates_per_second"] / ceiling_cps
             report["steps"].append(step)
             share = 100 * step["fraction_of_ceiling"]
@@ -334,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"p50 {step['p50_ms']:.2f} p99 {step['p99_ms']:.2f} ms  errors {step['errors'] or '-'}  "
                   f"batch {batch:.1f} req  client CPU {step['client_cpu']:.2f}")  # fmt: skip
             st = step["server"]["stages_ms"]
-            print("        server ms/request: " + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other")))
+            print("        server ms/request: " + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other"))
+                  + f"  | CPU ms/request: server {step['server']['cpu_ms_per_request']:.2f}"
+                  f" client {step['client_cpu_ms_per_request']:.2f}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2))
     (args.out / "load.md").write_text(markdown(report))

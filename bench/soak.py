@@ -19,23 +19,12 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import psutil
 
 from bench.inprocess import load_version
-from bench.load import Job, _window, add_target_arguments, run_step, seed_users, stop_on_sigterm
-
-
-def server_process(url: str, pid: int | None) -> psutil.Process:
-    if pid is not None:
-        return psutil.Process(pid)
-    port = urlparse(url).port or 80
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-            return psutil.Process(conn.pid)
-    raise SystemExit(f"no process listens on port {port}; pass --pid")
+from bench.load import Job, _window, add_target_arguments, run_step, seed_users, server_process, stop_on_sigterm
 
 
 def rss_mb(proc: psutil.Process) -> float:
@@ -110,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     stop_on_sigterm()
 
     server = server_process(args.url, args.pid)
+    if server is None:
+        raise SystemExit(f"no local process listens at {args.url}; pass --pid")
     folder, meta = load_version(args.repository, args.name, None)
     items = tuple(json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"])
     seed_users(args.url, args.users, args.history, list(items))
