@@ -86,6 +86,7 @@ class Deployment:
                 log.error("model %s v%s retired with %d requests still on it", self.model.name, self.version,
                           self.leases)  # fmt: skip
         await self.batcher.stop()
+        self.model.close()
 
 
 @dataclass

@@ -189,6 +189,13 @@ class LoadedModel:
             )
             self.run([e, e])
 
+    def close(self) -> None:
+        """Free the ONNX Runtime session (its weights, arena and threads) now, not whenever the garbage
+        collector breaks the reference cycles around a retired version: 60 swaps grew the process by
+        ≈ 15 MB each without this. The model cannot run afterwards."""
+        if hasattr(self, "session"):
+            del self.session
+
     def self_check(self) -> float | None:
         """Re-run the inputs the export stored with this version; refuse the version if its answers differ.
 

@@ -50,6 +50,7 @@ class Job:
     candidates: int
     attention: bool
     seed: int
+    api_key: str | None = None  # sent as a bearer key (a service with SCORE_REQUIRES_KEY)
     connections: int = 64  # open loop: requests in flight at most; later arrivals wait (and that wait counts)
 
 
@@ -70,7 +71,8 @@ async def _drive(job: Job) -> dict[str, Any]:
     pool_size = int(job.level) if job.mode == "closed" else job.connections
     limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
     slots = asyncio.Semaphore(pool_size)
-    async with httpx.AsyncClient(base_url=job.url, timeout=30, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {job.api_key}"} if job.api_key else {}
+    async with httpx.AsyncClient(base_url=job.url, timeout=30, limits=limits, headers=headers) as client:
 
         async def one(scheduled: float | None = None) -> None:
             t0 = time.perf_counter()
@@ -221,10 +223,11 @@ def run_step(
     return step
 
 
-def seed_users(url: str, users: int, history: int, items: list[str]) -> None:
+def seed_users(url: str, users: int, history: int, items: list[str], api_key: str | None = None) -> None:
     """Each user gets ``history`` behaviours; a 503 (store briefly slow) is retried as Retry-After asks."""
     rng = random.Random(0)
-    with httpx.Client(base_url=url, timeout=30) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
         for start in range(0, users, 10):
             events = [{"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
                       for u in range(start, min(start + 10, users)) for t in range(history)]  # fmt: skip
@@ -244,6 +247,7 @@ def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
     p.add_argument("--candidates", type=int, default=200)
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--users", type=int, default=users, help="seeded users the requests draw from")
+    p.add_argument("--api-key", default=None, help="bearer key, when the service has API_KEY set")
 
 
 def server_process(url: str, pid: int | None = None) -> psutil.Process | None:
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     items = json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"]
     if len(items) < args.candidates:
         raise SystemExit(f"the vocabulary has {len(items)} items, fewer than --candidates {args.candidates}")
-    seed_users(args.url, args.users, args.history, items)
+    seed_users(args.url, args.users, args.history, items, args.api_key)
     cores = os.cpu_count() or 1
     ceiling = bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
     ceiling_cps = ceiling["serving"]["candidates_per_second"]
@@ -362,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     with ctx.Pool(args.processes) as pool:
         for mode, level in plan:
             job = Job(args.url, mode, level, args.window, args.users, tuple(items), args.candidates,
-                      not args.no_attention, seed=len(report["steps"]) + 1, connections=args.connections)  # fmt: skip
+                      not args.no_attention, seed=len(report["steps"]) + 1, api_key=args.api_key,
+                      connections=args.connections)  # fmt: skip
             step = {"mode": mode, "level": level, **run_step(pool, job, args.processes, args.max_windows, server)}
             step["fraction_of_ceiling"] = step["candidates_per_second"] / ceiling_cps
             report["steps"].append(step)

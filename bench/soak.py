@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 
+from app.scorer import published_versions
 from bench.inprocess import load_version
 from bench.load import Job, _window, add_target_arguments, run_step, seed_users, server_process, stop_on_sigterm
 
@@ -30,6 +33,26 @@ from bench.load import Job, _window, add_target_arguments, run_step, seed_users,
 def rss_mb(proc: psutil.Process) -> float:
     procs = [proc, *proc.children(recursive=True)]
     return sum(p.memory_info().rss for p in procs) / 2**20
+
+
+class Swapper(threading.Thread):
+    """Every ``period`` seconds, swap the model to another published version through the admin endpoint
+    (alternating between the two newest): a service that takes a new version every day must not keep the
+    memory of the old ones."""
+
+    def __init__(self, url: str, name: str, versions: list[int], period: float, api_key: str | None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.name, self.versions, self.period = url, name, versions[-2:], period
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.swaps, self.failures, self.stop = 0, 0, threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=120, headers=self.headers) as client:
+            while not self.stop.wait(self.period):
+                version = self.versions[self.swaps % 2]
+                r = client.post(f"/admin/models/{self.name}/load", json={"version": version})
+                self.swaps += 1
+                self.failures += r.status_code != 200
 
 
 def growth(samples: list[dict[str, Any]]) -> float:
@@ -47,7 +70,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Soak of {report['url']} ({report['model']} v{report['version']}, {report['candidates']} candidates × "
         f"{report['history']} history): {report['rate']:.1f} req/s open loop = {100 * report['fraction']:.0f}% "
         f"of a measured saturation of {report['saturation_requests_per_second']:.1f} req/s, "
-        f"{report['minutes']:g} min. RSS growth over the second half: "
+        f"{report['minutes']:g} min, {report['swaps']} version swaps ({report['swap_failures']} failed). "
+        f"RSS growth over the second half: "
         f"**{report['rss_growth_mb_per_min']:+.2f} MB/min** ({report['verdict']}).",
         "",
         "| minute | RSS MB | req/s | p50 ms | p99 ms | errors |",
@@ -93,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saturation-seconds", type=float, default=10.0)
     p.add_argument("--max-growth-mb-per-min", type=float, default=1.0)
     p.add_argument("--processes", type=int, default=1, help="load-generator processes")
+    p.add_argument("--swap-every", type=float, default=0.0,
+                   help="seconds between version swaps via /admin (0: none; needs two published versions)")  # fmt: skip
     p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by port)")
     p.add_argument("--out", type=Path, default=Path("bench/results/soak"))
     args = p.parse_args(argv)
@@ -103,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no local process listens at {args.url}; pass --pid")
     folder, meta = load_version(args.repository, args.name, None)
     items = tuple(json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"])
-    seed_users(args.url, args.users, args.history, list(items))
+    seed_users(args.url, args.users, args.history, list(items), args.api_key)
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
         job = Job(args.url, "closed", float(args.saturation_concurrency), args.saturation_seconds, args.users, items,
-                  args.candidates, True, seed=1)  # fmt: skip
+                  args.candidates, True, seed=1, api_key=args.api_key)  # fmt: skip
         if args.rate is None:
             sat = run_step(pool, job, args.processes, max_windows=3)["requests_per_second"]
             rate = args.fraction * sat
@@ -115,15 +141,26 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sat, rate = float("nan"), args.rate
         samples: list[dict[str, Any]] = []
+        swapper = None
+        if args.swap_every > 0:
+            versions = published_versions(args.repository, args.name)
+            if len(versions) < 2:
+                raise SystemExit(f"--swap-every needs two published versions of {args.name}; found {versions}")
+            swapper = Swapper(args.url, args.name, versions, args.swap_every, args.api_key)
+            swapper.start()
         start = time.monotonic()
         n = max(1, round(60 * args.minutes / args.sample_seconds))
         for i in range(n):
             w = _window(pool, Job(**{**job.__dict__, "mode": "open", "level": rate, "seconds": args.sample_seconds,
                                      "seed": 100 + i}), args.processes)  # fmt: skip
-            sample = {"elapsed_min": (time.monotonic() - start) / 60, "rss_mb": rss_mb(server), **w}
+            sample = {"elapsed_min": (time.monotonic() - start) / 60, "rss_mb": rss_mb(server), **w,
+                      "swaps": swapper.swaps if swapper else 0}  # fmt: skip
             samples.append(sample)
             print(f"{sample['elapsed_min']:5.1f} min  RSS {sample['rss_mb']:7.1f} MB  {w['requests_per_second']:6.1f} "
                   f"req/s  p50 {w['p50_ms']:6.2f}  p99 {w['p99_ms']:6.2f} ms  errors {w['errors'] or '-'}")  # fmt: skip
+    if swapper is not None:
+        swapper.stop.set()
+        swapper.join()
     slope = growth(samples)
     report: dict[str, Any] = {
         "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
@@ -133,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         "rss_growth_mb_per_min": slope, "max_growth_mb_per_min": args.max_growth_mb_per_min,
         "verdict": "memory keeps growing" if slope > args.max_growth_mb_per_min else "memory flat",
         "errors": sum(sum(s["errors"].values()) for s in samples),
+        "swaps": swapper.swaps if swapper else 0,
+        "swap_failures": swapper.failures if swapper else 0,
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))

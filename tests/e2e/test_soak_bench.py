@@ -4,6 +4,7 @@ port, measures saturation, samples RSS and latency, and writes its JSON, markdow
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +17,24 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_server: RedisServer, tmp_path: Path) -> None:
     if redis_server.proc is None:
         redis_server.start()
-    proc, url = start_service(service_env(model_repository / "repo", redis_server.url), ROOT)
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / "repo", repo)
+    shutil.copytree(repo / "din" / "1", repo / "din" / ".staging")
+    meta = json.loads((repo / "din" / ".staging" / "metadata.json").read_text())
+    (repo / "din" / ".staging" / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
+    (repo / "din" / ".staging").rename(repo / "din" / "2")
+    proc, url = start_service(service_env(repo, redis_server.url, API_KEY="k"), ROOT)
     try:
         out = tmp_path / "soak"
-        cmd = [sys.executable, "-m", "bench.soak", "--url", url, "--repository", str(model_repository / "repo"),
+        cmd = [sys.executable, "-m", "bench.soak", "--url", url, "--repository", str(repo),
                "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--minutes", "0.05",
                "--sample-seconds", "1", "--saturation-concurrency", "4", "--saturation-seconds", "1",
-               "--out", str(out)]  # fmt: skip
+               "--swap-every", "0.5", "--api-key", "k", "--out", str(out)]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "soak.json").read_text())
         assert len(report["samples"]) == 3 and report["errors"] == 0
+        assert report["swaps"] >= 3 and report["swap_failures"] == 0  # versions swapped under the soak's load
         assert 0 < report["rate"] < report["saturation_requests_per_second"]
         assert all(s["rss_mb"] > 50 and s["requests_per_second"] > 0 for s in report["samples"])
         assert report["verdict"] in ("memory flat", "memory keeps growing")
