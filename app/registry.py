@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -119,6 +120,12 @@ class ModelEntry:
     def last_failure(self) -> LoadFailure | None:
         return max(self.failures.values(), key=lambda f: f.at, default=None)
 
+    def role(self, version: str) -> Literal["primary", "split", "standby"]:
+        """primary: answers by default; split: answers the split's users; standby: only requests naming it."""
+        if version == self.primary:
+            return "primary"
+        return "split" if self.split is not None and self.split.version == version else "standby"
+
 
 def user_bucket(model: str, user_id: str) -> float:
     """A user's stable place in [0, 100) for one model: raising a split's percent only adds users."""
@@ -188,7 +195,7 @@ class ModelRegistry:
 
     async def unload(self, name: str, version: str | None = None) -> None:
         """Unload one version (not the primary), or the whole model (not the default one)."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         async with entry.lock:
             if version is None:
                 if name == self.settings.default_model:
@@ -213,7 +220,7 @@ class ModelRegistry:
         """Make an earlier version the primary again: the one given, else the one before the current.
 
         Clears any traffic split and pins the model (polling will not move it forward again)."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         async with entry.lock:
             if version is None:
                 earlier = [v for v in entry.activations if v != entry.primary]
@@ -229,7 +236,7 @@ class ModelRegistry:
 
     async def set_split(self, name: str, version: int, percent: float) -> Deployment:
         """Send ``percent`` of users to ``version`` (loaded first if needed); the rest stay on the primary."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         async with entry.lock:
             if str(version) == entry.primary:
                 raise Conflict(f"version {version} is already the primary of {name!r}")
@@ -241,7 +248,7 @@ class ModelRegistry:
             return dep
 
     async def clear_split(self, name: str) -> None:
-        entry = self._entry(name)
+        entry = self.entry(name)
         async with entry.lock:
             entry.split = None
             self._publish_info()
@@ -306,7 +313,8 @@ class ModelRegistry:
 
     # --- internals -------------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> ModelEntry:
+    def entry(self, name: str) -> ModelEntry:
+        """The model's entry; NotLoaded (404) when the registry has none."""
         entry = self.models.get(name)
         if entry is None:
             raise NotLoaded(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
@@ -378,9 +386,7 @@ class ModelRegistry:
         info.clear()
         for entry in self.models.values():
             for version, dep in entry.deployments.items():
-                role = ("primary" if version == entry.primary
-                        else "split" if entry.split and entry.split.version == version else "standby")  # fmt: skip
-                info.labels(entry.name, version, dep.model.provider, role).set(1)
+                info.labels(entry.name, version, dep.model.provider, entry.role(version)).set(1)
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher[Encoded, Result]:
         s, metrics = self.settings, self.metrics

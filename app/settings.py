@@ -45,12 +45,15 @@ class Settings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not any(k.strip() for k in value.get_secret_value().split(",")):
-            return None  # API_KEY="" means no key, as if unset
-        return value
+        return value if _split_keys(value) else None  # API_KEY="" (or " , ") means no key, as if unset
 
     @property
     def api_keys(self) -> list[bytes]:
-        if self.api_key is None:
-            return []
-        return [k.strip().encode() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+        return _split_keys(self.api_key)
+
+
+def _split_keys(value: SecretStr | None) -> list[bytes]:
+    """The comma-separated keys of API_KEY, blanks dropped."""
+    if value is None:
+        return []
+    return [k.strip().encode() for k in value.get_secret_value().split(",") if k.strip()]

@@ -248,6 +248,7 @@ def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--users", type=int, default=users, help="seeded users the requests draw from")
     p.add_argument("--api-key", default=None, help="bearer key, when the service has API_KEY set")
+    p.add_argument("--processes", type=int, default=1, help="load-generator processes")
 
 
 def server_process(url: str, pid: int | None = None) -> psutil.Process | None:
@@ -336,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", default="", help="open-loop Poisson steps, requests/s")
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window")
     p.add_argument("--max-windows", type=int, default=6)
-    p.add_argument("--processes", type=int, default=1, help="load-generator processes")
     p.add_argument("--connections", type=int, default=64,
                    help="open loop: requests in flight per process at most (> QUEUE_LIMIT to see 503s)")  # fmt: skip
     p.add_argument("--no-attention", action="store_true")

@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saturation-concurrency", type=int, default=16)
     p.add_argument("--saturation-seconds", type=float, default=10.0)
     p.add_argument("--max-growth-mb-per-min", type=float, default=1.0)
-    p.add_argument("--processes", type=int, default=1, help="load-generator processes")
     p.add_argument("--swap-every", type=float, default=0.0,
                    help="seconds between version swaps via /admin (0: none; needs two published versions)")  # fmt: skip
     p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by port)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
 
 from app.auth import require_key
@@ -46,12 +46,10 @@ def model_status(entry: ModelEntry, registry: ModelRegistry) -> ModelStatus:
     versions = []
     for version, dep in sorted(entry.deployments.items(), key=lambda kv: int(kv[0])):
         m = dep.model
-        role = ("primary" if version == entry.primary
-                else "split" if entry.split and entry.split.version == version else "standby")  # fmt: skip
-        info = VersionInfo(version=version, role=role, model_type=m.metadata["model_type"], provider=m.provider,
-                           max_history=m.max_history, loaded_at=m.loaded_at, ready_seconds=m.ready_seconds,
-                           self_check_max_abs_diff=m.self_check_diff, in_flight=dep.leases,
-                           metrics=m.metadata.get("metrics", {}))  # fmt: skip
+        info = VersionInfo(version=version, role=entry.role(version), model_type=m.metadata["model_type"],
+                           provider=m.provider, max_history=m.max_history, loaded_at=m.loaded_at,
+                           ready_seconds=m.ready_seconds, self_check_max_abs_diff=m.self_check_diff,
+                           in_flight=dep.leases, metrics=m.metadata.get("metrics", {}))  # fmt: skip
         versions.append(info)
     failures = [LoadError(version=f.version, error=f.error, at=f.at) for f in entry.failures.values()]
     last = entry.last_failure
@@ -68,10 +66,7 @@ def model_status(entry: ModelEntry, registry: ModelRegistry) -> ModelStatus:
 
 
 def _status(state: StateDep, name: str) -> ModelStatus:
-    entry = state.registry.models.get(name)
-    if entry is None:
-        raise HTTPException(404, f"model {name!r} is not loaded")
-    return model_status(entry, state.registry)
+    return model_status(state.registry.entry(name), state.registry)
 
 
 @router.get("/models", response_model=ModelsResponse)

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import RedisServer, service_env, start_service, stop_process
+from tests.conftest import service_env, start_service, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_server: RedisServer, tmp_path: Path) -> None:
-    if redis_server.proc is None:
-        redis_server.start()
-    proc, url = start_service(service_env(model_repository / "repo", redis_server.url), ROOT)
+def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
+    proc, url = start_service(service_env(model_repository / "repo", redis_url), ROOT)
     try:
         out = tmp_path / "load"
         repo = str(model_repository / "repo")
@@ -40,7 +38,7 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_server: Re
         assert report["ceiling_candidates_per_second"] > 0
         assert "| closed | 4 |" in (out / "load.md").read_text() and "| parse |" in (out / "load.md").read_text()
         assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
-        stored = redis.Redis.from_url(redis_server.url).llen("ctr:hist:load-3")
+        stored = redis.Redis.from_url(redis_url).llen("ctr:hist:load-3")
         assert stored == 20  # seeded through /events with the requested history length
     finally:
         stop_process(proc)

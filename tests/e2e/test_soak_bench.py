@@ -9,21 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import RedisServer, service_env, start_service, stop_process
+from tests.conftest import service_env, start_service, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_server: RedisServer, tmp_path: Path) -> None:
-    if redis_server.proc is None:
-        redis_server.start()
+def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(model_repository / "repo", repo)
     shutil.copytree(repo / "din" / "1", repo / "din" / ".staging")
     meta = json.loads((repo / "din" / ".staging" / "metadata.json").read_text())
     (repo / "din" / ".staging" / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
     (repo / "din" / ".staging").rename(repo / "din" / "2")
-    proc, url = start_service(service_env(repo, redis_server.url, API_KEY="k"), ROOT)
+    proc, url = start_service(service_env(repo, redis_url, API_KEY="k"), ROOT)
     try:
         out = tmp_path / "soak"
         cmd = [sys.executable, "-m", "bench.soak", "--url", url, "--repository", str(repo),

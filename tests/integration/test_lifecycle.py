@@ -147,6 +147,26 @@ def test_rollback_unload_and_version_pinned_requests(repo: Path) -> None:
         assert c.post("/admin/models/nope/load").status_code == 404
 
 
+def test_admin_requests_for_what_does_not_exist_say_so(repo: Path) -> None:
+    with _client(repo) as c:
+        for method, path, body in [
+            ("POST", "/admin/models/din/load", {"version": 9}),
+            ("POST", "/admin/models/din/rollback", {"version": 9}),
+            ("PUT", "/admin/models/din/split", {"version": 9, "percent": 10}),
+            ("POST", "/admin/models/din/unload", {"version": 9}),
+            ("PUT", "/admin/models/nope/split", {"version": 1, "percent": 10}),
+            ("DELETE", "/admin/models/nope/split", None),
+            ("POST", "/admin/models/nope/rollback", {}),
+        ]:
+            r = c.request(method, path, json=body)
+            assert r.status_code == 404, (method, path, r.text)
+            assert ("9" in r.json()["detail"]) or ("nope" in r.json()["detail"])
+        assert c.put("/admin/models/din/split", json={"version": 2, "percent": 101}).status_code == 422
+        assert c.post("/admin/models/din/load", json={"version": 0}).status_code == 422
+        assert c.post("/admin/models/bad name/load").status_code == 422
+        assert _status(c)["primary"] == "1" and _status(c)["failures"] == []  # nothing changed, nothing failed
+
+
 def test_traffic_split_is_stable_per_user_and_counted_per_version(repo: Path) -> None:
     publish(repo, "din", 2)
     with _client(repo) as c:
