@@ -112,6 +112,7 @@ class VersionInfo(BaseModel):
     )
     model_type: str
     provider: str
+    graph: str = Field(description="the graph file this provider runs (DIN has a CPU and a CUDA form)")
     max_history: int
     loaded_at: float = Field(description="Unix time the version started loading")
     ready_seconds: float = Field(description="load + warm-up + self-check")

@@ -56,12 +56,18 @@ class Encoded:
     unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
 
 
-def select_providers(choice: str) -> list[str]:
+# TF32 matrix products (ONNX Runtime's CUDA default on Ampere and later) drift ≈ 3e-4 from the float32
+# answers the export checked parity against, and the self-check refuses such a version: full float32
+CUDA = ("CUDAExecutionProvider", {"use_tf32": "0"})
+ProviderList = list[str | tuple[str, dict[str, str]]]
+
+
+def select_providers(choice: str) -> ProviderList:
     available = ort.get_available_providers()
     if choice == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA, "CPUExecutionProvider"]
     if choice == "cuda":
         raise ModelLoadError(f"PROVIDER=cuda but ONNX Runtime offers only {available}")
     return ["CPUExecutionProvider"]
@@ -97,12 +103,15 @@ class LoadedModel:
             opts.intra_op_num_threads = intra_op_threads
         if not spinning:  # the event loop shares these cores: spinning threads would steal its time
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(
-                str(folder / self.metadata["files"]["model"]), opts, providers=select_providers(provider)
-            )
-        except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
-            raise ModelLoadError(f"{folder}: ONNX Runtime cannot load the model: {e}") from e
+        providers = select_providers(provider)
+        files = self.metadata["files"]
+        # DIN ships a CUDA form of its graph (the same function, no host-side branching); older versions do not
+        self.graph_file: str = files.get("model_cuda", files["model"]) if providers[0] == CUDA else files["model"]
+        self.session = self._session(opts, providers)
+        if self.session.get_providers()[0] != "CUDAExecutionProvider" and self.graph_file != files["model"]:
+            # CUDA was offered but did not start (ONNX Runtime fell back): the CPU runs the CPU form
+            self.graph_file = files["model"]
+            self.session = self._session(opts, ["CPUExecutionProvider"])
         names = {i.name for i in self.session.get_inputs()}
         if names != set(REQUIRED_INPUTS):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
@@ -112,7 +121,13 @@ class LoadedModel:
         if provider != "cpu" and self.provider != "CUDAExecutionProvider":
             log.warning("model %s v%s runs on %s (CUDA not available)", self.name, self.version, self.provider)
         else:
-            log.info("model %s v%s runs on %s", self.name, self.version, self.provider)
+            log.info("model %s v%s runs %s on %s", self.name, self.version, self.graph_file, self.provider)
+
+    def _session(self, opts: ort.SessionOptions, providers: ProviderList) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(self.folder / self.graph_file), opts, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
+            raise ModelLoadError(f"{self.folder}: ONNX Runtime cannot load the model: {e}") from e
 
     def encode(
         self,

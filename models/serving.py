@@ -141,13 +141,27 @@ def candidate_grid(cand_user: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.jit.script
+def split_first_layer(
+    keys: Tensor, query: Tensor, cand_user: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, bias: Tensor
+) -> Tensor:
+    """Layer-1 pre-activations (N·L, H) per candidate in split form: only the key part is per user."""
+    n, length, dim, hidden = query.size(0), keys.size(1), keys.size(2), bias.size(0)
+    key_part = keys @ w_key.t()  # (U, L, H)
+    keys_c = keys.index_select(0, cand_user)  # (N, L, D)
+    q_part = (query @ w_query.t() + bias).unsqueeze(1)  # (N, 1, H)
+    prod_part = ((query.unsqueeze(1) * keys_c).reshape(-1, dim) @ w_prod.t()).reshape(n, length, hidden)
+    z = q_part + key_part.index_select(0, cand_user) + prod_part  # (N, L, H)
+    return z.reshape(-1, hidden)
+
+
+@torch.jit.script
 def first_layer(
     keys: Tensor, query: Tensor, cand_user: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, bias: Tensor,
     user_cost: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Layer-1 pre-activations z (R·L, H) for R score rows, each candidate's row (N,), and whether the rows
     are the per-user grid (U, C_max) (1) or the candidates themselves (0). See DINAttention."""
-    users, length, dim, n = keys.size(0), keys.size(1), keys.size(2), query.size(0)
+    users, dim, n = keys.size(0), keys.size(2), query.size(0)
     hidden = bias.size(0)
     counts = torch.zeros(users, dtype=torch.long).scatter_add(0, cand_user, torch.ones_like(cand_user))  # (U,)
     grid_rows = users * (int(counts.max()) + user_cost)  # what the per-user form costs, in candidate rows
@@ -163,13 +177,19 @@ def first_layer(
         grid = padded.index_select(0, source).reshape(users, -1, dim + 1)  # (U, C_max, D+1)
         z = torch.bmm(grid, operator)  # (U, C_max, L·H): one product per user
         return z.reshape(-1, hidden), grid_index, torch.ones((), dtype=torch.long)
-    # per candidate, split form: only the key part is per user
-    key_part = keys @ w_key.t()  # (U, L, H)
-    keys_c = keys.index_select(0, cand_user)  # (N, L, D)
-    q_part = (query @ w_query.t() + bias).unsqueeze(1)  # (N, 1, H)
-    prod_part = ((query.unsqueeze(1) * keys_c).reshape(-1, dim) @ w_prod.t()).reshape(n, length, hidden)
-    z = q_part + key_part.index_select(0, cand_user) + prod_part  # (N, L, H)
-    return z.reshape(-1, hidden), torch.arange(n), torch.zeros((), dtype=torch.long)
+    z = split_first_layer(keys, query, cand_user, w_query, w_key, w_prod, bias)
+    return z, torch.arange(n), torch.zeros((), dtype=torch.long)
+
+
+@torch.jit.script
+def pool_per_candidate(
+    scores: Tensor, keys: Tensor, mask: Tensor, cand_user: Tensor, softmax: bool
+) -> tuple[Tensor, Tensor]:
+    """Scores (N·L,) of per-candidate rows → attention (N, L), exactly zero on padding, and interest (N, D)."""
+    s = scores.reshape(-1, keys.size(1))  # (N, L)
+    m = mask.index_select(0, cand_user)  # (N, L)
+    att = masked_softmax(s, m) if softmax else torch.sigmoid(s) * m
+    return att, torch.bmm(att.unsqueeze(1), keys.index_select(0, cand_user)).squeeze(1)
 
 
 @torch.jit.script
@@ -184,10 +204,7 @@ def pool(
         att = masked_softmax(s, m) if softmax else torch.sigmoid(s) * m
         interest = torch.bmm(att, keys)  # (U, C_max, D)
         return att.reshape(-1, length).index_select(0, rows), interest.reshape(-1, dim).index_select(0, rows)
-    s = scores.reshape(-1, length)  # (N, L)
-    m = mask.index_select(0, cand_user)  # (N, L)
-    att = masked_softmax(s, m) if softmax else torch.sigmoid(s) * m
-    return att, torch.bmm(att.unsqueeze(1), keys.index_select(0, cand_user)).squeeze(1)
+    return pool_per_candidate(scores, keys, mask, cand_user, softmax)
 
 
 class DINAttention(nn.Module):
@@ -203,10 +220,15 @@ class DINAttention(nn.Module):
     candidate counts are so uneven that the (U, C_max) grid would be mostly empty, take the split form per
     candidate. Both compute the same function; the choice is an ONNX If on the batch's shape, and the
     layers after the first run on 2-D (rows, H) tensors either way (one Gemm each, bias included).
+
+    ``per_user_operator=False`` exports the split form alone, with no If: on a GPU the choice costs more
+    than it saves, since deciding it on the host stops the device (measured on an H100: 142 nodes with
+    9 copies to the host, against 98 for the split form; see bench/README).
     """
 
-    def __init__(self, unit: ActivationUnit, softmax: bool) -> None:
+    def __init__(self, unit: ActivationUnit, softmax: bool, per_user_operator: bool = True) -> None:
         super().__init__()
+        self.per_user_operator = per_user_operator
         frozen = [nn.Parameter(w.detach().clone(), requires_grad=False) for w in unit.split_weights()]
         self.w_query, self.w_key, self.w_prod = frozen  # (H, D) each: W_q + W_d, W_k − W_d, W_p
         self.bias = nn.Parameter(unit.first.bias.detach().clone(), requires_grad=False)  # (H,)
@@ -216,6 +238,10 @@ class DINAttention(nn.Module):
 
     def forward(self, keys: Tensor, query: Tensor, mask: Tensor, cand_user: Tensor) -> tuple[Tensor, Tensor]:
         """keys (U, L, D), query (N, D), mask (U, L), cand_user (N,) → weights (N, L), interest (N, D)."""
+        if not self.per_user_operator:
+            z = split_first_layer(keys, query, cand_user, self.w_query, self.w_key, self.w_prod, self.bias)
+            scores = self.rest(self.first_activation(z)).squeeze(-1)  # (N·L,)
+            return pool_per_candidate(scores, keys, mask, cand_user, self.softmax)
         z, rows, grid = first_layer(keys, query, cand_user, self.w_query, self.w_key, self.w_prod, self.bias,
                                     USER_COST_IN_CANDIDATES)  # fmt: skip
         scores = self.rest(self.first_activation(z)).squeeze(-1)  # (R·L,)
@@ -223,9 +249,10 @@ class DINAttention(nn.Module):
 
 
 class DINServing(_Serving):
-    def __init__(self, model: DIN) -> None:
+    def __init__(self, model: DIN, per_user_operator: bool = True) -> None:
         super().__init__(model)
-        self.attention = DINAttention(cast(DIN, self.model).activation_unit, model.cfg.attention_softmax)
+        unit = cast(DIN, self.model).activation_unit
+        self.attention = DINAttention(unit, model.cfg.attention_softmax, per_user_operator)
 
     def forward(
         self,
@@ -339,9 +366,10 @@ class NaiveServing(nn.Module):
         return torch.sigmoid(out.logits), out.attention
 
 
-def serving_module(model: CTRModel) -> nn.Module:
+def serving_module(model: CTRModel, device: str = "cpu") -> nn.Module:
+    """The serving form for a device kind: "cpu", or "cuda" (DIN's graph without host-side branching)."""
     if isinstance(model, DIN):
-        return DINServing(model).eval()
+        return DINServing(model, per_user_operator=device != "cuda").eval()
     if isinstance(model, DIEN):
         return DIENServing(model).eval()
     if isinstance(model, BaseModel):

@@ -4,7 +4,8 @@
 
 Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, naive.onnx}. A version appears
 atomically: it is written into a hidden temporary folder, then renamed, so a reader never sees half
-of one. ``naive.onnx`` is the training form behind the same interface, kept for benchmarks.
+of one. ``naive.onnx`` is the training form behind the same interface, kept for benchmarks. DIN also
+gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA provider runs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ OPSET = 17
 PARITY_TOLERANCE = 1e-5
 MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
 NAIVE_LITERAL_FILE = "naive_literal.onnx"
+MODEL_CUDA_FILE = "model_cuda.onnx"  # DIN's serving form without host-side branching, for the CUDA provider
 SELFCHECK_FILE = "selfcheck.npz"
 SELFCHECK_TOLERANCE = 1e-4  # the loading service's runtime (another ORT build, CUDA) may round differently
 
@@ -319,10 +321,20 @@ def export_run(
         if ckpt["model"] == "din":  # the paper's literal concat form, the usual "naive" in other implementations
             export_graph(NaiveServing(model, literal=True), staging / NAIVE_LITERAL_FILE, spec, width=max_len)
             files["naive_literal"] = NAIVE_LITERAL_FILE
+        if ckpt["model"] == "din" and quantize is None:  # int8 products would run on the CPU under CUDA
+            export_graph(serving_module(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
+            files["model_cuda"] = MODEL_CUDA_FILE
         parity = check_parity(model, cpu_session(staging / MODEL_FILE), spec, max_len, parity_seed)
         log.info("parity: %s", parity)
         if max(parity["max_abs_diff_probability"], parity["max_abs_diff_attention"]) > PARITY_TOLERANCE:
             raise ExportError(f"ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}: {parity}")
+        if "model_cuda" in files:  # the same cases through the CUDA form (run on the CPU provider here)
+            parity_cuda = check_parity(model, cpu_session(staging / MODEL_CUDA_FILE), spec, max_len, parity_seed)
+            log.info("parity of %s: %s", MODEL_CUDA_FILE, parity_cuda)
+            worst = max(parity_cuda["max_abs_diff_probability"], parity_cuda["max_abs_diff_attention"])
+            if worst > PARITY_TOLERANCE:
+                raise ExportError(f"{MODEL_CUDA_FILE}: ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}")
+            parity["cuda_graph_max_abs_diff"] = worst
         quant = None
         if quantize == "int8":
             fp32 = staging / "model.fp32.onnx"

@@ -47,7 +47,7 @@ def model_status(entry: ModelEntry, registry: ModelRegistry) -> ModelStatus:
     for version, dep in sorted(entry.deployments.items(), key=lambda kv: int(kv[0])):
         m = dep.model
         info = VersionInfo(version=version, role=entry.role(version), model_type=m.metadata["model_type"],
-                           provider=m.provider, max_history=m.max_history, loaded_at=m.loaded_at,
+                           provider=m.provider, graph=m.graph_file, max_history=m.max_history, loaded_at=m.loaded_at,
                            ready_seconds=m.ready_seconds, self_check_max_abs_diff=m.self_check_diff,
                            in_flight=dep.leases, metrics=m.metadata.get("metrics", {}))  # fmt: skip
         versions.append(info)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[s
     folder, meta = export_run(runs[kind], tmp_path)
     assert folder == tmp_path / kind / "1"
     expected = {"model.onnx", "naive.onnx", "metadata.json", "vocab.json", "selfcheck.npz"} | (
-        {"naive_literal.onnx"} if kind == "din" else set()
+        {"naive_literal.onnx", "model_cuda.onnx"} if kind == "din" else set()
     )
     assert {p.name for p in folder.iterdir()} == expected
     assert set(meta["files"].values()) == expected - {"metadata.json"}
@@ -67,6 +68,14 @@ def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[s
     assert prob.shape == (346,) and att.shape == (346, 15)
     np.testing.assert_allclose(prob, ref_p, atol=1e-5)
     np.testing.assert_allclose(att, ref_a, atol=1e-5)
+    if kind == "din":  # the CUDA form: the same answers, and nothing that makes the GPU wait for the host
+        assert on_disk["parity"]["cuda_graph_max_abs_diff"] <= 1e-5
+        graph = onnx.load(str(folder / "model_cuda.onnx")).graph
+        assert not {n.op_type for n in graph.node} & {"If", "Loop", "ReduceMax", "ScatterElements"}
+        cuda_form = ort.InferenceSession(str(folder / "model_cuda.onnx"), providers=["CPUExecutionProvider"])
+        p_cuda, a_cuda = cuda_form.run(None, feed)
+        np.testing.assert_allclose(p_cuda, ref_p, atol=1e-5)
+        np.testing.assert_allclose(a_cuda, ref_a, atol=1e-5)
     assert np.isfinite(prob).all()
     assert (att[~feed["hist_mask"][feed["cand_user"]]] == 0).all()
     # a new visitor gets the model's no-history score, the same whatever padding width is used

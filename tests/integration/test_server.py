@@ -75,3 +75,21 @@ def test_provider_cuda_without_cuda_refuses_to_start(model_repository: Path, mon
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ModelLoadError, match="PROVIDER=cuda"):
         LoadedModel(model_repository / "repo" / "din" / "1", provider="cuda")
+
+
+def test_each_provider_runs_its_form_of_the_graph(model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DIN's CUDA form runs only where CUDA does: offered CUDA that cannot start (this machine has no GPU),
+    ONNX Runtime falls back to the CPU, and so does the graph."""
+    import onnxruntime as ort
+
+    from app.scorer import LoadedModel
+
+    folder = model_repository / "repo" / "din" / "1"
+    cpu = LoadedModel(folder, provider="cpu")
+    assert (cpu.provider, cpu.graph_file) == ("CPUExecutionProvider", "model.onnx")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    offered = LoadedModel(folder, provider="auto")
+    on_gpu = offered.provider == "CUDAExecutionProvider"
+    assert offered.graph_file == ("model_cuda.onnx" if on_gpu else "model.onnx")
+    dien = LoadedModel(model_repository / "repo" / "dien" / "1", provider="auto")
+    assert dien.graph_file == "model.onnx"  # DIEN has one form

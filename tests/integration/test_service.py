@@ -144,6 +144,7 @@ def test_models_health_and_metrics(client: TestClient) -> None:
         assert m["primary"] == "1" and m["split"] is None and m["pinned"] is False and m["published"] == [1]
         (v,) = m["versions"]
         assert v["role"] == "primary" and v["provider"] == "CPUExecutionProvider" and v["max_history"] == 20
+        assert v["graph"] == "model.onnx"
         assert v["self_check_max_abs_diff"] is not None and v["self_check_max_abs_diff"] <= 1e-4
     client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]})
     text = client.get("/metrics").text

@@ -90,10 +90,10 @@ def test_din_serving_layouts_equal_the_training_form(
         "cand_cats": torch.randint(1, 6, (n,)),
         "cand_user": torch.repeat_interleave(torch.arange(3), torch.tensor(candidates))[torch.randperm(n)],
     }
-    serving = serving_module(model)
-    with torch.no_grad():
-        p, a = serving(**feed)
-        p_ref, a_ref = NaiveServing(model)(**feed)
-    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
-    assert (a[~mask[feed["cand_user"]]] == 0).all()
+    for device in ("cpu", "cuda"):  # the CUDA form is the per-candidate layout alone, whatever the shape
+        with torch.no_grad():
+            p, a = serving_module(model, device)(**feed)
+            p_ref, a_ref = NaiveServing(model)(**feed)
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+        assert (a[~mask[feed["cand_user"]]] == 0).all()
