@@ -118,7 +118,16 @@ def _run_process(job: Job) -> dict[str, Any]:
 STAGES = ("parse", "store", "encode", "queue", "inference", "serialize")
 
 
-def _server_counters(url: str) -> dict[str, float]:
+def _server_counters(urls: tuple[str, ...]) -> dict[str, float]:
+    """The counters bench.load reads from /metrics, summed over the service's replicas."""
+    out: dict[str, float] = {}
+    for url in urls:
+        for name, value in _replica_counters(url).items():
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def _replica_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     wanted = ("ctr_batch_requests_sum", "ctr_batch_requests_count", "ctr_batch_candidates_sum",
               "ctr_queue_wait_seconds_sum", "ctr_queue_wait_seconds_count", "ctr_inference_seconds_sum",
@@ -134,7 +143,7 @@ def _server_counters(url: str) -> dict[str, float]:
         elif name in ("ctr_stage_seconds_sum", "ctr_stage_seconds_count"):
             stage = re.search(r'stage="([a-z]+)"', labels)
             if stage:
-                out[f"{name}:{stage.group(1)}"] = value
+                out[f"{name}:{stage.group(1)}"] = out.get(f"{name}:{stage.group(1)}", 0.0) + value
         elif name in ("ctr_request_latency_seconds_sum", "ctr_request_latency_seconds_count") and "/score" in labels:
             out[name] = value
     return out
@@ -153,13 +162,16 @@ def stage_breakdown(d: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _window(pool: Any, job: Job, processes: int) -> dict[str, Any]:
+def _window(pool: Any, job: Job, processes: int, urls: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One measurement window; with several replica ``urls``, load-generator process p drives urls[p % n]."""
+    urls = urls or (job.url,)
     if job.mode == "closed":  # whole connections per process; a process with none sits this step out
         n = int(job.level)
         share = [float(n // processes + (1 if p < n % processes else 0)) for p in range(processes)]
     else:
         share = [job.level / processes] * processes
-    jobs = [Job(**{**job.__dict__, "level": lv, "seed": job.seed * 1000 + p}) for p, lv in enumerate(share) if lv > 0]
+    jobs = [Job(**{**job.__dict__, "url": urls[p % len(urls)], "level": lv, "seed": job.seed * 1000 + p})
+            for p, lv in enumerate(share) if lv > 0]  # fmt: skip
     results = pool.map(_run_process, jobs)
     lat = np.asarray([x for r in results for x in r["latencies"]])
     statuses: Counter[str] = Counter()
@@ -178,31 +190,42 @@ def _window(pool: Any, job: Job, processes: int) -> dict[str, Any]:
     }
 
 
-def _cpu_seconds(proc: psutil.Process | None) -> float:
-    """User + system CPU seconds of the server and its children (uvicorn workers); NaN when not local."""
-    if proc is None:
+def _cpu_seconds(servers: list[psutil.Process | None]) -> float:
+    """User + system CPU seconds of the server processes and their children; NaN when one is not local."""
+    if not servers or None in servers:
         return float("nan")
     total = 0.0
-    for p in (proc, *proc.children(recursive=True)):
-        t = p.cpu_times()
-        total += t.user + t.system
+    for proc in servers:
+        assert proc is not None
+        for p in (proc, *proc.children(recursive=True)):
+            t = p.cpu_times()
+            total += t.user + t.system
     return total
 
 
 def run_step(
-    pool: Any, job: Job, processes: int, max_windows: int, server: psutil.Process | None = None
+    pool: Any,
+    job: Job,
+    processes: int,
+    max_windows: int,
+    server: psutil.Process | None = None,
+    replicas: tuple[str, ...] = (),
+    replica_servers: list[psutil.Process | None] | None = None,
 ) -> dict[str, Any]:
-    before = _server_counters(job.url)
-    cpu_before, wall_before = _cpu_seconds(server), time.perf_counter()
+    """Windows until two agree within 10%; the server's view summed over ``replicas`` (default: job.url)."""
+    urls = replicas or (job.url,)
+    servers = replica_servers if replica_servers is not None else [server]
+    before = _server_counters(urls)
+    cpu_before, wall_before = _cpu_seconds(servers), time.perf_counter()
     windows = []
     for w in range(max_windows):
-        windows.append(_window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes))
+        windows.append(_window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes, urls))
         if len(windows) >= 2:
             a, b = windows[-2]["requests_per_second"], windows[-1]["requests_per_second"]
             if a > 0 and abs(a - b) / a <= 0.10:
                 break
-    after = _server_counters(job.url)
-    server_cores = (_cpu_seconds(server) - cpu_before) / (time.perf_counter() - wall_before)
+    after = _server_counters(urls)
+    server_cores = (_cpu_seconds(servers) - cpu_before) / (time.perf_counter() - wall_before)
     d = {k: after[k] - before.get(k, 0.0) for k in after}
     step = dict(windows[-1])
     step["windows"] = len(windows)
@@ -241,7 +264,8 @@ def seed_users(url: str, users: int, history: int, items: list[str], api_key: st
 
 def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
     """The service, model and request shape a benchmark drives (shared by bench.load and bench.soak)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the service (bench.load: or replicas sharing one Redis, comma-separated)")  # fmt: skip
     p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
     p.add_argument("--name", default="din")
     p.add_argument("--candidates", type=int, default=200)
@@ -348,27 +372,31 @@ def main(argv: list[str] | None = None) -> None:
     items = json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"]
     if len(items) < args.candidates:
         raise SystemExit(f"the vocabulary has {len(items)} items, fewer than --candidates {args.candidates}")
-    seed_users(args.url, args.users, args.history, items, args.api_key)
+    urls = tuple(u.strip() for u in args.url.split(",") if u.strip())
+    if args.processes % len(urls):
+        raise SystemExit(f"--processes {args.processes} must be a multiple of the {len(urls)} replicas in --url")
+    seed_users(urls[0], args.users, args.history, items, args.api_key)  # replicas share the store
     cores = os.cpu_count() or 1
     ceiling = bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
     ceiling_cps = ceiling["serving"]["candidates_per_second"]
     print(f"in-process ceiling: {ceiling_cps:,.0f} candidates/s ({ceiling['serving']['provider']})")
     report: dict[str, Any] = {
         "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
-        "history": args.history, "attention": not args.no_attention, "processes": args.processes,
+        "history": args.history, "attention": not args.no_attention, "processes": args.processes, "replicas": len(urls),
         "ceiling_candidates_per_second": ceiling_cps, "inprocess": ceiling, "steps": [],
     }  # fmt: skip
     plan = [("closed", float(c)) for c in args.concurrency.split(",") if c] + [
         ("open", float(r)) for r in args.rates.split(",") if r
     ]
-    server = server_process(args.url)
+    servers = [server_process(u) for u in urls]
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
         for mode, level in plan:
-            job = Job(args.url, mode, level, args.window, args.users, tuple(items), args.candidates,
+            job = Job(urls[0], mode, level, args.window, args.users, tuple(items), args.candidates,
                       not args.no_attention, seed=len(report["steps"]) + 1, api_key=args.api_key,
                       connections=args.connections)  # fmt: skip
-            step = {"mode": mode, "level": level, **run_step(pool, job, args.processes, args.max_windows, server)}
+            measured = run_step(pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers)
+            step = {"mode": mode, "level": level, **measured}
             step["fraction_of_ceiling"] = step["candidates_per_second"] / ceiling_cps
             report["steps"].append(step)
             share = 100 * step["fraction_of_ceiling"]

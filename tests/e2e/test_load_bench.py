@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import redis
 
 from tests.conftest import service_env, start_service, stop_process
@@ -42,3 +43,29 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         assert stored == 20  # seeded through /events with the requested history length
     finally:
         stop_process(proc)
+
+
+def test_load_benchmark_spreads_over_replicas(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
+    """Two scorer processes sharing one Redis: the load reaches both and the server's view sums them."""
+    env = service_env(model_repository / "repo", redis_url)
+    (p1, u1), (p2, u2) = start_service(env, ROOT), start_service(env, ROOT)
+    try:
+        out, repo = tmp_path / "load", str(model_repository / "repo")
+        cmd = [sys.executable, "-m", "bench.load", "--url", f"{u1},{u2}", "--repository", repo,
+               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--concurrency", "2",
+               "--window", "0.5", "--max-windows", "2", "--processes", "2", "--out", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads((out / "load.json").read_text())
+        (step,) = report["steps"]
+        assert report["replicas"] == 2 and step["errors"] == {} and step["server"]["cpu_ms_per_request"] > 0
+        for url in (u1, u2):  # both replicas scored requests (users were seeded through the first only)
+            metrics = httpx.get(f"{url}/metrics").text
+            scored = [line for line in metrics.splitlines() if line.startswith("ctr_scored_requests_total{")]
+            assert scored and float(scored[0].split()[-1]) > 0
+        odd = subprocess.run([*cmd[:-2], "--processes", "3", "--out", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert odd.returncode != 0 and "multiple of the 2 replicas" in odd.stderr
+    finally:
+        stop_process(p1)
+        stop_process(p2)
