@@ -222,8 +222,8 @@ class DINAttention(nn.Module):
     layers after the first run on 2-D (rows, H) tensors either way (one Gemm each, bias included).
 
     ``per_user_operator=False`` exports the split form alone, with no If: on a GPU the choice costs more
-    than it saves, since deciding it on the host stops the device (measured on an H100: 142 nodes with
-    9 copies to the host, against 98 for the split form; see bench/README).
+    than it saves, since deciding it on the host stops the device (measured on an H100: 142 nodes per call
+    with 9 copies to the host, against 68 and none for the split form alone; see bench/README).
     """
 
     def __init__(self, unit: ActivationUnit, softmax: bool, per_user_operator: bool = True) -> None:
