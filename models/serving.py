@@ -223,7 +223,7 @@ class DINAttention(nn.Module):
 
     ``per_user_operator=False`` exports the split form alone, with no If: on a GPU the choice costs more
     than it saves, since deciding it on the host stops the device (measured on an H100: 142 nodes per call
-    with 9 copies to the host, against 68 and none for the split form alone; see bench/README).
+    with 9 copies to the host and an If worth 2–4 ms of node time, against 68 for the split form alone).
     """
 
     def __init__(self, unit: ActivationUnit, softmax: bool, per_user_operator: bool = True) -> None:
