@@ -72,7 +72,7 @@ def _canonical(events: pd.DataFrame) -> pd.DataFrame:
             "user_id": events["user_id"].astype(str),
             "item_id": events["item_id"].astype(str),
             "category_id": events["category_id"].astype(str),
-            "timestamp": events["timestamp"].astype("int64"),
+            "timestamp": timestamp_seconds(events["timestamp"]),
         }
     )
     if "rating" in events.columns:
@@ -80,6 +80,18 @@ def _canonical(events: pd.DataFrame) -> pd.DataFrame:
     if "label" in events.columns:
         out["label"] = events["label"].astype("int8")
     return out.reset_index(drop=True)
+
+
+def timestamp_seconds(values: pd.Series) -> pd.Series:
+    """Unix seconds (int64) from integer or float seconds, datetimes, or date-time strings (ISO 8601 and
+    the like; naive ones read as UTC). Unparseable values are an error that names one of them."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.astype("int64")
+    try:
+        stamps = pd.to_datetime(values, utc=True, format="mixed")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"timestamps must be Unix seconds or date-times: {e}") from None
+    return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64")
 
 
 def _file_fingerprint(*paths: Path) -> str:
@@ -147,21 +159,29 @@ def load_movielens_latest(data_dir: Path) -> BehaviourLog:
 
 
 def load_event_log(path: Path, user_features: tuple[str, ...] | None = None) -> BehaviourLog:
-    """A parquet or CSV file already in the canonical schema.
+    """A parquet or CSV file already in the canonical schema, or a folder of them (a partitioned log:
+    every part is read). Timestamps may be Unix seconds or date-times.
 
     Columns other than the canonical ones (and ``rating``/``label``) are user features unless
-    ``user_features`` names them explicitly; each user's most recent value is kept.
+    ``user_features`` names them explicitly; each user's most recent value is kept. Rows without a user
+    or item id are dropped, with a warning that counts them.
     """
     path = Path(path)
-    if path.is_dir():
-        candidates = sorted([*path.glob("*.parquet"), *path.glob("*.csv")])
-        if not candidates:
-            raise FileNotFoundError(f"no .parquet or .csv event log in {path}")
-        path = candidates[0]
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    parts = sorted([*path.glob("*.parquet"), *path.glob("*.csv")]) if path.is_dir() else [path]
+    if not parts:
+        raise FileNotFoundError(f"no .parquet or .csv event log in {path}")
+    # ids as strings from CSV too: "007" and "7" are different items
+    frames = [pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={"user_id": str, "item_id": str})
+              for p in parts]  # fmt: skip
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     missing = [c for c in EVENT_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing canonical columns {missing}")
+    unnamed = df["user_id"].isna() | df["item_id"].isna()
+    if unnamed.any():
+        log.warning("%s: %d of %d rows have no user_id or item_id; dropped", path, int(unnamed.sum()), len(df))
+        df = df[~unnamed]
+    df = df.assign(timestamp=timestamp_seconds(df["timestamp"]))  # before "latest" below sorts by it
     known = {*EVENT_COLUMNS, "rating", "label"}
     feats = tuple(user_features) if user_features is not None else tuple(c for c in df.columns if c not in known)
     users = None
@@ -170,7 +190,7 @@ def load_event_log(path: Path, user_features: tuple[str, ...] | None = None) -> 
         users = latest[list(feats)].astype(str)
         users.index = users.index.astype(str)
         users.index.name = "user_id"
-    return BehaviourLog(path.stem, _canonical(df), users, _file_fingerprint(path))
+    return BehaviourLog(path.stem, _canonical(df), users, _file_fingerprint(*parts))
 
 
 # --- synthetic log with planted interests ---------------------------------------------------------

@@ -98,3 +98,33 @@ def test_ml100k_missing_files_name_the_fix(tmp_path: Path) -> None:
         load_movielens_100k(tmp_path)
     with pytest.raises(ValueError, match="--data-dir"):
         load_dataset("ml-100k")
+
+
+def test_event_log_folder_of_parts_with_datetime_timestamps(tmp_path: Path) -> None:
+    """A partitioned log (every part read), date-time timestamps in either form, ids kept as written,
+    rows without ids dropped."""
+    parts = tmp_path / "log"
+    parts.mkdir()
+    pd.DataFrame(
+        {
+            "user_id": ["007", "007", None],
+            "item_id": ["a", "b", "c"],
+            "category_id": ["x", "y", "x"],
+            "timestamp": ["2024-01-01T00:00:10Z", "2024-01-01 00:00:20", "2024-01-01 00:00:30"],
+        }
+    ).to_csv(parts / "part-0.csv", index=False)
+    pd.DataFrame(
+        {
+            "user_id": ["8"],
+            "item_id": ["a"],
+            "category_id": ["x"],
+            "timestamp": pd.to_datetime(["2024-01-02 00:00:00"]),
+        }
+    ).to_parquet(parts / "part-1.parquet")
+    log = load_event_log(parts)
+    assert log.events["user_id"].tolist() == ["007", "007", "8"]
+    assert log.events["timestamp"].tolist() == [1704067210, 1704067220, 1704153600]
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"user_id": [1], "item_id": [2], "category_id": [3], "timestamp": ["yesterday-ish"]}).to_csv(bad)
+    with pytest.raises(ValueError, match="Unix seconds or date-times"):
+        load_event_log(bad)
