@@ -49,6 +49,7 @@ def test_trainer_scorer_and_prometheus(tmp_path: Path, redis_server: RedisServer
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [url.removeprefix("http://")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(ROOT / "deploy" / "alerts.yml", tmp_path / "alerts.yml")  # rule_files is relative to the config
     binary = shutil.which("prometheus")
     assert binary, "prometheus is not installed (.ci/run installs Debian's package)"
     prometheus = subprocess.Popen(
@@ -89,6 +90,13 @@ def test_trainer_scorer_and_prometheus(tmp_path: Path, redis_server: RedisServer
         assert _wait_for(lambda: query('sum(ctr_batch_requests_count{model="din"})') >= 1, 30, "batch metrics")
         assert query('sum(ctr_candidates_scored_total{model="din"})') == 200
         assert query('ctr_model_info{provider="CPUExecutionProvider"}') == 1
+        # the alert rules are loaded and evaluate against the real series; a healthy service fires none
+        (group,) = httpx.get(f"{prom}/api/v1/rules", timeout=2).json()["data"]["groups"]
+        assert group["name"] == "ctr-scoring" and len(group["rules"]) >= 8
+        assert _wait_for(lambda: all(r.get("lastEvaluation", "").startswith("20") and r["health"] == "ok"
+                                     for r in httpx.get(f"{prom}/api/v1/rules", timeout=2).json()["data"]["groups"][0]
+                                     ["rules"]), 30, "rules evaluated")  # fmt: skip
+        assert httpx.get(f"{prom}/api/v1/alerts", timeout=2).json()["data"]["alerts"] == []
     finally:
         stop_process(prometheus)
         stop_process(scorer)

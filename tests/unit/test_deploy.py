@@ -54,6 +54,21 @@ def test_prometheus_config_scrapes_the_scorer() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_alert_rules_are_valid_and_fire_on_what_they_are_written_for() -> None:
+    """promtool checks the rules and runs deploy/alerts_test.yml: each alert fires on its failure, none on a
+    healthy service; and every series an alert reads is one the service exports."""
+    promtool = _tool("promtool")
+    for args in (["check", "rules", "deploy/alerts.yml"], ["test", "rules", "deploy/alerts_test.yml"]):
+        proc = subprocess.run([promtool, *args], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    rules = [r for g in yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    used = {m for r in rules for m in re.findall(r"\b(ctr_[a-z_]+)\b", r["expr"])}
+    assert used and not used - _exported_series(), used - _exported_series()
+    tested = (ROOT / "deploy" / "alerts_test.yml").read_text()
+    for rule in rules:  # every alert has a firing case in the test file
+        assert re.search(rf"alertname: {rule['alert']}\n\s+exp_alerts:\n\s+- exp_labels", tested), rule["alert"]
+
+
 def _exported_series() -> set[str]:
     """Series names the service's registry can expose (labelled families have no samples until used)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
