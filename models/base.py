@@ -50,8 +50,9 @@ class BaseModel(CTRModel):
         cand_item: Tensor,  # (B,)
         cand_cat: Tensor,  # (B,)
         user_feats: Tensor,  # (B, F)
+        hist_feedback: Tensor | None = None,  # (B, L) FEEDBACK_* of each behaviour, when the model uses it
     ) -> ModelOutput:
-        keys = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        keys = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (B, L, D)
         query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
         weights = hist_mask.to(keys.dtype)  # (B, L): sum pooling = weight 1 per behaviour
         pooled = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)

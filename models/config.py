@@ -8,6 +8,11 @@ from typing import Any, Literal
 Activation = Literal["dice", "prelu", "relu"]
 Evolution = Literal["augru", "agru", "aigru"]
 
+# History feedback: what the user did with each history behaviour, known before the candidate is shown
+# (the behaviour is strictly earlier). Index 0 is padding; "unknown" (no label given) embeds to zeros.
+FEEDBACK_PAD, FEEDBACK_UNKNOWN, FEEDBACK_NEGATIVE, FEEDBACK_POSITIVE = 0, 1, 2, 3
+FEEDBACK_SIZE = 4
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,6 +29,7 @@ class ModelConfig:
     attention_softmax: bool = False  # DIN: weights are not normalised unless asked (paper §4.3)
     dropout: float = 0.0
     first_order: bool = True  # add per-item and per-category bias terms to the logit (a "wide" part)
+    history_feedback: bool = False  # add a feedback embedding (liked / not / unknown) to each history behaviour
     evolution: Evolution = "augru"  # DIEN only
     dien_pooling: Literal["sum", "attention"] = "sum"  # DIEN: the behaviour summary beside the final interest
     aux_hidden: tuple[int, ...] = field(default=(100, 50))  # DIEN auxiliary net

@@ -79,8 +79,12 @@ class DIEN(CTRModel):
         user_feats: Tensor,  # (B, F)
         neg_items: Tensor | None = None,  # (B, L) sampled negatives for the auxiliary loss
         neg_cats: Tensor | None = None,  # (B, L)
+        hist_feedback: Tensor | None = None,  # (B, L) FEEDBACK_* of each behaviour, when the model uses it
     ) -> ModelOutput:
-        behaviours = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        # the auxiliary loss tells real next behaviours from sampled ones on the plain item representation
+        # (a sampled item has no feedback); the interest states and the pooling see the feedback
+        plain = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
+        behaviours = self.embedding.with_feedback(plain, hist_feedback)  # (B, L, D)
         query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
         states = self.interest_extraction(behaviours)  # (B, L, D)
         weights = self.attention(query, states, hist_mask)  # (B, L)
@@ -91,5 +95,5 @@ class DIEN(CTRModel):
         logits = self.click_logit(user, query, cand_item, cand_cat, pooled, final)  # (B,)
         aux = None
         if neg_items is not None and neg_cats is not None:
-            aux = self.auxiliary_loss(states, behaviours, neg_items, neg_cats, hist_mask)
+            aux = self.auxiliary_loss(states, plain, neg_items, neg_cats, hist_mask)
         return ModelOutput(logits, weights, aux)

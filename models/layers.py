@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import Activation, Evolution, ModelConfig
+from models.config import FEEDBACK_SIZE, Activation, Evolution, ModelConfig
 
 
 class Dice(nn.Module):
@@ -96,10 +96,27 @@ class FeatureEmbedding(nn.Module):
         for bias in (self.item_bias, self.category_bias):
             if bias is not None:
                 nn.init.zeros_(bias.weight)
+        # history feedback, added to a history behaviour's representation; padding and "unknown" stay zero
+        self.feedback = nn.Embedding(FEEDBACK_SIZE, cfg.behaviour_dim, padding_idx=0) if cfg.history_feedback else None
+        if self.feedback is not None:
+            nn.init.normal_(self.feedback.weight, std=0.05)
+            with torch.no_grad():
+                self.feedback.weight[:2].zero_()
 
     def behaviours(self, items: Tensor, cats: Tensor) -> Tensor:
         """(...,) item and category indices → (..., D) item representation."""
         return torch.cat([self.item(items), self.category(cats)], dim=-1)
+
+    def history(self, items: Tensor, cats: Tensor, feedback: Tensor | None) -> Tensor:
+        """(B, L) history indices and feedback → (B, L, D): each behaviour's representation plus what the
+        user did with it (the feedback embedding; nothing when the model has none or none is given)."""
+        return self.with_feedback(self.behaviours(items, cats), feedback)
+
+    def with_feedback(self, behaviours: Tensor, feedback: Tensor | None) -> Tensor:
+        """(B, L, D) behaviours, (B, L) feedback → (B, L, D) behaviours + feedback embedding."""
+        if self.feedback is None or feedback is None:
+            return behaviours
+        return behaviours + self.feedback(feedback)  # (B, L, D)
 
     def bias(self, items: Tensor, cats: Tensor) -> Tensor:
         """(B,) candidate indices → (B,) first-order logit term (zeros when disabled)."""

@@ -8,6 +8,7 @@ Inputs (U users, N candidates in all, L history positions, F user features):
     hist_items (U, L) int64, hist_cats (U, L) int64, hist_mask (U, L) bool — oldest first, right-padded
     user_feats (U, F) int64
     cand_items (N,) int64, cand_cats (N,) int64, cand_user (N,) int64 — the row of each candidate's user
+    hist_feedback (U, L) int64 — only for models trained with history feedback (FEEDBACK_* per behaviour)
 Outputs:
     probability (N,) float32 — click probability per candidate
     attention (N, L) float32 — weight each history position got from the candidate, zero on padding
@@ -27,7 +28,13 @@ from models.din import DIN
 from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax
 
 INPUT_NAMES = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
+FEEDBACK_INPUT = "hist_feedback"
 OUTPUT_NAMES = ("probability", "attention")
+
+
+def input_names(history_feedback: bool) -> tuple[str, ...]:
+    """The serving graph's inputs, in order: the feedback input only for a model that uses it."""
+    return (*INPUT_NAMES, FEEDBACK_INPUT) if history_feedback else INPUT_NAMES
 
 
 class FoldedDice(nn.Module):
@@ -93,8 +100,9 @@ class BaseServing(_Serving):
         cand_items: Tensor,
         cand_cats: Tensor,
         cand_user: Tensor,
+        hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        keys = self.embedding.behaviours(hist_items, hist_cats)  # (U, L, D)
+        keys = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D)
         weights = hist_mask.to(keys.dtype)  # (U, L)
         pooled = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (U, D): once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
@@ -263,8 +271,9 @@ class DINServing(_Serving):
         cand_items: Tensor,
         cand_cats: Tensor,
         cand_user: Tensor,
+        hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        keys = self.embedding.behaviours(hist_items, hist_cats)  # (U, L, D)
+        keys = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D): once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
         weights, interest = self.attention(keys, query, hist_mask, cand_user)  # (N, L), (N, D)
         return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
@@ -309,8 +318,9 @@ class DIENServing(_Serving):
         cand_items: Tensor,
         cand_cats: Tensor,
         cand_user: Tensor,
+        hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        behaviours = self.embedding.behaviours(hist_items, hist_cats)  # (U, L, D)
+        behaviours = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D)
         states, _ = self.extractor(behaviours)  # (U, L, D): interest extraction, once per user
         w_in, b_in = self.cell.input_proj.weight, self.cell.input_proj.bias
         proj = states @ w_in.T  # (U, L, 3H): the AUGRU input projection, once per user
@@ -354,6 +364,7 @@ class NaiveServing(nn.Module):
         cand_items: Tensor,
         cand_cats: Tensor,
         cand_user: Tensor,
+        hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         out = self.model(
             hist_items.index_select(0, cand_user),
@@ -362,6 +373,7 @@ class NaiveServing(nn.Module):
             cand_items,
             cand_cats,
             user_feats.index_select(0, cand_user),
+            hist_feedback=None if hist_feedback is None else hist_feedback.index_select(0, cand_user),
         )
         return torch.sigmoid(out.logits), out.attention
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN
 from training.datasets import BehaviourLog
 
 log = logging.getLogger(__name__)
 
 PAD, OOV = 0, 1
 PROTOCOLS = ("din-movielens", "implicit")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: event_feedback
 
 
 @dataclass
@@ -107,6 +108,7 @@ class SampleSet:
 
     event_item: np.ndarray  # (E,) item index
     event_cat: np.ndarray  # (E,) category index
+    event_feedback: np.ndarray  # (E,) FEEDBACK_* of each behaviour (its own label, seen by later samples only)
     end: np.ndarray  # (N,) exclusive end of the sample's history in the event arrays
     length: np.ndarray  # (N,) history length, 0..max_len
     cand_item: np.ndarray  # (N,)
@@ -128,6 +130,14 @@ class SampleSet:
         items = np.where(mask, self.event_item[idx], PAD)
         cats = np.where(mask, self.event_cat[idx], PAD)
         return items, cats, mask
+
+    def history_feedback(self, rows: np.ndarray, max_len: int) -> np.ndarray:
+        """(B, max_len) feedback of the same positions as ``history``, FEEDBACK_PAD on padding."""
+        offsets = np.arange(max_len)  # (L,)
+        length = self.length[rows]  # (B,)
+        mask = offsets < length[:, None]  # (B, L)
+        idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
+        return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD)
 
     def save(self, path: Path) -> None:
         np.savez(path, **asdict(self))
@@ -155,6 +165,14 @@ def _labels(events: pd.DataFrame) -> np.ndarray:
     if "rating" in events.columns:
         return (events["rating"].to_numpy() >= 4).astype(np.float32)
     return events["label"].to_numpy().astype(np.float32)
+
+
+def _feedback(events: pd.DataFrame) -> np.ndarray:
+    """(E,) each behaviour's own outcome as history feedback: negative/positive for labelled logs, unknown
+    otherwise (an implicit log's behaviours are all interactions; their outcome is not observed)."""
+    if "rating" not in events.columns and "label" not in events.columns:
+        return np.full(len(events), FEEDBACK_UNKNOWN, dtype=np.int64)
+    return FEEDBACK_NEGATIVE + _labels(events).astype(np.int64)
 
 
 def _user_feature_matrix(vocab: Vocabulary, users: pd.DataFrame | None, user_ids: np.ndarray) -> np.ndarray:
@@ -191,6 +209,7 @@ def _split_samples(
     return SampleSet(
         event_item=event_item,
         event_cat=event_cat,
+        event_feedback=_feedback(events),
         end=sel.astype(np.int64),
         length=np.minimum(pos[sel], max_len).astype(np.int64),
         cand_item=event_item[sel],
@@ -262,6 +281,7 @@ def prepare_implicit(log_: BehaviourLog, max_len: int, seed: int) -> PreparedDat
         sets[name] = SampleSet(
             event_item=positive.event_item,
             event_cat=positive.event_cat,
+            event_feedback=positive.event_feedback,
             end=np.r_[positive.end, positive.end],
             length=np.r_[positive.length, positive.length],
             cand_item=np.r_[positive.cand_item, neg_item],

@@ -84,6 +84,7 @@ class TensorSamples:
     def __init__(self, s: SampleSet, max_len: int) -> None:
         self.event_item = torch.as_tensor(s.event_item)
         self.event_cat = torch.as_tensor(s.event_cat)
+        self.event_feedback = torch.as_tensor(s.event_feedback)
         self.end = torch.as_tensor(s.end)
         self.length = torch.as_tensor(s.length)
         self.cand_item = torch.as_tensor(s.cand_item)
@@ -100,6 +101,7 @@ class TensorSamples:
         return {
             "hist_items": torch.where(mask, self.event_item[idx], PAD),
             "hist_cats": torch.where(mask, self.event_cat[idx], PAD),
+            "hist_feedback": torch.where(mask, self.event_feedback[idx], PAD),
             "hist_mask": mask,
             "cand_item": self.cand_item[rows],
             "cand_cat": self.cand_cat[rows],
@@ -317,6 +319,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
     p.add_argument("--dien-pooling", choices=["sum", "attention"], default="sum",
                    help="DIEN: sum of behaviours (paper) or attention-weighted, beside the final interest")  # fmt: skip
+    p.add_argument("--history-feedback", action="store_true",
+                   help="each history behaviour carries its own label (liked or not) as an embedding")  # fmt: skip
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
     p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
     p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
@@ -353,6 +357,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
             "mlp_activation": args.mlp_activation,
             "evolution": args.evolution,
             "dien_pooling": args.dien_pooling,
+            "history_feedback": args.history_feedback,
             "item_dim": args.item_dim,
             "category_dim": args.category_dim,
         },

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
 from training.datasets import BehaviourLog
 from training.samples import OOV, PAD, PreparedData, prepare, prepare_din_movielens
 
@@ -69,6 +70,31 @@ def test_din_movielens_samples_by_hand() -> None:
                             known(c) == raw(int(s.cand_item[row])))  # fmt: skip
             seen[cand_raw] = True
     assert sorted(seen) == sorted(expected)
+
+
+def test_history_feedback_is_each_earlier_behaviours_own_label() -> None:
+    """A history position carries the label of that (earlier) behaviour, never the candidate's own."""
+    data = prepare_din_movielens(_tiny_log(), max_len=2, seed=0, test_fraction=0.0)
+    vocab = data.vocab
+    liked = {"i1": False, "i2": False, "i3": True, "i4": True, "i9": True, "i8": True, "i7": False}  # rating ≥ 4
+    item_of = {vocab.encode_items([i])[0]: i for i in vocab.items}
+    checked = 0
+    for s in (data.train, data.valid):
+        for row in range(len(s)):
+            items, _, mask = s.history(np.array([row]), 2)
+            feedback = s.history_feedback(np.array([row]), 2)
+            assert (feedback[~mask] == FEEDBACK_PAD).all()
+            for idx, fb in zip(items[0][mask[0]], feedback[0][mask[0]], strict=True):
+                expected = FEEDBACK_POSITIVE if liked[item_of[int(idx)]] else FEEDBACK_NEGATIVE
+                assert fb == expected
+                checked += 1
+    assert checked == 8  # 1 + 2 + 2 (user a) + 1 + 2 (user b)
+
+
+def test_unlabelled_logs_have_unknown_feedback(small_log: BehaviourLog) -> None:
+    unlabelled = BehaviourLog("nolabel", small_log.events.drop(columns=["label"]), small_log.users, "x")
+    data = prepare(unlabelled, "implicit", max_len=10, seed=0)
+    assert (data.train.event_feedback == FEEDBACK_UNKNOWN).all()
 
 
 def test_labels_follow_rating_threshold() -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model
+from models.config import FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
 from models.layers import Dice
 from models.serving import FoldedDice, NaiveServing, fold_dice, serving_module
 
@@ -97,3 +98,42 @@ def test_din_serving_layouts_equal_the_training_form(
         torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
         assert (a[~mask[feed["cand_user"]]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["base", "din", "dien"])
+def test_history_feedback_in_the_serving_form(kind: str) -> None:
+    """With history feedback the serving form still equals the training form; the feedback changes the
+    scores, and "unknown" feedback scores like no feedback at all."""
+    model = build_model(kind, ModelConfig(**{**CFG.to_dict(), "history_feedback": True}))
+    model.train()
+    for _ in range(3):
+        mask = torch.rand(16, 9) > 0.3
+        model(torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask, mask,
+              torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)), torch.randint(1, 5, (16, 1)),
+              hist_feedback=torch.randint(2, 4, (16, 9)) * mask)  # fmt: skip
+    model.eval()
+    lengths = torch.tensor([0, 9, 4])
+    mask = torch.arange(9) < lengths[:, None]
+    feed = {
+        "hist_items": torch.randint(2, 40, (3, 9)) * mask,
+        "hist_cats": torch.randint(2, 6, (3, 9)) * mask,
+        "hist_mask": mask,
+        "user_feats": torch.randint(1, 5, (3, 1)),
+        "cand_items": torch.randint(1, 40, (25,)),
+        "cand_cats": torch.randint(1, 6, (25,)),
+        "cand_user": torch.randint(0, 3, (25,)),
+    }
+    feedback = torch.randint(1, 4, (3, 9)) * mask
+    for device in ("cpu", "cuda"):
+        serving = serving_module(model, device)
+        with torch.no_grad():
+            p, a = serving(**feed, hist_feedback=feedback)
+            p_ref, a_ref = NaiveServing(model)(**feed, hist_feedback=feedback)
+            p_liked, _ = serving(**feed, hist_feedback=torch.full((3, 9), FEEDBACK_POSITIVE) * mask)
+            p_unknown, _ = serving(**feed, hist_feedback=torch.full((3, 9), FEEDBACK_UNKNOWN) * mask)
+            p_none, _ = serving(**feed)
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p_unknown, p_none)
+        with_history = feed["cand_user"] != 0
+        assert (p_liked[with_history] - p_none[with_history]).abs().min() > 0
