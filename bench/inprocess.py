@@ -148,8 +148,7 @@ def bench_model(
     min_runs: int,
 ) -> dict[str, Any]:
     folder, meta = load_version(repository, name, version)
-    v = meta["vocabulary"]
-    spec = GraphSpec(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]))
+    spec = GraphSpec.from_metadata(meta)
     per_user = [candidates // users + (1 if i < candidates % users else 0) for i in range(users)]
     feed = random_inputs(np.random.default_rng(0), spec, [history] * users, per_user)
     result: dict[str, Any] = {

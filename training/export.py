@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from models import CTRModel
-from models.serving import INPUT_NAMES, OUTPUT_NAMES, NaiveServing, serving_module
+from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
+from models.serving import FEEDBACK_INPUT, OUTPUT_NAMES, NaiveServing, input_names, serving_module
 from training.train import CHECKPOINT_NAME, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "hist_items": {0: "users", 1: "history"},
     "hist_cats": {0: "users", 1: "history"},
     "hist_mask": {0: "users", 1: "history"},
+    "hist_feedback": {0: "users", 1: "history"},
     "user_feats": {0: "users"},
     "cand_items": {0: "candidates"},
     "cand_cats": {0: "candidates"},
@@ -63,20 +65,34 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """What a caller must feed: vocabulary sizes and the number of user features."""
+    """What a caller must feed: vocabulary sizes, the number of user features, and whether the graph takes
+    each history behaviour's feedback."""
 
     n_items: int
     n_categories: int
     feature_cardinalities: tuple[int, ...]
+    history_feedback: bool = False
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.history_feedback)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> GraphSpec:
+        """The spec of a published version (versions exported before history feedback have none)."""
+        v = meta["vocabulary"]
+        feedback = (meta.get("history_feedback") or {}).get("input") is not None
+        return cls(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]), feedback)
 
 
-def io_signature(n_features: int) -> dict[str, list[dict[str, Any]]]:
+def io_signature(spec: GraphSpec) -> dict[str, list[dict[str, Any]]]:
     """Input/output names, dtypes and shapes (symbolic axes by name) as metadata.json states them."""
     shapes: dict[str, list[str | int]] = {
         "hist_items": ["users", "history"],
         "hist_cats": ["users", "history"],
         "hist_mask": ["users", "history"],
-        "user_feats": ["users", n_features],
+        "hist_feedback": ["users", "history"],
+        "user_feats": ["users", len(spec.feature_cardinalities)],
         "cand_items": ["candidates"],
         "cand_cats": ["candidates"],
         "cand_user": ["candidates"],
@@ -85,7 +101,7 @@ def io_signature(n_features: int) -> dict[str, list[dict[str, Any]]]:
     }
     dtypes = {"hist_mask": "bool", "probability": "float32", "attention": "float32"}
     return {
-        "inputs": [{"name": n, "dtype": dtypes.get(n, "int64"), "shape": shapes[n]} for n in INPUT_NAMES],
+        "inputs": [{"name": n, "dtype": dtypes.get(n, "int64"), "shape": shapes[n]} for n in spec.input_names],
         "outputs": [{"name": n, "dtype": dtypes[n], "shape": shapes[n]} for n in OUTPUT_NAMES],
     }
 
@@ -99,7 +115,7 @@ def random_inputs(
     mask = np.arange(width) < np.asarray(lengths)[:, None]  # (U, L)
     n = int(sum(candidates))
     feats = [rng.integers(1, c, size=u) for c in spec.feature_cardinalities]  # OOV (1) included
-    return {
+    feed = {
         "hist_items": np.where(mask, rng.integers(1, spec.n_items, size=(u, width)), 0).astype(np.int64),
         "hist_cats": np.where(mask, rng.integers(1, spec.n_categories, size=(u, width)), 0).astype(np.int64),
         "hist_mask": mask,
@@ -108,6 +124,10 @@ def random_inputs(
         "cand_cats": rng.integers(1, spec.n_categories, size=n).astype(np.int64),
         "cand_user": rng.permutation(np.repeat(np.arange(u), candidates)).astype(np.int64),
     }
+    if spec.history_feedback:  # unknown (no label given) included
+        given = rng.integers(FEEDBACK_UNKNOWN, FEEDBACK_POSITIVE + 1, size=(u, width))
+        feed[FEEDBACK_INPUT] = np.where(mask, given, FEEDBACK_PAD).astype(np.int64)
+    return feed
 
 
 def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tuple[list[int], list[int]]]:
@@ -158,7 +178,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history:
     """Users and candidates are dynamic axes; the history axis too unless ``static_history``."""
     example = random_inputs(np.random.default_rng(0), spec, [width, max(1, width // 2)], [3, 2], width)
     axes = {k: {i: a for i, a in v.items() if not (static_history and a == "history")} for k, v in DYNAMIC_AXES.items()}
-    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
+    args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     with warnings.catch_warnings():
         # the TorchScript-based exporter keeps DIEN's recurrence as an ONNX Loop (dynamic history
         # length); it announces its own deprecation, which is not actionable here
@@ -167,7 +187,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history:
             module,
             args,
             str(path),
-            input_names=list(INPUT_NAMES),
+            input_names=list(spec.input_names),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=axes,
             opset_version=OPSET,
@@ -216,6 +236,8 @@ def _test_auc(session: ort.InferenceSession, ckpt: dict[str, Any]) -> float:
             "cand_cats": test.cand_cat[rows],
             "cand_user": np.arange(rows.size, dtype=np.int64),
         }
+        if FEEDBACK_INPUT in {i.name for i in session.get_inputs()}:
+            feed[FEEDBACK_INPUT] = test.history_feedback(rows, max_len)
         probs.append(session.run(["probability"], feed)[0])
     return auc(test.label, np.concatenate(probs))
 
@@ -305,6 +327,7 @@ def export_run(
         n_items=len(vocab["items"]) + 2,
         n_categories=len(vocab["categories"]) + 2,
         feature_cardinalities=tuple(len(v) + 2 for v in vocab["user_features"].values()),
+        history_feedback=bool(ckpt["model_config"].get("history_feedback", False)),
     )
     max_len = int(ckpt["max_len"])
     model_dir = Path(repository) / name
@@ -363,7 +386,16 @@ def export_run(
                 if ckpt["model"] == "dien" or cfg["attention_softmax"]
                 else "sigmoid"
             ),
-            **io_signature(len(spec.feature_cardinalities)),
+            **io_signature(spec),
+            "history_feedback": {
+                "input": FEEDBACK_INPUT if spec.history_feedback else None,
+                "values": {
+                    "padding": FEEDBACK_PAD,
+                    "unknown": FEEDBACK_UNKNOWN,
+                    "negative": FEEDBACK_NEGATIVE,
+                    "positive": FEEDBACK_POSITIVE,
+                },
+            },
             "vocabulary": {
                 "file": VOCAB_FILE,
                 "pad_index": 0,

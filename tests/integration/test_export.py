@@ -31,8 +31,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _spec(meta: dict) -> GraphSpec:  # type: ignore[type-arg]
-    v = meta["vocabulary"]
-    return GraphSpec(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]))
+    return GraphSpec.from_metadata(meta)
 
 
 @pytest.mark.parametrize("kind", ["base", "din", "dien"])
@@ -135,3 +134,25 @@ def test_export_of_a_run_without_checkpoint_says_what_to_do(tmp_path: Path) -> N
     with pytest.raises(ExportError, match=r"no checkpoint\.pt; train first"):
         export_run(tmp_path / "nothing-here", tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("kind", ["din", "dien"])
+def test_a_model_with_history_feedback_exports_its_feedback_input(kind: str, tmp_path: Path) -> None:
+    cfg = TrainConfig(dataset="synthetic", synthetic=SMALL, model=kind, out=str(tmp_path / "run"), epochs=1,
+                      max_len=12, batch_size=128, progress=False, cache_dir=str(tmp_path / "cache"),
+                      model_options={"history_feedback": True})  # fmt: skip
+    train(cfg)
+    folder, meta = export_run(tmp_path / "run", tmp_path / "repo")
+    assert [i["name"] for i in meta["inputs"]][-1] == "hist_feedback"
+    assert meta["history_feedback"]["input"] == "hist_feedback"
+    assert max(meta["parity"]["max_abs_diff_probability"], meta["parity"]["max_abs_diff_attention"]) <= 1e-5
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} >= {"hist_feedback"}
+    model, _ = load_checkpoint(tmp_path / "run")
+    feed = random_inputs(np.random.default_rng(3), _spec(meta), [0, 12, 5], [4, 60, 9])
+    prob, att = sess.run(None, feed)
+    ref_p, ref_a = torch_reference(model, feed)
+    np.testing.assert_allclose(prob, ref_p, atol=1e-5)
+    np.testing.assert_allclose(att, ref_a, atol=1e-5)
+    flipped = {**feed, "hist_feedback": np.where(feed["hist_mask"], 5 - feed["hist_feedback"].clip(2), 0)}
+    assert not np.allclose(sess.run(["probability"], flipped)[0], prob)  # liked ↔ not liked changes the scores
