@@ -45,8 +45,15 @@ class Candidate(Item):
     pass
 
 
+Label = Annotated[
+    int,
+    Field(ge=0, le=1, description="the behaviour's outcome: 1 liked/clicked, 0 not; models trained with history "
+                                  "feedback use it, others ignore it"),
+]  # fmt: skip
+
+
 class HistoryItem(Item):
-    pass
+    label: Label | None = None
 
 
 class ScoreRequest(_Input):
@@ -75,7 +82,7 @@ class ScoreResponse(BaseModel):
     user_id: str
     history_source: Literal["store", "request", "none"]
     degraded: bool = False
-    history: list[Item]
+    history: list[HistoryItem]
     scores: list[Score]
 
 
@@ -84,6 +91,7 @@ class Event(_Input):
     item_id: Id
     category_id: Id | None = None
     timestamp: int | None = Field(None, ge=0, description="seconds; the server's clock when omitted")
+    label: Label | None = None
 
 
 class EventsRequest(_Input):
@@ -98,6 +106,7 @@ class StoredBehaviour(BaseModel):
     item_id: str
     category_id: str | None
     timestamp: int
+    label: int | None
 
 
 class HistoryResponse(BaseModel):

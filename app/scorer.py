@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 PAD, OOV = 0, 1
 REQUIRED_INPUTS = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
+FEEDBACK_INPUT = "hist_feedback"  # only in graphs of models trained with history feedback
+# a behaviour's label → the graph's feedback index (models/config.py: FEEDBACK_*); no label → unknown
+FEEDBACK_UNKNOWN, FEEDBACK_NEGATIVE = 1, 2
+
+HistoryEntry = tuple[str, str | None, int | None]  # item id, category id, label (each as the caller gave it)
 
 
 class ModelLoadError(RuntimeError):
@@ -54,6 +59,7 @@ class Encoded:
     cand_items: np.ndarray  # (c,)
     cand_cats: np.ndarray  # (c,)
     unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
+    hist_feedback: np.ndarray | None = None  # (l,) FEEDBACK_* per behaviour; None: all unknown
 
 
 # TF32 matrix products (ONNX Runtime's CUDA default on Ampere and later) drift ≈ 3e-4 from the float32
@@ -113,8 +119,9 @@ class LoadedModel:
             self.graph_file = files["model"]
             self.session = self._session(opts, ["CPUExecutionProvider"])
         names = {i.name for i in self.session.get_inputs()}
-        if names != set(REQUIRED_INPUTS):
+        if names - {FEEDBACK_INPUT} != set(REQUIRED_INPUTS):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
+        self.uses_feedback = FEEDBACK_INPUT in names  # the model reads each history behaviour's label
         self.provider = self.session.get_providers()[0]
         self.self_check_diff: float | None = None
         self.ready_seconds = 0.0  # load + warm-up + self-check, set by load_version
@@ -131,15 +138,18 @@ class LoadedModel:
 
     def encode(
         self,
-        history: list[tuple[str, str | None]],
+        history: list[HistoryEntry],
         user_features: dict[str, str] | None,
         candidates: list[tuple[str, str | None]],
     ) -> Encoded:
         """history most recent first (truncated by the caller); unknown ids → OOV, counted."""
         hist = history[: self.max_history][::-1]  # oldest first
-        h_items = self.items([i for i, _ in hist])
+        h_items = self.items([i for i, _, _ in hist])
         c_items = self.items([i for i, _ in candidates])
-        h_cats = self._categories(h_items, [c for _, c in hist])
+        h_cats = self._categories(h_items, [c for _, c, _ in hist])
+        feedback = np.array(
+            [FEEDBACK_UNKNOWN if y is None else FEEDBACK_NEGATIVE + y for _, _, y in hist], dtype=np.int64
+        )
         c_cats = self._categories(c_items, [c for _, c in candidates])
         feats = user_features or {}
         f_idx = np.array(
@@ -150,7 +160,7 @@ class LoadedModel:
             "category": int((h_cats == OOV).sum() + (c_cats == OOV).sum()),
             "user_feature": int((f_idx == OOV).sum()),
         }
-        return Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown)
+        return Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown, feedback)
 
     def category_of(self, item_id: str) -> str | None:
         """The training data's category of an item (None for items the model never saw)."""
@@ -171,9 +181,11 @@ class LoadedModel:
         hist_items = np.zeros((u, width), dtype=np.int64)
         hist_cats = np.zeros((u, width), dtype=np.int64)
         mask = np.zeros((u, width), dtype=bool)
+        feedback = np.zeros((u, width), dtype=np.int64)
         for row, e in enumerate(batch):
             n = e.hist_items.size
             hist_items[row, :n], hist_cats[row, :n], mask[row, :n] = e.hist_items, e.hist_cats, True
+            feedback[row, :n] = FEEDBACK_UNKNOWN if e.hist_feedback is None else e.hist_feedback
         counts = [e.cand_items.size for e in batch]
         feed = {
             "hist_items": hist_items,
@@ -184,6 +196,8 @@ class LoadedModel:
             "cand_cats": np.concatenate([e.cand_cats for e in batch]),
             "cand_user": np.repeat(np.arange(u, dtype=np.int64), counts),
         }
+        if self.uses_feedback:
+            feed[FEEDBACK_INPUT] = feedback
         prob, att = self.session.run(["probability", "attention"], feed)
         out = []
         start = 0

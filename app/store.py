@@ -28,14 +28,17 @@ class Behaviour:
     item_id: str
     category_id: str | None
     timestamp: int
+    label: int | None = None  # the behaviour's outcome (1 liked/clicked, 0 not), when the caller knows it
 
     def encode(self) -> str:
-        return f"{self.item_id}{SEP}{self.category_id or ''}{SEP}{self.timestamp}"
+        head = f"{self.item_id}{SEP}{self.category_id or ''}{SEP}{self.timestamp}"
+        return head if self.label is None else f"{head}{SEP}{self.label}"
 
     @classmethod
     def decode(cls, raw: str) -> Behaviour:
-        item, cat, ts = raw.split(SEP)
-        return cls(item, cat or None, int(ts))
+        """Three fields (written before labels were kept, or without one) or four."""
+        item, cat, ts, *label = raw.split(SEP)
+        return cls(item, cat or None, int(ts), int(label[0]) if label else None)
 
 
 class BehaviourStore(Protocol):

@@ -32,7 +32,7 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 async def append_events(req: EventsRequest, state: StateDep) -> EventsResponse:
     now = int(time.time())
     events = [
-        (e.user_id, Behaviour(e.item_id, e.category_id, e.timestamp if e.timestamp is not None else now))
+        (e.user_id, Behaviour(e.item_id, e.category_id, e.timestamp if e.timestamp is not None else now, e.label))
         for e in req.events
     ]
     try:
@@ -56,6 +56,7 @@ async def user_history(state: StateDep, user_id: str = Path(min_length=1, max_le
     return HistoryResponse(
         user_id=user_id,
         history=[
-            StoredBehaviour(item_id=b.item_id, category_id=b.category_id, timestamp=b.timestamp) for b in behaviours
+            StoredBehaviour(item_id=b.item_id, category_id=b.category_id, timestamp=b.timestamp, label=b.label)
+            for b in behaviours
         ],
     )

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
 from app.schemas import BAD_BODY, ErrorResponse, ScoreRequest, ScoreResponse
+from app.scorer import HistoryEntry
 from app.state import AppState, StateDep
 from app.store import StoreError
 
@@ -71,7 +72,7 @@ async def score(req: ScoreRequest, state: StateDep, request: Request) -> Respons
         "user_id": req.user_id,
         "history_source": source,
         "degraded": degraded,
-        "history": [{"item_id": i, "category_id": c or model.category_of(i)} for i, c in history],
+        "history": [{"item_id": i, "category_id": c or model.category_of(i), "label": y} for i, c, y in history],
         "scores": scores,
     }
     # orjson directly: FastAPI's generic encoder walks every float (≈ 18 ms for 200 × 50 attention); numpy
@@ -81,13 +82,11 @@ async def score(req: ScoreRequest, state: StateDep, request: Request) -> Respons
     return Response(body, media_type="application/json")
 
 
-async def _history(
-    req: ScoreRequest, state: AppState, max_history: int
-) -> tuple[list[tuple[str, str | None]], str, bool]:
+async def _history(req: ScoreRequest, state: AppState, max_history: int) -> tuple[list[HistoryEntry], str, bool]:
     """The request's own history, else the store's; a store failure degrades to no history (flagged)."""
     degraded = False
     if req.history is not None:
-        history = [(h.item_id, h.category_id) for h in req.history[:max_history]]
+        history = [(h.item_id, h.category_id, h.label) for h in req.history[:max_history]]
     else:
         try:
             stored = await state.store.recent(req.user_id, max_history)
@@ -95,6 +94,6 @@ async def _history(
             state.metrics.store_errors.labels("read").inc()
             state.metrics.degraded.inc()
             stored, degraded = [], True
-        history = [(b.item_id, b.category_id) for b in stored]
+        history = [(b.item_id, b.category_id, b.label) for b in stored]
     source = "none" if not history else "request" if req.history is not None else "store"
     return history, source, degraded

@@ -259,3 +259,71 @@ def test_a_broken_extra_model_is_skipped_and_the_rest_served(model_repository: P
         r = c.post("/score", json={"user_id": "u", "model": "dien", "candidates": [{"item_id": "a"}]})
         assert r.status_code == 404 and "dien" in r.text
         assert c.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def feedback_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository whose `din` was trained with history feedback (each behaviour's label)."""
+    from tests.conftest import SERVICE_SYNTHETIC
+    from training.export import export_run
+    from training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("feedback-models")
+    cfg = TrainConfig(dataset="synthetic", synthetic=SERVICE_SYNTHETIC, model="din", out=str(root / "run"), epochs=1,
+                      max_len=20, batch_size=128, progress=False, cache_dir=str(root / "cache"),
+                      model_options={"history_feedback": True})  # fmt: skip
+    train(cfg)
+    export_run(root / "run", root / "repo")
+    return root
+
+
+def test_stored_labels_reach_a_model_trained_with_history_feedback(feedback_repository: Path, redis_url: str) -> None:
+    """Item ids alone (categories from the model's table) with a label per behaviour: /events stores the
+    labels, /score feeds them to the graph, and the answer equals PyTorch's on the same feedback."""
+    settings = Settings(model_repository=feedback_repository / "repo", default_model="din", redis_url=redis_url)
+    vocab = json.loads((feedback_repository / "repo" / "din" / "1" / "vocab.json").read_text())
+    items, candidates = vocab["items"][:5], vocab["items"][10:30]
+    labels = [1, 0, 1, 1, 0]  # oldest first
+    with TestClient(create_app(settings)) as client:
+        events = [{"user_id": "fb", "item_id": i, "timestamp": 10 + t, "label": y}
+                  for t, (i, y) in enumerate(zip(items, labels, strict=True))]  # fmt: skip
+        assert client.post("/events", json={"events": events}).json() == {"stored": 5}
+        stored = client.get("/users/fb/history").json()["history"]
+        assert [(h["item_id"], h["label"]) for h in stored] == list(zip(items, labels, strict=True))[::-1]
+        body = client.post("/score", json={"user_id": "fb", "candidates": [{"item_id": c} for c in candidates]}).json()
+        assert [h["label"] for h in body["history"]] == labels[::-1]
+        served = [s["probability"] for s in body["scores"]]
+        # the same history sent in the request, labels flipped or left out, scores differently
+        flipped = [{"item_id": i, "label": 1 - y} for i, y in zip(items[::-1], labels[::-1], strict=True)]
+        unlabelled = [{"item_id": i} for i in items[::-1]]
+        scored = {}
+        for name, history in (("flipped", flipped), ("unlabelled", unlabelled)):
+            r = client.post("/score", json={"user_id": "x", "history": history,
+                                            "candidates": [{"item_id": c} for c in candidates]})  # fmt: skip
+            assert r.status_code == 200, r.text
+            scored[name] = [s["probability"] for s in r.json()["scores"]]
+        assert not np.allclose(served, scored["flipped"]) and not np.allclose(served, scored["unlabelled"])
+
+    item_idx = {v: i + 2 for i, v in enumerate(vocab["items"])}
+    cat_idx = {v: i + 2 for i, v in enumerate(vocab["categories"])}
+    feed = {
+        "hist_items": np.array([[item_idx[i] for i in items]]),
+        "hist_cats": np.array([[cat_idx[vocab["item_category"][i]] for i in items]]),
+        "hist_mask": np.ones((1, 5), dtype=bool),
+        "user_feats": np.ones((1, len(vocab["user_features"])), dtype=np.int64),
+        "cand_items": np.array([item_idx[c] for c in candidates]),
+        "cand_cats": np.array([cat_idx[vocab["item_category"][c]] for c in candidates]),
+        "cand_user": np.zeros(len(candidates), dtype=np.int64),
+        "hist_feedback": np.array([[2 + y for y in labels]]),  # FEEDBACK_NEGATIVE + label
+    }
+    model, _ = load_checkpoint(feedback_repository / "run")
+    p_ref, _ = torch_reference(model, feed)
+    np.testing.assert_allclose(served, p_ref, atol=1e-5)
+
+
+def test_labels_are_validated(client: TestClient) -> None:
+    r = client.post("/events", json={"events": [{"user_id": "u", "item_id": "i", "label": 2}]})
+    assert r.status_code == 422 and "label" in r.text
+    r = client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "i"}],
+                                    "history": [{"item_id": "j", "label": True}]})  # fmt: skip
+    assert r.status_code == 422 and "label" in r.text

@@ -10,6 +10,12 @@ def test_encoding_round_trips_with_and_without_category() -> None:
         assert Behaviour.decode(b.encode()) == b
 
 
+def test_encoding_round_trips_labels_and_reads_entries_written_without_one() -> None:
+    for b in (Behaviour("i1", "Drama", 5, 1), Behaviour("i2", None, 6, 0)):
+        assert Behaviour.decode(b.encode()) == b
+    assert Behaviour.decode("i1\x1fDrama\x1f5") == Behaviour("i1", "Drama", 5, None)  # stored before labels
+
+
 def test_memory_store_keeps_most_recent_first_capped() -> None:
     async def main() -> None:
         store = MemoryStore(cap=3, ttl_s=100)
