@@ -39,11 +39,11 @@ demo: $(STAMP)
 	$(PY) -m training.export --run $(RUN_DIR) --repository $(REPOSITORY) --name din
 	$(PY) scripts/demo.py --repository $(REPOSITORY) --model din --port $(PORT)
 
-# The ml-100k recipe (see README: why no user features, history dropout and normalised attention)
+# The ml-100k recipe (see README: why no user features, history dropout, normalised attention and history feedback)
 compare-ml100k: $(STAMP)
 	$(PY) -m training.compare --dataset ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
 		--models base,din,dien --user-features '' --history-dropout 0.7 --attention-softmax \
-		--dien-pooling attention --lr 3e-3 --splits 3 --out runs/compare-ml100k
+		--dien-pooling attention --history-feedback --lr 3e-3 --splits 3 --out runs/compare-ml100k
 
 clean:
 	rm -rf $(VENV) runs .cache
