@@ -25,7 +25,11 @@ class DIN(CTRModel):
 
         Without softmax the weights are sigmoid(score) in (0, 1): their sum keeps the intensity of the
         user's interest, which normalisation would erase (paper §4.3)."""
-        scores = self.activation_unit(query, keys)  # (B, L)
+        unit = self.activation_unit
+        if self.training and not unit.literal and unit.elementwise:  # (not traced: export is in eval mode)
+            scores = unit.packed_scores(query, keys, mask)  # (B, L), only the valid positions computed
+        else:
+            scores = unit(query, keys)  # (B, L)
         if self.cfg.attention_softmax:
             return masked_softmax(scores, mask)
         return torch.sigmoid(scores) * mask

@@ -147,6 +147,8 @@ class ActivationUnit(nn.Module):
         self.first = nn.Linear(4 * dim, hidden[0])
         self.first_activation = make_activation(activation, hidden[0])
         self.rest = MLP(hidden[0], hidden[1:], 1, activation)
+        # no layer uses batch statistics (Dice), so each position's score is its own: packed_scores applies
+        self.elementwise = not any(isinstance(m, Dice) for m in self.modules())
 
     def split_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         """(W_q + W_d, W_k − W_d, W_p), each (H, D)."""
@@ -164,6 +166,19 @@ class ActivationUnit(nn.Module):
         prod_part = (query.unsqueeze(1) * keys) @ w_prod.T  # (B, L, H)
         h = self.first_activation(q_part + key_part + prod_part)  # (B, L, H)
         return self.rest(h).squeeze(-1)  # (B, L)
+
+    def packed_scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """Training's form of ``forward``: the unit runs on the valid positions only, since padding and
+        history dropout leave most of (B, L) empty; padded positions score 0, which the caller masks.
+        The same function and gradients as ``forward`` where every activation is element-wise (Dice's batch
+        statistics would differ, so a unit with Dice keeps the full form)."""
+        rows, cols = mask.nonzero(as_tuple=True)  # (M,) each
+        w_query, w_key, w_prod = self.split_weights()
+        q_part = F.linear(query, w_query, self.first.bias)  # (B, H): once per row
+        k = keys[rows, cols]  # (M, D)
+        z = q_part[rows] + k @ w_key.T + (query[rows] * k) @ w_prod.T  # (M, H)
+        valid = self.rest(self.first_activation(z)).squeeze(-1)  # (M,)
+        return keys.new_zeros(mask.shape).index_put((rows, cols), valid)  # (B, L)
 
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
         if self.literal:

@@ -119,3 +119,32 @@ def test_dien_auxiliary_loss_matches_the_literal_masked_form() -> None:
         assert (a is None) == (b is None)
         if a is not None and b is not None:
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("options", [{}, {"attention_softmax": True}, {"attention_activation": "dice"}])
+def test_din_training_runs_the_activation_unit_on_valid_positions_only(options: dict[str, object]) -> None:
+    """In training the unit skips padded and dropped positions (packed_scores); the loss and every gradient
+    equal the full (B, L) form's. A unit with Dice keeps the full form (its batch statistics would differ)."""
+    cfg = ModelConfig(**{**CFG.to_dict(), **options})
+    torch.manual_seed(3)
+    packed = build_model("din", cfg).train()
+    full = build_model("din", cfg).train()
+    full.load_state_dict(packed.state_dict())
+    full.activation_unit.elementwise = False  # force the (B, L) form
+    inputs = _inputs()
+    inputs["hist_mask"] = inputs["hist_mask"] & (torch.rand(inputs["hist_mask"].shape) > 0.4)  # history dropout
+    outs = []
+    for model in (packed, full):
+        out = model(**inputs)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, torch.tensor([1.0, 0, 1, 0, 1]))
+        loss.backward()
+        outs.append((out, loss))
+    (p_out, p_loss), (f_out, f_loss) = outs
+    assert packed.activation_unit.elementwise == ("attention_activation" not in options)
+    torch.testing.assert_close(p_loss, f_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p_out.attention, f_out.attention, rtol=1e-5, atol=1e-7)
+    assert (p_out.attention[~inputs["hist_mask"]] == 0).all()
+    for (name, a), b in zip(packed.named_parameters(), full.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
