@@ -23,6 +23,34 @@ def test_folded_dice_equals_dice_in_eval() -> None:
     assert isinstance(folded[1], FoldedDice) and isinstance(dice, Dice)  # the original is untouched
 
 
+Batch = dict[str, torch.Tensor]
+
+
+def _trained_and_a_batch(model: torch.nn.Module, feedback: bool = False) -> tuple[Batch, torch.Tensor]:
+    """A few training-mode passes (batch-norm statistics move off their start), then eval mode and a serving
+    batch of 3 users (one with an empty history) and 25 candidates; returns the batch and its history mask."""
+    model.train()
+    for _ in range(3):
+        mask = torch.rand(16, 9) > 0.3
+        extra = {"hist_feedback": torch.randint(2, 4, (16, 9)) * mask} if feedback else {}
+        items, cats = torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask
+        model(items, cats, mask, torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)),
+              torch.randint(1, 5, (16, 1)), **extra)  # fmt: skip
+    model.eval()
+    lengths = torch.tensor([0, 9, 4])
+    mask = torch.arange(9) < lengths[:, None]
+    feed = {
+        "hist_items": torch.randint(2, 40, (3, 9)) * mask,
+        "hist_cats": torch.randint(2, 6, (3, 9)) * mask,
+        "hist_mask": mask,
+        "user_feats": torch.randint(1, 5, (3, 1)),
+        "cand_items": torch.randint(1, 40, (25,)),
+        "cand_cats": torch.randint(1, 6, (25,)),
+        "cand_user": torch.randint(0, 3, (25,)),
+    }
+    return feed, mask
+
+
 @pytest.mark.parametrize(
     ("kind", "options"),
     [
@@ -37,23 +65,7 @@ def test_folded_dice_equals_dice_in_eval() -> None:
 )
 def test_serving_form_equals_the_training_form(kind: str, options: dict[str, object]) -> None:
     model = build_model(kind, ModelConfig(**{**CFG.to_dict(), **options}))
-    model.train()
-    for _ in range(3):
-        mask = torch.rand(16, 9) > 0.3
-        model(torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask, mask,
-              torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)), torch.randint(1, 5, (16, 1)))  # fmt: skip
-    model.eval()
-    lengths = torch.tensor([0, 9, 4])
-    mask = torch.arange(9) < lengths[:, None]
-    feed = {
-        "hist_items": torch.randint(2, 40, (3, 9)) * mask,
-        "hist_cats": torch.randint(2, 6, (3, 9)) * mask,
-        "hist_mask": mask,
-        "user_feats": torch.randint(1, 5, (3, 1)),
-        "cand_items": torch.randint(1, 40, (25,)),
-        "cand_cats": torch.randint(1, 6, (25,)),
-        "cand_user": torch.randint(0, 3, (25,)),
-    }
+    feed, mask = _trained_and_a_batch(model)
     with torch.no_grad():
         p, a = serving_module(model)(**feed)
         p_ref, a_ref = NaiveServing(model)(**feed)
@@ -105,24 +117,7 @@ def test_history_feedback_in_the_serving_form(kind: str) -> None:
     """With history feedback the serving form still equals the training form; the feedback changes the
     scores, and "unknown" feedback scores like no feedback at all."""
     model = build_model(kind, ModelConfig(**{**CFG.to_dict(), "history_feedback": True}))
-    model.train()
-    for _ in range(3):
-        mask = torch.rand(16, 9) > 0.3
-        model(torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask, mask,
-              torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)), torch.randint(1, 5, (16, 1)),
-              hist_feedback=torch.randint(2, 4, (16, 9)) * mask)  # fmt: skip
-    model.eval()
-    lengths = torch.tensor([0, 9, 4])
-    mask = torch.arange(9) < lengths[:, None]
-    feed = {
-        "hist_items": torch.randint(2, 40, (3, 9)) * mask,
-        "hist_cats": torch.randint(2, 6, (3, 9)) * mask,
-        "hist_mask": mask,
-        "user_feats": torch.randint(1, 5, (3, 1)),
-        "cand_items": torch.randint(1, 40, (25,)),
-        "cand_cats": torch.randint(1, 6, (25,)),
-        "cand_user": torch.randint(0, 3, (25,)),
-    }
+    feed, mask = _trained_and_a_batch(model, feedback=True)
     feedback = torch.randint(1, 4, (3, 9)) * mask
     for device in ("cpu", "cuda"):
         serving = serving_module(model, device)
