@@ -59,7 +59,7 @@ class Encoded:
     cand_items: np.ndarray  # (c,)
     cand_cats: np.ndarray  # (c,)
     unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
-    hist_feedback: np.ndarray | None = None  # (l,) FEEDBACK_* per behaviour; None: all unknown
+    hist_feedback: np.ndarray | None = None  # (l,) FEEDBACK_* per behaviour (feedback models); None: all unknown
 
 
 # TF32 matrix products (ONNX Runtime's CUDA default on Ampere and later) drift ≈ 3e-4 from the float32
@@ -147,8 +147,10 @@ class LoadedModel:
         h_items = self.items([i for i, _, _ in hist])
         c_items = self.items([i for i, _ in candidates])
         h_cats = self._categories(h_items, [c for _, c, _ in hist])
-        feedback = np.array(
-            [FEEDBACK_UNKNOWN if y is None else FEEDBACK_NEGATIVE + y for _, _, y in hist], dtype=np.int64
+        feedback = (  # only a model trained with history feedback reads the labels
+            np.array([FEEDBACK_UNKNOWN if y is None else FEEDBACK_NEGATIVE + y for _, _, y in hist], dtype=np.int64)
+            if self.uses_feedback
+            else None
         )
         c_cats = self._categories(c_items, [c for _, c in candidates])
         feats = user_features or {}
@@ -181,11 +183,9 @@ class LoadedModel:
         hist_items = np.zeros((u, width), dtype=np.int64)
         hist_cats = np.zeros((u, width), dtype=np.int64)
         mask = np.zeros((u, width), dtype=bool)
-        feedback = np.zeros((u, width), dtype=np.int64)
         for row, e in enumerate(batch):
             n = e.hist_items.size
             hist_items[row, :n], hist_cats[row, :n], mask[row, :n] = e.hist_items, e.hist_cats, True
-            feedback[row, :n] = FEEDBACK_UNKNOWN if e.hist_feedback is None else e.hist_feedback
         counts = [e.cand_items.size for e in batch]
         feed = {
             "hist_items": hist_items,
@@ -197,6 +197,10 @@ class LoadedModel:
             "cand_user": np.repeat(np.arange(u, dtype=np.int64), counts),
         }
         if self.uses_feedback:
+            feedback = np.zeros((u, width), dtype=np.int64)  # (U, L), padding 0
+            for row, e in enumerate(batch):
+                n = e.hist_items.size
+                feedback[row, :n] = FEEDBACK_UNKNOWN if e.hist_feedback is None else e.hist_feedback
             feed[FEEDBACK_INPUT] = feedback
         prob, att = self.session.run(["probability", "attention"], feed)
         out = []

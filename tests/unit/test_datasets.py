@@ -128,3 +128,9 @@ def test_event_log_folder_of_parts_with_datetime_timestamps(tmp_path: Path) -> N
     pd.DataFrame({"user_id": [1], "item_id": [2], "category_id": [3], "timestamp": ["yesterday-ish"]}).to_csv(bad)
     with pytest.raises(ValueError, match="Unix seconds or date-times"):
         load_event_log(bad)
+
+
+def test_event_log_folder_without_logs_says_so(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a log")
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet or \.csv event log"):
+        load_event_log(tmp_path)
