@@ -98,7 +98,8 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.append(pending)
         self._arrived.set()
         try:
-            return await asyncio.wait_for(pending.future, timeout_s)
+            async with asyncio.timeout(timeout_s):  # cancels the future on expiry, as wait_for did, without a task
+                return await pending.future
         except TimeoutError:
             raise DeadlineExceeded(f"not scored within {1e3 * timeout_s:.0f} ms") from None
 

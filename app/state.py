@@ -65,7 +65,9 @@ class AppState:
         await self.store.close()
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """async although it awaits nothing: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    hop on every request (≈ 0.1–0.2 ms and a wake-up under load, seen in the /score profile)."""
     state: AppState = request.app.state.components
     return state
 

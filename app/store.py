@@ -78,21 +78,24 @@ class RedisStore:
             pipe.ltrim(key, 0, self.cap - 1)
             pipe.expire(key, self.ttl_s)
         try:
-            await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis write failed: {e!r}") from e
         return len(events)
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
         try:
-            raw = await asyncio.wait_for(self.client.lrange(self.key(user_id), 0, limit - 1), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self.client.lrange(self.key(user_id), 0, limit - 1)
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis read failed: {e!r}") from e
         return [Behaviour.decode(r if isinstance(r, str) else r.decode()) for r in raw]
 
     async def ping(self) -> None:
         try:
-            await asyncio.wait_for(self.client.ping(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.ping()
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis unreachable: {e!r}") from e
 
