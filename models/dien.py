@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from models.base import CTRModel, ModelOutput
 from models.config import ModelConfig
-from models.layers import MLP, InterestEvolution, gru_states, masked_softmax
+from models.layers import MLP, InterestEvolution, gru_states, masked_softmax, pack_time_major, valid_first
 
 
 class DIEN(CTRModel):
@@ -31,8 +31,6 @@ class DIEN(CTRModel):
         """behaviours (B, L, D), oldest first and right-padded → interest states (B, L, D).
 
         States at padded positions are never read: attention and the auxiliary loss mask them."""
-        if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            return gru_states(self.extractor, behaviours)  # same GRU, hand-written backward (training)
         states, _ = self.extractor(behaviours)  # (B, L, D)
         return states
 
@@ -40,18 +38,34 @@ class DIEN(CTRModel):
         self, states: Tensor, behaviours: Tensor, neg_items: Tensor, neg_cats: Tensor, mask: Tensor
     ) -> Tensor:
         """h_t must tell the real next behaviour e_{t+1} from a sampled one ê_{t+1} (paper eq. 1), averaged
-        over the steps t whose next behaviour is real (mask[:, t+1]).
-
-        Only those steps are computed (about a quarter of the positions with 50-item histories and history
-        dropout 0.7): they are gathered first, and so are the sampled items' embeddings. The first layer is
-        split, W·[h; e] = W_h·h + W_e·e, so W_h·h_t is computed once for the real and the sampled item."""
-        d = states.shape[-1]
+        over the steps t whose next behaviour is real (mask[:, t+1]). states, behaviours (B, L, D); the
+        sampled items and the mask (B, L)."""
         next_real = torch.zeros_like(mask)  # (B, L): position t has a real behaviour at t+1
         next_real[:, :-1] = mask[:, 1:]
         t = next_real.flatten().nonzero().squeeze(1)  # (N,) flat (b, t) indices into (B·L)
+        return self.auxiliary_loss_at(states, behaviours, neg_items, neg_cats, t, t + 1)
+
+    def packed_auxiliary_loss(
+        self, states: Tensor, behaviours: Tensor, neg_items: Tensor, neg_cats: Tensor, mask: Tensor
+    ) -> Tensor:
+        """The auxiliary loss on the packed time-major form: states, behaviours (S, B, D), the sampled items
+        and the mask (S, B). The next behaviour of packed step t is packed step t+1, when that is kept."""
+        t = mask[1:].flatten().nonzero().squeeze(1)  # (N,) flat (t, b) indices into (S·B)
+        return self.auxiliary_loss_at(states, behaviours, neg_items, neg_cats, t, t + mask.shape[1])
+
+    def auxiliary_loss_at(
+        self, states: Tensor, behaviours: Tensor, neg_items: Tensor, neg_cats: Tensor, t: Tensor, t_next: Tensor
+    ) -> Tensor:
+        """The auxiliary loss over N steps: the state at flat index t (N,) of ``states`` against the real
+        behaviour and the sampled item at flat index t_next (N,), the step after it.
+
+        Only those steps are computed (about a quarter of the positions with 50-item histories and history
+        dropout 0.7), and so are the sampled items' embeddings. The first layer is split,
+        W·[h; e] = W_h·h + W_e·e, so W_h·h_t is computed once for the real and the sampled item."""
+        d = states.shape[-1]
         h_t = states.reshape(-1, d).index_select(0, t)  # (N, D)
-        e_real = behaviours.reshape(-1, d).index_select(0, t + 1)  # (N, D)
-        e_sampled = self.embedding.behaviours(neg_items.flatten()[t + 1], neg_cats.flatten()[t + 1])  # (N, D)
+        e_real = behaviours.reshape(-1, d).index_select(0, t_next)  # (N, D)
+        e_sampled = self.embedding.behaviours(neg_items.flatten()[t_next], neg_cats.flatten()[t_next])  # (N, D)
         w_h, w_e = self.aux_first.weight.split(d, dim=1)
         h_part = F.linear(h_t, w_h, self.aux_first.bias)  # (N, A)
         e_part = torch.stack([e_real, e_sampled]) @ w_e.T  # (2, N, A): real, sampled
@@ -81,6 +95,28 @@ class DIEN(CTRModel):
         neg_cats: Tensor | None = None,  # (B, L)
         hist_feedback: Tensor | None = None,  # (B, L) FEEDBACK_* of each behaviour, when the model uses it
     ) -> ModelOutput:
+        """The packed form in training (gradients on, not exporting), the fixed-shape form otherwise."""
+        training = torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export()
+        form = self.packed_forward if training else self.fixed_shape_forward
+        return form(hist_items, hist_cats, hist_mask, cand_item, cand_cat, user_feats, neg_items, neg_cats,
+                    hist_feedback)  # fmt: skip
+
+    def fixed_shape_forward(
+        self,
+        hist_items: Tensor,  # (B, L)
+        hist_cats: Tensor,  # (B, L)
+        hist_mask: Tensor,  # (B, L) bool
+        cand_item: Tensor,  # (B,)
+        cand_cat: Tensor,  # (B,)
+        user_feats: Tensor,  # (B, F)
+        neg_items: Tensor | None = None,  # (B, L)
+        neg_cats: Tensor | None = None,  # (B, L)
+        hist_feedback: Tensor | None = None,  # (B, L)
+    ) -> ModelOutput:
+        """Every stage on the whole (B, L) grid, masked: the form that eval runs and ONNX export traces.
+
+        The extractor GRU reads every position, so a behaviour dropped inside a history (a hole in the mask)
+        still moves the later interest states; serving never sends such holes."""
         # the auxiliary loss tells real next behaviours from sampled ones on the plain item representation
         # (a sampled item has no feedback); the interest states and the pooling see the feedback
         plain = self.embedding.behaviours(hist_items, hist_cats)  # (B, L, D)
@@ -97,3 +133,45 @@ class DIEN(CTRModel):
         if neg_items is not None and neg_cats is not None:
             aux = self.auxiliary_loss(states, plain, neg_items, neg_cats, hist_mask)
         return ModelOutput(logits, weights, aux)
+
+    def packed_forward(
+        self,
+        hist_items: Tensor,  # (B, L)
+        hist_cats: Tensor,  # (B, L)
+        hist_mask: Tensor,  # (B, L) bool
+        cand_item: Tensor,  # (B,)
+        cand_cat: Tensor,  # (B,)
+        user_feats: Tensor,  # (B, F)
+        neg_items: Tensor | None = None,  # (B, L)
+        neg_cats: Tensor | None = None,  # (B, L)
+        hist_feedback: Tensor | None = None,  # (B, L)
+    ) -> ModelOutput:
+        """Training's form: each row's kept behaviours (hist_mask) are packed to the front in their order,
+        time-major (S, B, ·) with S the longest row's kept count, and every stage runs on S steps, not L.
+
+        A dropped behaviour (history dropout) is absent here, as it is from what serving sees: the extractor
+        GRU does not read it either (the fixed-shape form's GRU would, so it would still move the later
+        interest states), and the next real behaviour of a kept one is the next kept one. So this equals
+        ``fixed_shape_forward`` on the batch with each row's kept behaviours (and their feedback and sampled
+        negatives) moved to the front; on a right-padded batch without holes, the batch itself. The attention
+        comes back at its (B, L) positions, zero on padded and dropped ones."""
+        order = valid_first(hist_mask)  # (S, B): each row's kept positions first
+        mask = pack_time_major(hist_mask, order)  # (S, B)
+        items, cats = pack_time_major(hist_items, order), pack_time_major(hist_cats, order)  # (S, B) each
+        plain = self.embedding.behaviours(items, cats)  # (S, B, D)
+        feedback = None if hist_feedback is None else pack_time_major(hist_feedback, order)  # (S, B)
+        behaviours = self.embedding.with_feedback(plain, feedback)  # (S, B, D)
+        query = self.embedding.behaviours(cand_item, cand_cat)  # (B, D)
+        states = gru_states(self.extractor, behaviours)  # (S, B, D): interest extraction, fused recurrence
+        weights = self.attention(query, states.transpose(0, 1), mask.T)  # (B, S)
+        final = self.evolution.packed_forward(states, weights.T, mask)  # (B, D)
+        pool_w = weights.T if self.cfg.dien_pooling == "attention" else mask.to(behaviours.dtype)  # (S, B)
+        pooled = (pool_w.unsqueeze(-1) * behaviours).sum(0)  # (B, D)
+        user = self.embedding.user(user_feats)  # (B, F·U)
+        logits = self.click_logit(user, query, cand_item, cand_cat, pooled, final)  # (B,)
+        aux = None
+        if neg_items is not None and neg_cats is not None:
+            negatives = pack_time_major(neg_items, order), pack_time_major(neg_cats, order)  # (S, B) each
+            aux = self.packed_auxiliary_loss(states, plain, *negatives, mask)
+        attention = weights.new_zeros(hist_mask.shape).scatter(1, order.T, weights)  # (B, L), back in place
+        return ModelOutput(logits, attention, aux)

@@ -316,19 +316,32 @@ class GatedGRUSequence(torch.autograd.Function):
 
 
 def gru_states(gru: nn.GRU, x: Tensor) -> Tensor:
-    """PyTorch's single-layer batch-first GRU over x (B, L, D) → states (B, L, H), computed by the fused
-    recurrence. Gate order (r, z, n) becomes (u, r, n) with u = 1 − z, i.e. z's pre-activation negated:
-    h' = (1 − z)·n + z·h = h + u·(n − h). The states come back as a (B, L, H) view of time-major memory."""
+    """PyTorch's single-layer GRU over time-major x (L, B, D) → states (L, B, H), computed by the fused
+    recurrence (``gru`` may be batch-first: only its weights are read). Gate order (r, z, n) becomes
+    (u, r, n) with u = 1 − z, i.e. z's pre-activation negated: h' = (1 − z)·n + z·h = h + u·(n − h)."""
     hd = gru.hidden_size
     w_ih, w_hh, b_ih, b_hh = (cast(Tensor, getattr(gru, n)) for n in ("weight_ih_l0", "weight_hh_l0",
                                                                      "bias_ih_l0", "bias_hh_l0"))  # fmt: skip
     w_in = torch.cat([-w_ih[hd : 2 * hd], w_ih[:hd], w_ih[2 * hd :]])  # (3H, D)
     w_rec = torch.cat([-w_hh[hd : 2 * hd], w_hh[:hd], w_hh[2 * hd :]])  # (3H, H)
     b_in = torch.cat([-(b_ih[hd : 2 * hd] + b_hh[hd : 2 * hd]), b_ih[:hd] + b_hh[:hd], b_ih[2 * hd :]])  # (3H,)
-    x_proj = F.linear(x.transpose(0, 1), w_in, b_in)  # (L, B, 3H)
-    ones = x.new_ones(x.shape[1], x.shape[0], 1)  # (L, B, 1)
+    x_proj = F.linear(x, w_in, b_in)  # (L, B, 3H)
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)  # (L, B, 1)
     states: Tensor = GatedGRUSequence.apply(x_proj, ones, w_rec, b_hh[2 * hd :], True)  # (L, B, H)
-    return states.transpose(0, 1)
+    return states
+
+
+def valid_first(mask: Tensor) -> Tensor:
+    """mask (B, L) → order (S, B): row b's valid positions first, in their order (stable), then the others;
+    S = the longest row's valid count, at least 1. ``pack_time_major`` gathers a row's tensors in this order."""
+    steps = max(int(mask.sum(1).max()), 1)
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :steps].T  # (S, B)
+
+
+def pack_time_major(x: Tensor, order: Tensor) -> Tensor:
+    """x (B, L, ...) and order (S, B) from ``valid_first`` → (S, B, ...): step s of row b is x[b, order[s, b]]."""
+    index = order.view(*order.shape, *(1,) * (x.dim() - 2)).expand(*order.shape, *x.shape[2:])  # (S, B, ...)
+    return x.transpose(0, 1).gather(0, index)
 
 
 class InterestEvolution(nn.Module):
@@ -345,9 +358,9 @@ class InterestEvolution(nn.Module):
         With ũ = a·u, a padded step (a = 0) leaves the state unchanged, so right padding is harmless.
         For AIGRU the scaled input still updates the state; the mask is applied to the step instead.
         """
-        inputs = interests * attention.unsqueeze(-1) if self.kind == "aigru" else interests
         if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            return self._train_forward(inputs, attention, mask)
+            return self._train_forward(interests, attention, mask)
+        inputs = interests * attention.unsqueeze(-1) if self.kind == "aigru" else interests
         x_proj = self.cell.input_proj(inputs)  # (B, L, 3H)
         a = attention.unsqueeze(-1)  # (B, L, 1)
         h = interests.new_zeros(interests.shape[0], interests.shape[-1])  # (B, H)
@@ -357,7 +370,7 @@ class InterestEvolution(nn.Module):
             h = torch.where(valid_t, h_next, h) if self.kind == "aigru" else h_next
         return h
 
-    def _train_forward(self, inputs: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
+    def _train_forward(self, interests: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
         """The fused recurrence over each row's valid steps only.
 
         A step whose gate is zero (attention, or the mask for AIGRU) leaves the state exactly unchanged,
@@ -365,12 +378,16 @@ class InterestEvolution(nn.Module):
         each row's valid steps are packed to the front in their order and the recurrence runs for the
         longest row only (≈ 25 of 50 steps with history dropout 0.7); shorter rows are padded with
         zero-gate steps. Same values and gradients as running all L steps (tested)."""
-        gate = mask.to(inputs.dtype) if self.kind == "aigru" else attention  # (B, L), zero where ~mask
-        steps = max(int(mask.sum(1).max()), 1)
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :steps].T  # (S, B): valid first
-        packed = inputs.transpose(0, 1).gather(0, order.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))  # (S, B, H)
-        packed_gate = gate.T.gather(0, order).unsqueeze(-1)  # (S, B, 1)
-        x_proj = self.cell.input_proj(packed)  # (S, B, 3H), time-major
+        order = valid_first(mask)  # (S, B)
+        return self.packed_forward(*(pack_time_major(x, order) for x in (interests, attention, mask)))
+
+    def packed_forward(self, interests: Tensor, attention: Tensor, mask: Tensor) -> Tensor:
+        """Training's form on inputs already packed time-major: interests (S, B, H), attention (S, B) and
+        mask (S, B), each row's valid steps first and zero attention past them → final interest (B, H).
+        The fused recurrence with its hand-written backward; not exportable."""
+        inputs = interests * attention.unsqueeze(-1) if self.kind == "aigru" else interests  # (S, B, H)
+        gate = mask.to(interests.dtype) if self.kind == "aigru" else attention  # (S, B), zero where ~mask
+        x_proj = self.cell.input_proj(inputs)  # (S, B, 3H)
         weight = self.cell.hidden_proj.weight
-        states: Tensor = GatedGRUSequence.apply(x_proj, packed_gate, weight, None, self.kind != "agru")  # (S, B, H)
-        return states[-1]
+        states: Tensor = GatedGRUSequence.apply(x_proj, gate.unsqueeze(-1), weight, None, self.kind != "agru")
+        return states[-1]  # (B, H)

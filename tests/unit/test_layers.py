@@ -122,13 +122,13 @@ def test_config_round_trips() -> None:
 
 def test_fused_gru_matches_torch_gru_values_and_gradients() -> None:
     gru = torch.nn.GRU(5, 4, batch_first=True).double()
-    x = torch.randn(3, 8, 5, dtype=torch.double, requires_grad=True)
+    x = torch.randn(3, 8, 5, dtype=torch.double, requires_grad=True)  # (B, L, D)
     ref, _ = gru(x)
-    fused = gru_states(gru, x)
+    fused = gru_states(gru, x.transpose(0, 1)).transpose(0, 1)  # time-major in and out
     torch.testing.assert_close(fused, ref)
     weights = torch.randn_like(ref)
     params = [x, *gru.parameters()]
     g_ref = torch.autograd.grad((ref * weights).sum(), params)
-    g_fused = torch.autograd.grad((gru_states(gru, x) * weights).sum(), params)
+    g_fused = torch.autograd.grad((fused * weights).sum(), params)
     for got, want in zip(g_fused, g_ref, strict=True):
         torch.testing.assert_close(got, want)

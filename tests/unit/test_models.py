@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import ModelConfig, build_model
+from models.base import ModelOutput
 
 CFG = ModelConfig(n_items=50, n_categories=7, user_feature_cardinalities=(4, 6), item_dim=8, category_dim=4,
                   user_dim=3, mlp_hidden=(16, 8), attention_hidden=(12, 6), aux_hidden=(10, 5))  # fmt: skip
@@ -148,3 +150,105 @@ def test_din_training_runs_the_activation_unit_on_valid_positions_only(options: 
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+DIEN_OPTIONS = [{}, {"evolution": "agru"}, {"evolution": "aigru"}, {"dien_pooling": "attention"},
+                {"history_feedback": True}]  # fmt: skip
+HISTORY_KEYS = ("hist_items", "hist_cats", "hist_feedback", "neg_items", "neg_cats")
+
+
+def _dien_training_inputs(holes: bool) -> dict[str, torch.Tensor]:
+    """_inputs with feedback and sampled negatives; with ``holes``, history dropout on top of the padding
+    (row 1 loses its only behaviour, row 3 its last one)."""
+    x = _inputs()
+    g = torch.Generator().manual_seed(4)
+    mask = x["hist_mask"]
+    x["hist_feedback"] = torch.randint(2, 4, mask.shape, generator=g) * mask
+    x["neg_items"], x["neg_cats"] = torch.randint(2, 50, mask.shape, generator=g), torch.randint(2, 7, mask.shape)
+    if holes:
+        kept = torch.rand(mask.shape, generator=g) > 0.4
+        kept[1, 0], kept[3, -1], kept[2, 0], kept[4, 2] = False, False, True, True
+        x["hist_mask"] = mask & kept
+    return x
+
+
+def _compacted(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each row's kept behaviours (and their feedback and negatives) moved to the front in their order, the
+    rest padding: the batch as it would be had the dropped behaviours never been there."""
+    mask = x["hist_mask"]
+    compact = torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True)  # (B, L) right-padded
+    out = {**x, "hist_mask": compact}
+    for key in HISTORY_KEYS:
+        moved = torch.zeros_like(x[key])
+        moved[compact] = x[key][mask]  # boolean indexing keeps each row's order
+        out[key] = moved
+    return out
+
+
+def _loss_and_grads(
+    model: torch.nn.Module, out: ModelOutput, attention_weights: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """Click loss + auxiliary loss + a weighted sum of the attention (so its gradient is checked too)."""
+    labels = torch.tensor([1.0, 0, 1, 0, 1], dtype=torch.double)
+    assert out.aux_loss is not None
+    loss = (
+        F.binary_cross_entropy_with_logits(out.logits, labels)
+        + out.aux_loss
+        + (out.attention * attention_weights).sum()
+    )
+    return loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+def _assert_same_grads(model: torch.nn.Module, got: tuple, want: tuple) -> None:  # type: ignore[type-arg]
+    for (name, _), a, b in zip(model.named_parameters(), got, want, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("options", DIEN_OPTIONS)
+def test_dien_packed_training_form_equals_the_fixed_shape_form_without_holes(options: dict[str, object]) -> None:
+    """On right-padded histories the packed form (S steps) computes what the fixed-shape form (L steps, the
+    form eval and export run) does: logits, attention, auxiliary loss and every parameter's gradient."""
+    torch.manual_seed(5)
+    model = build_model("dien", ModelConfig(**{**CFG.to_dict(), **options})).double().train()
+    x = _dien_training_inputs(holes=False)
+    w = torch.randn(x["hist_mask"].shape, dtype=torch.double)
+    packed = model(**x)  # gradients on: the packed form
+    fixed = model.fixed_shape_forward(**x)
+    torch.testing.assert_close(packed.logits, fixed.logits)
+    torch.testing.assert_close(packed.attention, fixed.attention)
+    torch.testing.assert_close(packed.aux_loss, fixed.aux_loss)
+    loss, grads = _loss_and_grads(model, packed, w)
+    loss_ref, grads_ref = _loss_and_grads(model, fixed, w)
+    torch.testing.assert_close(loss, loss_ref)
+    _assert_same_grads(model, grads, grads_ref)
+
+
+@pytest.mark.parametrize("options", DIEN_OPTIONS)
+def test_dien_packed_training_form_drops_behaviours_entirely(options: dict[str, object]) -> None:
+    """With history dropout's holes, training sees the history without the dropped behaviours (as serving
+    would): the same logits, losses and gradients as the fixed-shape form on the compacted batch, and the
+    attention at the kept behaviours' own positions (zero elsewhere). The interest extractor no longer reads
+    a dropped behaviour, so the fixed-shape form on the holed batch itself gives other logits."""
+    torch.manual_seed(6)
+    model = build_model("dien", ModelConfig(**{**CFG.to_dict(), **options})).double().train()
+    x = _dien_training_inputs(holes=True)
+    compact = _compacted(x)
+    mask, compact_mask = x["hist_mask"], compact["hist_mask"]
+    w = torch.randn(mask.shape, dtype=torch.double)
+    w_compact = torch.zeros_like(w)
+    w_compact[compact_mask] = w[mask]
+    packed = model(**x)
+    fixed = model.fixed_shape_forward(**compact)
+    torch.testing.assert_close(packed.logits, fixed.logits)
+    torch.testing.assert_close(packed.aux_loss, fixed.aux_loss)
+    assert (packed.attention[~mask] == 0).all()
+    torch.testing.assert_close(packed.attention[mask], fixed.attention[compact_mask])
+    loss, grads = _loss_and_grads(model, packed, w)
+    loss_ref, grads_ref = _loss_and_grads(model, fixed, w_compact)
+    torch.testing.assert_close(loss, loss_ref)
+    _assert_same_grads(model, grads, grads_ref)
+    with torch.no_grad():
+        holed = model.fixed_shape_forward(**x)
+    assert not torch.allclose(holed.logits, packed.logits)
