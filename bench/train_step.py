@@ -2,9 +2,9 @@
 
     python -m bench.train_step --data-dir ../shared/data/ml-100k --model dien --steps 60
 
-The batches are built exactly as ``training.train`` builds them (history dropout, one sampled negative
-per position for DIEN, the mini-batch aware L2 terms), gathered once up front and cycled, so the
-figure is the model's step and not the data pipeline. Prints ms per step (median and quartiles over
+The batches are built exactly as ``training.train`` builds them (history and feedback dropout, one
+sampled negative per position for DIEN, the mini-batch aware L2 terms), gathered once up front and
+cycled, so the figure is the model's step and not the data pipeline. Prints ms per step (median and quartiles over
 the timed steps) and the matching samples/s; ``--profile`` adds a torch.profiler table.
 """
 
@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from training.train import Batch, TensorSamples, TrainConfig, _regularisers, keep_freed_memory, load_data, model_config
+from training.train import (
+    Batch,
+    TensorSamples,
+    TrainConfig,
+    _regularisers,
+    drop_history,
+    keep_freed_memory,
+    load_data,
+    model_config,
+)
 
 
 def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[torch.nn.Module, list[Batch], list[torch.Tensor], list]:
@@ -35,9 +44,7 @@ def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[torch.nn.Module, lis
     batches, labels = [], []
     for rows in perm.split(cfg.batch_size)[:n_batches]:
         batch = train_t.inputs(rows)
-        if cfg.history_dropout > 0:
-            kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout
-            batch["hist_mask"] = batch["hist_mask"] & kept
+        drop_history(batch, cfg, gen)
         if model.uses_negatives:
             neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
             batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
+from models.config import FEEDBACK_UNKNOWN
 from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
 from training.regularization import MiniBatchAwareL2, occurrence_counts
@@ -55,6 +56,7 @@ class TrainConfig:
     mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
     history_dropout: float = 0.0  # drop each history position with this probability while training
+    feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
     patience: int = 2  # epochs without a better validation GAUC before stopping
     eval_batch_size: int = 4096
     threads: int | None = None
@@ -119,6 +121,26 @@ def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
 
 
 Batch = dict[str, Tensor]
+
+
+def drop_feedback(feedback: Tensor, mask: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """feedback (B, L) FEEDBACK_*, mask (B, L) → the feedback with each valid position's replaced by
+    FEEDBACK_UNKNOWN with probability p; padding keeps FEEDBACK_PAD."""
+    unknown = mask & (torch.rand(mask.shape, generator=gen) < p)  # (B, L)
+    return feedback.masked_fill(unknown, FEEDBACK_UNKNOWN)
+
+
+def drop_history(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> None:
+    """Training's noise on a batch's history, in place. History dropout hides each behaviour with probability
+    cfg.history_dropout, so a sample's history stops being a fingerprint of its user. Feedback dropout makes
+    a kept behaviour's feedback "unknown" with probability cfg.feedback_dropout: a serving caller that sends
+    no labels sends "unknown" everywhere, a value that a log with every outcome known never shows in
+    training. Draws from ``gen`` only for a dropout that is on."""
+    if cfg.history_dropout > 0:
+        kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout  # (B, L)
+        batch["hist_mask"] = batch["hist_mask"] & kept
+    if cfg.feedback_dropout > 0:
+        batch["hist_feedback"] = drop_feedback(batch["hist_feedback"], batch["hist_mask"], cfg.feedback_dropout, gen)
 
 
 def _regularisers(
@@ -227,9 +249,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         running, t0 = 0.0, time.perf_counter()
         for step, rows in enumerate(bar, start=1):
             batch = train_t.inputs(rows)
-            if cfg.history_dropout > 0:  # a sample's history stops being a fingerprint of its user
-                kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout
-                batch["hist_mask"] = batch["hist_mask"] & kept
+            drop_history(batch, cfg, gen)
             if model.uses_negatives:
                 neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
                 batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
@@ -312,6 +332,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument("--history-dropout", type=float, default=d.history_dropout,
                    help="training only: drop each history position with this probability")  # fmt: skip
+    p.add_argument("--feedback-dropout", type=float, default=d.feedback_dropout,
+                   help="training only: make a kept behaviour's feedback 'unknown' with this probability")  # fmt: skip
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
@@ -346,6 +368,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         mba_lambda=args.mba_lambda,
         aux_weight=args.aux_weight,
         history_dropout=args.history_dropout,
+        feedback_dropout=args.feedback_dropout,
         patience=args.patience,
         threads=args.threads,
         cache_dir=args.cache_dir or None,
