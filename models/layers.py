@@ -282,7 +282,7 @@ class GatedGRUSequence(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, d_states: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, None]:
         gate, weight, states, gates, cand, hidden = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = ctx.scale_update  # type: ignore[attr-defined]
         steps, batch, hd = cand.shape
@@ -304,14 +304,16 @@ class GatedGRUSequence(torch.autograd.Function):
         dh = d_states.new_zeros(batch, hd)
         for t in reversed(range(steps)):
             dh = torch.add(dh, d_states[t], out=dh_all[t])
-            torch.mul(coef_hidden[t], dh.repeat(1, 3), out=d_hidden[t])  # (B, 3H)
+            torch.mul(coef_hidden[t].view(batch, 3, hd), dh.unsqueeze(1), out=d_hidden[t].view(batch, 3, hd))
             dh = torch.addmm(dh * keep[t], d_hidden[t], weight)
         d_hid = d_hidden.view(steps * batch, 3 * hd)
         d_weight = d_hid.T @ h_prev.reshape(steps * batch, hd)  # (3H, H)
         d_bias = d_hid[:, 2 * hd :].sum(0) if ctx.has_bias else None  # type: ignore[attr-defined]
         d_pre = d_hidden  # the u and r parts are the same; the candidate's has no r factor:
         torch.mul(dh_all, c_n, out=d_pre[..., 2 * hd :])  # (done last: d_hidden is not needed any more)
-        d_gate = (dh_all * (diff * u if scale else diff)).sum(-1, keepdim=True)  # (L, B, 1)
+        d_gate = None  # a constant gate (the plain GRU's ones) needs none
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            d_gate = (dh_all * (diff * u if scale else diff)).sum(-1, keepdim=True)  # (L, B, 1)
         return d_pre, d_gate, d_weight, d_bias, None
 
 
