@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.settings import Spinning
+
 log = logging.getLogger(__name__)
 
 PAD, OOV = 0, 1
@@ -79,8 +81,24 @@ def select_providers(choice: str) -> ProviderList:
     return ["CPUExecutionProvider"]
 
 
+def session_spinning(opts: ort.SessionOptions, spinning: Spinning) -> None:
+    """When ONNX Runtime's pool threads spin for work instead of sleeping (INTRA_OP_SPINNING).
+
+    A DIN run is ≈ 70 small nodes, each a parallel section. In isolation, threads that spin during the run
+    (``in_run``: ``force_spinning_stop`` ends the spinning when the run returns) took 200 × 50 from ≈ 1.6 to
+    ≈ 1.3 ms; ONNX Runtime's own default (``always``) also spins between runs, ≈ 2× the CPU per run at
+    concurrency 1. Through the service on 2 cores, where the event loop needs the second core, ``never``
+    and ``in_run`` measured the same latency and ``never`` used less CPU, so it is the default
+    (bench/README.md)."""
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
+    if spinning == "in_run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+
+
 class LoadedModel:
-    def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> None:
+    def __init__(
+        self, folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: Spinning = "never"
+    ) -> None:
         self.folder = folder
         self.loaded_at = time.time()
         meta_path = folder / "metadata.json"
@@ -107,8 +125,7 @@ class LoadedModel:
         opts.log_severity_level = 3
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        if not spinning:  # the event loop shares these cores: spinning threads would steal its time
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_spinning(opts, spinning)
         providers = select_providers(provider)
         files = self.metadata["files"]
         # DIN ships a CUDA form of its graph (the same function, no host-side branching); older versions do not
@@ -177,7 +194,18 @@ class LoadedModel:
         return np.where(np.array([c is not None for c in given]), explicit, table)
 
     def run(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Score several users in one ONNX Runtime call; per request: probabilities (c,), attention (c, l)."""
+        """Score a batch of requests; per request: probabilities (c,), attention (c, l).
+
+        On CUDA the whole batch is one ONNX Runtime call (a GPU call costs its launches, whatever its size).
+        On CPU each user gets its own call, still within this one executor task: the graph's single-user
+        layout broadcasts the history over the candidates where a several-user call gathers each candidate's
+        user rows, and 8 users × 200 candidates took 14.9 ms as one call against 12.0 ms as 8 (bench/README.md)."""
+        if self.provider != "CUDAExecutionProvider" and len(batch) > 1:
+            return [result for e in batch for result in self._run_users([e])]
+        return self._run_users(batch)
+
+    def _run_users(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One ONNX Runtime call scoring every request of ``batch``."""
         width = max(1, max(e.hist_items.size for e in batch))
         u = len(batch)
         hist_items = np.zeros((u, width), dtype=np.int64)
@@ -257,7 +285,7 @@ class LoadedModel:
 
 
 def load_version(
-    folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: bool = False
+    folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: Spinning = "never"
 ) -> LoadedModel:
     """Load, warm up and self-check one version; any failure is a ModelLoadError saying which and why."""
     model = LoadedModel(folder, provider, intra_op_threads, spinning)

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Spinning = Literal["never", "in_run", "always"]
+
+
+def _spinning_from_bool(value: Any) -> Any:
+    """INTRA_OP_SPINNING=true/false (its first form, a boolean) still means always/never."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
+        value = value.strip().lower() in ("true", "1")
+    if isinstance(value, bool):
+        return "always" if value else "never"
+    return value
 
 
 class Settings(BaseSettings):
@@ -30,8 +41,10 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
     inference_workers: int = Field(1, ge=1, le=64, description="ONNX Runtime runs in flight at once")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per run; 0 = its default")
-    intra_op_spinning: bool = Field(
-        False, description="let ONNX Runtime's idle threads spin (off: they yield the cores)"
+    intra_op_spinning: Annotated[Spinning, BeforeValidator(_spinning_from_bool)] = Field(
+        "never",
+        description="when ONNX Runtime's idle threads spin for work: never (they sleep at once and leave the cores "
+        "to the event loop), in_run (during a run only), always (between runs too); true/false mean always/never",
     )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
     model_poll_interval_s: float = Field(

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.scorer import latest_version, load_version
 from app.settings import Settings
 from tests.conftest import RedisServer
 from training.export import torch_reference
@@ -327,3 +328,27 @@ def test_labels_are_validated(client: TestClient) -> None:
     r = client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "i"}],
                                     "history": [{"item_id": "j", "label": True}]})  # fmt: skip
     assert r.status_code == 422 and "label" in r.text
+
+
+@pytest.mark.parametrize("name", ["din", "dien"])
+def test_a_batch_of_users_scores_as_each_user_alone(model_repository: Path, name: str) -> None:
+    """On CPU the batcher's batch runs one ONNX Runtime call per user (cheaper than one call for all);
+    either way each request's answer is its own: the same as one call holding every user, and as the
+    request scored alone."""
+    vocab = _vocab(model_repository, name)
+    model = load_version(latest_version(model_repository / "repo", name), provider="cpu")
+    items = vocab["items"]
+    batch = [  # users with 0, 3 and 7 behaviours, 5 / 1 / 9 candidates
+        model.encode([(i, None, None) for i in items[:n_hist]], None, [(i, None) for i in items[-n_cand:]])
+        for n_hist, n_cand in ((0, 5), (3, 1), (7, 9))
+    ]
+    per_user = model.run(batch)
+    one_call = model._run_users(batch)
+    for e, (prob, att), (prob_1, att_1) in zip(batch, per_user, one_call, strict=True):
+        alone_prob, alone_att = model.run([e])[0]
+        assert prob.shape == (e.cand_items.size,) and att.shape == (e.cand_items.size, e.hist_items.size)
+        np.testing.assert_allclose(prob, alone_prob, atol=1e-6)
+        np.testing.assert_allclose(prob, prob_1, atol=1e-6)
+        np.testing.assert_allclose(att, att_1, atol=1e-6)
+        np.testing.assert_allclose(att, alone_att, atol=1e-6)
+    model.close()
