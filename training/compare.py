@@ -39,6 +39,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> 
         row["runs"] = len(metrics)
         row["best_epoch"] = [m["best_epoch"] for m in metrics]
         row["train_samples_per_second"] = float(np.mean([m["train_samples_per_second"] for m in metrics]))
+        if all("without_feedback" in m for m in metrics):  # history-feedback models served without labels
+            row["auc_without_feedback"] = float(np.mean([m["without_feedback"]["auc"] for m in metrics]))
         out[name] = row
     if baseline in out:
         for row in out.values():
@@ -48,8 +50,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| model | AUC | GAUC | logloss | RelaImpr | train samples/s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | AUC | GAUC | logloss | RelaImpr | train samples/s | AUC, no labels served |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
 
@@ -59,7 +61,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         rel = f"{100 * r['relaimpr']:+.2f}%" if "relaimpr" in r else "—"
         lines.append(
             f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} | {rel} | "
-            f"{r['train_samples_per_second']:,.0f} |"
+            f"{r['train_samples_per_second']:,.0f} | "
+            + (f"{r['auc_without_feedback']:.4f} |" if "auc_without_feedback" in r else "— |")
         )
     return "\n".join(lines) + "\n"
 

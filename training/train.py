@@ -96,6 +96,12 @@ class TensorSamples:
         self.offsets = torch.arange(max_len)
         self.n = len(s)
 
+    def without_feedback(self) -> TensorSamples:
+        """The same split with every behaviour's feedback unknown (as served to a caller sending no labels)."""
+        blind = copy.copy(self)
+        blind.event_feedback = torch.full_like(self.event_feedback, FEEDBACK_UNKNOWN)
+        return blind
+
     def inputs(self, rows: Tensor) -> dict[str, Tensor]:
         length = self.length[rows]  # (B,)
         mask = self.offsets < length[:, None]  # (B, L)
@@ -288,6 +294,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         "model_config": mcfg.to_dict(),
         "threads": torch.get_num_threads(),
     }
+    if mcfg.history_feedback:  # what a caller that sends no labels gets: every behaviour's feedback unknown
+        metrics["without_feedback"] = _evaluate(model, test_t.without_feedback(), data.test, cfg.eval_batch_size)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS_NAME).write_text(json.dumps({**metrics, "history": history}, indent=2))

@@ -141,7 +141,10 @@ def test_a_model_with_history_feedback_exports_its_feedback_input(kind: str, tmp
     cfg = TrainConfig(dataset="synthetic", synthetic=SMALL, model=kind, out=str(tmp_path / "run"), epochs=1,
                       max_len=12, batch_size=128, progress=False, cache_dir=str(tmp_path / "cache"),
                       model_options={"history_feedback": True})  # fmt: skip
-    train(cfg)
+    metrics = train(cfg).metrics
+    # the test split scored as for a caller that sends no labels: every behaviour's feedback unknown
+    assert set(metrics["without_feedback"]) >= {"auc", "gauc", "logloss"}
+    assert metrics["without_feedback"]["logloss"] != metrics["logloss"]
     folder, meta = export_run(tmp_path / "run", tmp_path / "repo")
     assert [i["name"] for i in meta["inputs"]][-1] == "hist_feedback"
     assert meta["history_feedback"]["input"] == "hist_feedback"
