@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -38,6 +39,7 @@ import numpy as np
 import orjson
 import psutil
 
+from bench import profile
 from bench.inprocess import bench_model, load_version
 
 
@@ -304,6 +306,21 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def profiled_window(pool: Any, job: Job, processes: int, pid: int, out: Path, rate: int = 250) -> dict[str, Any]:
+    """One more window of ``job`` while py-spy samples the server: its CPU per request, by category."""
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / f"profile-{job.mode}-{job.level:g}.txt"
+    seconds = float(max(1, math.ceil(job.seconds)))  # py-spy samples whole seconds; the window lasts as long
+    sampler = profile.record(pid, seconds, raw, rate)
+    window = _window(pool, Job(**{**job.__dict__, "seconds": seconds, "seed": job.seed + 100}), processes)
+    _, err = sampler.communicate(timeout=seconds + 60)
+    if sampler.returncode != 0 or not raw.exists():
+        raise RuntimeError(f"py-spy failed: {err.decode(errors='replace').strip()[-500:]}")
+    requests = round(window["requests_per_second"] * seconds)
+    summary = profile.summarise(raw, rate, requests)
+    return {**summary, "raw": raw.name, "requests_per_second": window["requests_per_second"]}
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Service {report['url']}, model {report['model']} v{report['version']}, {report['candidates']} candidates × "
@@ -334,6 +351,11 @@ def markdown(report: dict[str, Any]) -> str:
         cells = " | ".join(f"{st[k]:.2f}" for k in (*STAGES, "other", "server_total"))
         cpu = f"{s['server']['cpu_ms_per_request']:.2f} | {s['client_cpu_ms_per_request']:.2f}"
         lines.append(f"| {s['mode']} | {s['level']:g} | {cells} | {cpu} |")
+    profiles = {f"c={s['level']:g}": s["profile"] for s in report["steps"] if "profile" in s}
+    if profiles:
+        lines += ["", "What the server's CPU did (`--profile`: py-spy over one more window per step; Python threads "
+                  "only, so ONNX Runtime's own pool thread is not in the inference row):", "",
+                  profile.markdown(profiles).rstrip("\n")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", type=int, default=64,
                    help="open loop: requests in flight per process at most (> QUEUE_LIMIT to see 503s)")  # fmt: skip
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="after each closed-loop step, one more window with py-spy sampling the (local) server: "
+                   "where its CPU goes, per request")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/results/load"))
     args = p.parse_args(argv)
     stop_on_sigterm()
@@ -398,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         ("open", float(r)) for r in args.rates.split(",") if r
     ]
     servers = [server_process(u) for u in urls]
+    if args.profile and (len(servers) != 1 or servers[0] is None or not profile.available()):
+        raise SystemExit("--profile needs py-spy and one server process on this machine")
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
         for mode, level in plan:
@@ -406,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                       connections=args.connections)  # fmt: skip
             measured = run_step(pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers)
             step = {"mode": mode, "level": level, **measured}
+            if args.profile and mode == "closed" and servers[0] is not None:
+                step["profile"] = profiled_window(pool, job, args.processes, servers[0].pid, args.out)
             step["fraction_of_ceiling"] = step["candidates_per_second"] / ceiling_cps
             report["steps"].append(step)
             share = 100 * step["fraction_of_ceiling"]
@@ -418,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
             print("        server ms/request: " + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other"))
                   + f"  | CPU ms/request: server {step['server']['cpu_ms_per_request']:.2f}"
                   f" client {step['client_cpu_ms_per_request']:.2f}")  # fmt: skip
+    profiles = {f"c={s['level']:g}": s["profile"] for s in report["steps"] if "profile" in s}
+    if profiles:
+        print(profile.markdown(profiles))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2))
     (args.out / "load.md").write_text(markdown(report))

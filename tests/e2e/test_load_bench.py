@@ -23,7 +23,7 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         repo = str(model_repository / "repo")
         cmd = [sys.executable, "-m", "bench.load", "--url", url, "--repository", repo,
                "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--concurrency", "1,4",
-               "--rates", "40", "--window", "0.5", "--max-windows", "2", "--processes", "2",
+               "--rates", "40", "--window", "0.5", "--max-windows", "2", "--processes", "2", "--profile",
                "--out", str(out)]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -37,6 +37,12 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
             assert all(stages[k] > 0 for k in ("parse", "store", "encode", "queue", "inference", "serialize"))
             assert stages["server_total"] >= stages["inference"] and stages["other"] >= 0
         assert report["ceiling_candidates_per_second"] > 0
+        for step in report["steps"][:2]:  # closed-loop steps carry py-spy's view of the server's CPU
+            cpu = step["profile"]["cpu_ms_per_request"]
+            assert step["profile"]["requests"] > 0 and cpu["inference (ONNX Runtime)"] > 0
+            assert (out / step["profile"]["raw"]).stat().st_size > 0
+        assert "profile" not in report["steps"][2]
+        assert "| inference (ONNX Runtime) |" in (out / "load.md").read_text()
         assert "| closed | 4 |" in (out / "load.md").read_text() and "| parse |" in (out / "load.md").read_text()
         assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
         stored = redis.Redis.from_url(redis_url).llen("ctr:hist:load-3")

@@ -1,0 +1,101 @@
+"""Where a request's time goes, by sampling the server's stacks with py-spy while load runs.
+
+The per-stage timings of ``/metrics`` (ctr_stage_seconds) say how long each stage took, waiting included;
+a sampling profiler says what the CPU was doing. ``record`` samples every thread of the server process
+(py-spy's raw "collapsed stacks" format); ``summarise`` files each sample under the part of the service
+it belongs to, from the innermost frame outwards, and turns the counts into CPU-ms per request.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# (category, substrings of a frame "function (file:line)"): the innermost frame matching a rule decides
+RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("inference (ONNX Runtime)", ("onnxruntime", "LoadedModel.run", "LoadedModel._run_users")),
+    ("request validation (pydantic)", ("pydantic",)),
+    ("JSON parsing (FastAPI's json.loads)", ("json/",)),
+    ("store read (redis client, decoding)", ("app/store.py", "redis/")),
+    ("feature encoding (id lookup)", ("LoadedModel.encode", "Lookup.", "LoadedModel._categories")),
+    ("metrics (prometheus-client)", ("prometheus_client",)),
+    ("answer building and orjson", ("app/routes/score.py",)),
+    ("batcher and thread hand-off", ("app/batcher.py", "concurrent/futures", "threading.py", "anyio/")),
+    ("HTTP (uvicorn, httptools)", ("uvicorn/", "httptools")),
+    ("framework (FastAPI, Starlette, middleware)", ("fastapi/", "starlette/", "app/middleware.py")),
+)
+WAITING = "waiting for I/O (event loop in epoll)"
+# the event loop's own frame as the innermost one: it is blocked in select/epoll, not running Python
+_WAIT_FRAMES = ("Runner.run (", "BaseEventLoop.run_forever", "_run_once", "select (selectors.py")
+
+
+def _binary() -> str | None:
+    """py-spy from this environment (its venv's bin/, which need not be on PATH), else from PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def available() -> bool:
+    return _binary() is not None
+
+
+def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen[bytes]:
+    """Start sampling ``pid`` (every thread, without pausing it) for ``seconds`` into ``out``."""
+    cmd = [_binary() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, math.ceil(seconds))),
+           "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def categorise(frames: list[str]) -> str:
+    """Frames outermost first (py-spy's order) → the category of the innermost frame that matches."""
+    if frames and frames[-1].startswith(_WAIT_FRAMES):
+        return WAITING
+    for frame in reversed(frames):
+        for category, needles in RULES:
+            if any(n in frame for n in needles):
+                return category
+    return "other Python"
+
+
+def summarise(raw: Path, rate: int, requests: int) -> dict[str, Any]:
+    """Samples per category → CPU-ms per request (busy categories) and share of the busy samples."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        frames = stack.split(";")[1:]  # the first entry names the thread
+        counts[categorise(frames)] += int(n)
+    busy = sum(v for k, v in counts.items() if k != WAITING)
+    per_request = {k: 1e3 * v / rate / max(requests, 1) for k, v in counts.items()}
+    return {
+        "samples": sum(counts.values()),
+        "rate_hz": rate,
+        "requests": requests,
+        "cpu_ms_per_request": {k: per_request[k] for k, _ in counts.most_common() if k != WAITING},
+        "share_of_busy": {k: v / max(busy, 1) for k, v in counts.most_common() if k != WAITING},
+        "waiting_ms_per_request": per_request.get(WAITING, 0.0),
+    }
+
+
+def markdown(profiles: dict[str, dict[str, Any]]) -> str:
+    """One column per profiled step: CPU-ms per request of each category."""
+    steps = list(profiles)
+    categories: list[str] = []
+    for p in profiles.values():
+        categories += [c for c in p["cpu_ms_per_request"] if c not in categories]
+    lines = [
+        "| where (py-spy samples of the server, CPU-ms per request) | " + " | ".join(steps) + " |",
+        "| --- |" + " --- |" * len(steps),
+    ]
+    for c in categories:
+        cells = [f"{profiles[s]['cpu_ms_per_request'].get(c, 0.0):.2f}" for s in steps]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    total = [f"**{sum(profiles[s]['cpu_ms_per_request'].values()):.2f}**" for s in steps]
+    lines.append("| total | " + " | ".join(total) + " |")
+    return "\n".join(lines) + "\n"

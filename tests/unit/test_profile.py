@@ -1,0 +1,50 @@
+"""bench.profile: py-spy's collapsed stacks filed under the service's parts, as CPU-ms per request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.profile import WAITING, categorise, markdown, summarise
+
+LOOP = "Runner.run (asyncio/runners.py:118)"
+HANDLER = "score (app/routes/score.py:45)"
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (["Thread.run (threading.py:982)", "LoadedModel.run (app/scorer.py:190)",
+          "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:395)"], "inference (ONNX Runtime)"),
+        ([LOOP, "solve_dependencies (fastapi/dependencies/utils.py:800)",
+          "TypeAdapter.validate_python (pydantic/type_adapter.py:410)"], "request validation (pydantic)"),
+        ([LOOP, HANDLER, "LoadedModel.encode (app/scorer.py:147)", "Lookup.__call__ (app/scorer.py:44)"],
+         "feature encoding (id lookup)"),
+        ([LOOP, HANDLER, "RedisStore.recent (app/store.py:91)", "StreamWriter.writelines (asyncio/streams.py:346)"],
+         "store read (redis client, decoding)"),
+        ([LOOP, "score (app/routes/score.py:80)"], "answer building and orjson"),
+        ([LOOP], WAITING),
+        (["something (elsewhere.py:1)"], "other Python"),
+    ],
+)  # fmt: skip
+def test_the_innermost_matching_frame_decides(frames: list[str], expected: str) -> None:
+    assert categorise(frames) == expected
+
+
+def test_summarise_turns_samples_into_cpu_ms_per_request(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "thread (1): MainThread;" + LOOP + " 500\n"  # idle: reported apart, not as CPU
+        "thread (2): inference_0;LoadedModel.run (app/scorer.py:190);Session.run (onnxruntime/x.py:1) 300\n"
+        "thread (1): MainThread;" + LOOP + ";TypeAdapter.validate_python (pydantic/type_adapter.py:410) 100\n"
+        "garbage line\n"
+    )
+    s = summarise(raw, rate=100, requests=30)  # 100 Hz: a sample is 10 ms
+    assert s["samples"] == 900
+    assert s["cpu_ms_per_request"] == pytest.approx({"inference (ONNX Runtime)": 100.0,
+                                                     "request validation (pydantic)": 100 / 3})  # fmt: skip
+    assert s["share_of_busy"]["inference (ONNX Runtime)"] == pytest.approx(0.75)
+    assert s["waiting_ms_per_request"] == pytest.approx(500 * 10 / 30)
+    table = markdown({"c=1": s})
+    assert "| inference (ONNX Runtime) | 100.00 |" in table and "| total | **133.33** |" in table
