@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_if_open(settings)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
         state = await AppState.build(settings, metrics)
         state.start()
         app.state.components = state
@@ -31,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.close()
+            sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)
 

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         description="when ONNX Runtime's idle threads spin for work: never (they sleep at once and leave the cores "
         "to the event loop), in_run (during a run only), always (between runs too); true/false mean always/never",
     )
+    gil_switch_interval_ms: float = Field(
+        0.5, gt=0, le=100,
+        description="how long the event loop may hold the GIL while the inference thread waits for it (Python's "
+        "default: 5 ms); the inference thread takes it back after every ONNX Runtime call",
+    )  # fmt: skip
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
     model_poll_interval_s: float = Field(
         0.0, ge=0, description="look for new versions in the repository this often (0: only POST /admin/... loads)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,3 +353,12 @@ def test_a_batch_of_users_scores_as_each_user_alone(model_repository: Path, name
         np.testing.assert_allclose(att, att_1, atol=1e-6)
         np.testing.assert_allclose(att, alone_att, atol=1e-6)
     model.close()
+
+
+def test_the_gil_switch_interval_is_set_while_serving_and_restored(model_repository: Path) -> None:
+    before = sys.getswitchinterval()
+    settings = Settings(model_repository=model_repository / "repo", default_model="din", gil_switch_interval_ms=0.25)
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/healthz").status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.25e-3)
+    assert sys.getswitchinterval() == before
