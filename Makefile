@@ -43,7 +43,8 @@ demo: $(STAMP)
 compare-ml100k: $(STAMP)
 	$(PY) -m training.compare --dataset ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
 		--models base,din,dien --user-features '' --history-dropout 0.7 --attention-softmax \
-		--dien-pooling attention --history-feedback --lr 3e-3 --splits 3 --out runs/compare-ml100k
+		--dien-pooling attention --history-feedback --feedback-dropout 0.2 --lr 3e-3 --splits 3 \
+		--out runs/compare-ml100k
 
 clean:
 	rm -rf $(VENV) runs .cache
