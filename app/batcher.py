@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent requests merged into one inference call (Triton's max_queue_delay idea).
+"""Dynamic batching: concurrent requests merged into one inference task (Triton's max_queue_delay idea).
 
 A request waits in a bounded queue; a batch closes when it holds ``max_candidates`` candidates or its
 oldest request has waited ``max_delay_s``, then runs on a worker thread, off the event loop, and every
@@ -98,9 +98,11 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.append(pending)
         self._arrived.set()
         try:
-            async with asyncio.timeout(timeout_s):  # cancels the future on expiry, as wait_for did, without a task
+            async with asyncio.timeout(timeout_s):  # on expiry the future is cancelled: _collect drops it
                 return await pending.future
         except TimeoutError:
+            if pending.future.done() and not pending.future.cancelled():  # scored in the tick the deadline hit
+                return pending.future.result()
             raise DeadlineExceeded(f"not scored within {1e3 * timeout_s:.0f} ms") from None
 
     async def _loop(self) -> None:

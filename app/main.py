@@ -27,13 +27,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         warn_if_open(settings)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
-        state = await AppState.build(settings, metrics)
-        state.start()
-        app.state.components = state
         try:
-            yield
-        finally:
-            await state.close()
+            state = await AppState.build(settings, metrics)
+            state.start()
+            app.state.components = state
+            try:
+                yield
+            finally:
+                await state.close()
+        finally:  # restored however the service ends, a failed start included
             sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)

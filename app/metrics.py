@@ -24,7 +24,7 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.inference = Histogram("ctr_inference_seconds", "one ONNX Runtime run", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_requests = Histogram("ctr_batch_requests", "requests merged into one run", ["model"],
+        self.batch_requests = Histogram("ctr_batch_requests", "requests merged into one inference task", ["model"],
                                         buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
         self.batch_candidates = Histogram("ctr_batch_candidates", "candidates scored in one run", ["model"],
                                           buckets=SIZE_BUCKETS, registry=r)  # fmt: skip

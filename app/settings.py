@@ -11,11 +11,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Spinning = Literal["never", "in_run", "always"]
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "y", "on", "t"), ("false", "0", "no", "n", "off", "f")
+
+
 def _spinning_from_bool(value: Any) -> Any:
-    """INTRA_OP_SPINNING=true/false (its first form, a boolean) still means always/never."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "false", "0"):
-        value = value.strip().lower() in ("true", "1")
-    if isinstance(value, bool):
+    """INTRA_OP_SPINNING's first form was a boolean: what pydantic read as true/false means always/never."""
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        value = value.strip().lower() in _TRUE
+    if isinstance(value, bool | int) and value in (0, 1):
         return "always" if value else "never"
     return value
 

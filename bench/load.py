@@ -81,7 +81,9 @@ async def _drive(job: Job) -> dict[str, Any]:
     headers = {"Content-Type": "application/json"}
     if job.api_key:
         headers["Authorization"] = f"Bearer {job.api_key}"
-    timeout = aiohttp.ClientTimeout(total=30)
+    # per socket operation, not in total: the wait for a free pooled connection is part of the latency
+    # (open loop past saturation), not a client error
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30)
     async with aiohttp.ClientSession(job.url, connector=connector, headers=headers, timeout=timeout) as client:
 
         async def one(scheduled: float | None = None) -> None:
@@ -312,11 +314,17 @@ def profiled_window(pool: Any, job: Job, processes: int, pid: int, out: Path, ra
     raw = out / f"profile-{job.mode}-{job.level:g}.txt"
     seconds = float(max(1, math.ceil(job.seconds)))  # py-spy samples whole seconds; the window lasts as long
     sampler = profile.record(pid, seconds, raw, rate)
-    window = _window(pool, Job(**{**job.__dict__, "seconds": seconds, "seed": job.seed + 100}), processes)
-    _, err = sampler.communicate(timeout=seconds + 60)
+    try:
+        window = _window(pool, Job(**{**job.__dict__, "seconds": seconds, "seed": job.seed + 100}), processes)
+        _, err = sampler.communicate(timeout=seconds + 60)
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
     if sampler.returncode != 0 or not raw.exists():
-        raise RuntimeError(f"py-spy failed: {err.decode(errors='replace').strip()[-500:]}")
-    requests = round(window["requests_per_second"] * seconds)
+        reason = err.decode(errors="replace")[-500:]
+        raise RuntimeError(f"py-spy failed (it needs ptrace rights on the server process): {reason}")
+    # every answered request cost the server CPU, errors included; client-side failures did not
+    requests = sum(n for status, n in window["statuses"].items() if status.isdigit())
     summary = profile.summarise(raw, rate, requests)
     return {**summary, "raw": raw.name, "requests_per_second": window["requests_per_second"]}
 

@@ -29,9 +29,11 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HTTP (uvicorn, httptools)", ("uvicorn/", "httptools")),
     ("framework (FastAPI, Starlette, middleware)", ("fastapi/", "starlette/", "app/middleware.py")),
 )
-WAITING = "waiting for I/O (event loop in epoll)"
-# the event loop's own frame as the innermost one: it is blocked in select/epoll, not running Python
-_WAIT_FRAMES = ("Runner.run (", "BaseEventLoop.run_forever", "_run_once", "select (selectors.py")
+EVENT_LOOP = "event loop (uvloop's C: sockets, callbacks)"
+# the event loop's run call as the innermost Python frame: the thread is in uvloop's C code, and py-spy
+# (without --idle) reports only threads that are running, so this is CPU, not waiting
+_LOOP_FRAMES = ("Runner.run (", "BaseEventLoop.run_forever", "_run_once")
+NATIVE = "native code (no Python frame)"
 
 
 def _binary() -> str | None:
@@ -53,8 +55,10 @@ def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.P
 
 def categorise(frames: list[str]) -> str:
     """Frames outermost first (py-spy's order) → the category of the innermost frame that matches."""
-    if frames and frames[-1].startswith(_WAIT_FRAMES):
-        return WAITING
+    if not frames:
+        return NATIVE
+    if frames[-1].startswith(_LOOP_FRAMES):
+        return EVENT_LOOP
     for frame in reversed(frames):
         for category, needles in RULES:
             if any(n in frame for n in needles):
@@ -63,7 +67,8 @@ def categorise(frames: list[str]) -> str:
 
 
 def summarise(raw: Path, rate: int, requests: int) -> dict[str, Any]:
-    """Samples per category → CPU-ms per request (busy categories) and share of the busy samples."""
+    """Samples per category → CPU-ms per request and share of the samples (py-spy without --idle samples
+    running threads only, so every sample is CPU)."""
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
@@ -71,15 +76,13 @@ def summarise(raw: Path, rate: int, requests: int) -> dict[str, Any]:
             continue
         frames = stack.split(";")[1:]  # the first entry names the thread
         counts[categorise(frames)] += int(n)
-    busy = sum(v for k, v in counts.items() if k != WAITING)
-    per_request = {k: 1e3 * v / rate / max(requests, 1) for k, v in counts.items()}
+    total = sum(counts.values())
     return {
-        "samples": sum(counts.values()),
+        "samples": total,
         "rate_hz": rate,
         "requests": requests,
-        "cpu_ms_per_request": {k: per_request[k] for k, _ in counts.most_common() if k != WAITING},
-        "share_of_busy": {k: v / max(busy, 1) for k, v in counts.most_common() if k != WAITING},
-        "waiting_ms_per_request": per_request.get(WAITING, 0.0),
+        "cpu_ms_per_request": {k: 1e3 * v / rate / max(requests, 1) for k, v in counts.most_common()},
+        "share": {k: v / max(total, 1) for k, v in counts.most_common()},
     }
 
 

@@ -14,6 +14,12 @@ from models.layers import MLP, InterestEvolution, gru_states, masked_softmax, pa
 
 
 class DIEN(CTRModel):
+    """Two forms of the same network: ``packed_forward`` (training: each row's kept behaviours packed to the
+    front, every stage on the longest row's kept count) and ``fixed_shape_forward`` (eval and ONNX export:
+    the whole masked (B, L) grid). ``forward`` takes the packed form whenever gradients are on and no export
+    is tracing, so a gradient through an eval-mode model (attributions, say) sees a history with holes in
+    its mask compacted; on histories without holes the two forms agree (tested)."""
+
     uses_negatives = True
 
     def __init__(self, cfg: ModelConfig) -> None:

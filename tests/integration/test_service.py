@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.scorer import latest_version, load_version
+from app.scorer import ModelLoadError, latest_version, load_version
 from app.settings import Settings
 from tests.conftest import RedisServer
 from training.export import torch_reference
@@ -355,10 +355,36 @@ def test_a_batch_of_users_scores_as_each_user_alone(model_repository: Path, name
     model.close()
 
 
-def test_the_gil_switch_interval_is_set_while_serving_and_restored(model_repository: Path) -> None:
+def test_the_gil_switch_interval_is_set_while_serving_and_restored(model_repository: Path, tmp_path: Path) -> None:
     before = sys.getswitchinterval()
     settings = Settings(model_repository=model_repository / "repo", default_model="din", gil_switch_interval_ms=0.25)
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200
         assert sys.getswitchinterval() == pytest.approx(0.25e-3)
     assert sys.getswitchinterval() == before
+    broken = Settings(model_repository=tmp_path / "empty", default_model="din", gil_switch_interval_ms=0.25)
+    with pytest.raises(ModelLoadError), TestClient(create_app(broken)):
+        pass
+    assert sys.getswitchinterval() == before  # a failed start restores it too
+
+
+def test_on_cuda_a_batch_is_one_call(model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-user calls are a CPU choice: on CUDA the whole batch goes to ONNX Runtime at once."""
+    model = load_version(latest_version(model_repository / "repo", "din"), provider="cpu")
+    items = _vocab(model_repository, "din")["items"]
+    batch = [model.encode([(i, None, None) for i in items[:3]], None, [(i, None) for i in items[-4:]])] * 3
+    calls: list[int] = []
+    real = model._run_users
+
+    def spy(b: list) -> list:  # type: ignore[type-arg]
+        calls.append(len(b))
+        return real(b)
+
+    monkeypatch.setattr(model, "_run_users", spy)
+    model.run(batch)
+    assert calls == [1, 1, 1]
+    calls.clear()
+    monkeypatch.setattr(model, "provider", "CUDAExecutionProvider")
+    model.run(batch)
+    assert calls == [3]
+    model.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.profile import WAITING, categorise, markdown, summarise
+from bench.profile import EVENT_LOOP, NATIVE, categorise, markdown, summarise
 
 LOOP = "Runner.run (asyncio/runners.py:118)"
 HANDLER = "score (app/routes/score.py:45)"
@@ -24,7 +24,8 @@ HANDLER = "score (app/routes/score.py:45)"
         ([LOOP, HANDLER, "RedisStore.recent (app/store.py:91)", "StreamWriter.writelines (asyncio/streams.py:346)"],
          "store read (redis client, decoding)"),
         ([LOOP, "score (app/routes/score.py:80)"], "answer building and orjson"),
-        ([LOOP], WAITING),
+        ([LOOP], EVENT_LOOP),
+        ([], NATIVE),
         (["something (elsewhere.py:1)"], "other Python"),
     ],
 )  # fmt: skip
@@ -35,16 +36,16 @@ def test_the_innermost_matching_frame_decides(frames: list[str], expected: str) 
 def test_summarise_turns_samples_into_cpu_ms_per_request(tmp_path: Path) -> None:
     raw = tmp_path / "profile.txt"
     raw.write_text(
-        "thread (1): MainThread;" + LOOP + " 500\n"  # idle: reported apart, not as CPU
+        "thread (1): MainThread;" + LOOP + " 500\n"  # uvloop's C code running under the loop's frame
         "thread (2): inference_0;LoadedModel.run (app/scorer.py:190);Session.run (onnxruntime/x.py:1) 300\n"
         "thread (1): MainThread;" + LOOP + ";TypeAdapter.validate_python (pydantic/type_adapter.py:410) 100\n"
+        "thread (3): inference_0 100\n"  # no Python frame at all
         "garbage line\n"
     )
-    s = summarise(raw, rate=100, requests=30)  # 100 Hz: a sample is 10 ms
-    assert s["samples"] == 900
-    assert s["cpu_ms_per_request"] == pytest.approx({"inference (ONNX Runtime)": 100.0,
-                                                     "request validation (pydantic)": 100 / 3})  # fmt: skip
-    assert s["share_of_busy"]["inference (ONNX Runtime)"] == pytest.approx(0.75)
-    assert s["waiting_ms_per_request"] == pytest.approx(500 * 10 / 30)
+    s = summarise(raw, rate=100, requests=50)  # 100 Hz: a sample is 10 ms
+    assert s["samples"] == 1000
+    assert s["cpu_ms_per_request"] == pytest.approx({EVENT_LOOP: 100.0, "inference (ONNX Runtime)": 60.0,
+                                                     "request validation (pydantic)": 20.0, NATIVE: 20.0})  # fmt: skip
+    assert s["share"]["inference (ONNX Runtime)"] == pytest.approx(0.3)
     table = markdown({"c=1": s})
-    assert "| inference (ONNX Runtime) | 100.00 |" in table and "| total | **133.33** |" in table
+    assert "| inference (ONNX Runtime) | 60.00 |" in table and "| total | **200.00** |" in table

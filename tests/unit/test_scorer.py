@@ -38,6 +38,8 @@ def test_select_providers(
         ("never", "never", {"session.intra_op.allow_spinning": "0"}),
         ("true", "always", {"session.intra_op.allow_spinning": "1"}),  # the setting's first, boolean form
         ("False", "never", {"session.intra_op.allow_spinning": "0"}),
+        ("on", "always", {"session.intra_op.allow_spinning": "1"}),
+        ("no", "never", {"session.intra_op.allow_spinning": "0"}),
     ],
 )
 def test_spinning_setting_reaches_the_session(
