@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    StringConstraints,
+    WithJsonSchema,
+)
+from pydantic_core import core_schema
 
 MAX_ID_LENGTH = 128
 
@@ -18,14 +27,26 @@ def _id_from_json(value: Any) -> Any:
 
 ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 _ID_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}
-# no control characters: ids are stored joined by one (app/store.py) and echoed in logs; the JSON schema
-# says what is accepted, integers included (they are read as their decimal string)
-Id = Annotated[
-    str,
-    BeforeValidator(_id_from_json),
-    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN),
-    WithJsonSchema({"anyOf": [_ID_STRING, {"type": "integer"}]}),
-]
+ID_ERROR = f"an id is a string of 1 to {MAX_ID_LENGTH} characters without control characters, or an integer"
+
+
+class _IdSchema:
+    """An id: a string (no control characters: ids are stored joined by one, app/store.py, and echoed in
+    logs) or a JSON integer, read as its decimal string; booleans are not integers here.
+
+    Validated by pydantic-core alone: a union of the string and the integer, reported as one ``id_type``
+    error at the field. A Python ``BeforeValidator`` for the integers cost 0.12 ms of the 0.20 ms that
+    validating a 200-candidate /score request took (bench/README.md), and a plain union would name its
+    branches in every error's location."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        text = core_schema.str_schema(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, strict=True)
+        number = core_schema.no_info_after_validator_function(str, core_schema.int_schema(strict=True))
+        return core_schema.union_schema([text, number], custom_error_type="id_type", custom_error_message=ID_ERROR)
+
+
+Id = Annotated[str, _IdSchema, WithJsonSchema({"anyOf": [_ID_STRING, {"type": "integer"}]})]
 
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 VersionNumber = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]

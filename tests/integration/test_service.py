@@ -127,6 +127,16 @@ def test_bad_requests_get_4xx_naming_the_field(client: TestClient, payload: dict
     assert field in r.text
 
 
+@pytest.mark.parametrize("bad", [True, 1.5, "", "a\u0000", "x" * 129, None, {"id": 1}])
+def test_a_bad_id_is_one_error_at_its_field(client: TestClient, bad: object) -> None:
+    """Every way an id can be wrong gives one error, located at the field and saying what an id is."""
+    r = client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}, {"item_id": bad}]})
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "candidates", 1, "item_id"] and error["type"] == "id_type"
+    assert "string of 1 to 128 characters" in error["msg"]
+
+
 def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
     r = client.post("/score", content=b'{"user_id": "u", "candidates": [', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "json" in r.text.lower()
