@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from app.batcher import BatchStats, DynamicBatcher
+from app.deployment import BoardError, DeploymentBoard, Desired
 from app.metrics import Metrics
 from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, load_version, published_versions
 from app.settings import Settings
@@ -49,6 +50,13 @@ class Conflict(RegistryError):
 
 class LoadFailed(RegistryError):
     status = 422
+
+
+class NotShared(RegistryError):
+    """Applied on this process, but the other processes could not be told (Redis down); this one returns
+    to the shared state at its next sync."""
+
+    status = 503
 
 
 @dataclass(eq=False)
@@ -133,12 +141,23 @@ def user_bucket(model: str, user_id: str) -> float:
     return int.from_bytes(digest, "big") % 10_000 / 100
 
 
+def desired_of(entry: ModelEntry) -> Desired:
+    """The entry's deployment as a shareable document (``Desired``)."""
+    standby = tuple(sorted((v for v in entry.deployments if entry.role(v) == "standby"), key=int))
+    split = None if entry.split is None else (entry.split.version, entry.split.percent)
+    return Desired(entry.primary if entry.pinned else None, split, standby, tuple(entry.activations))
+
+
 class ModelRegistry:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.settings, self.metrics = settings, metrics
+    """Every process's registry; with a ``board`` (Redis) the admin changes are shared with the others."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, board: DeploymentBoard | None = None) -> None:
+        self.settings, self.metrics, self.board = settings, metrics, board
         self.models: dict[str, ModelEntry] = {}
+        self.removed: set[str] = set()  # models unloaded by an admin: polling does not bring them back
+        self.revision: int | None = None  # the board's revision this process has converged on
         self._retiring: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # --- serving ---------------------------------------------------------------------------------
 
@@ -162,10 +181,14 @@ class ModelRegistry:
 
     # --- changes ---------------------------------------------------------------------------------
 
-    async def load(self, name: str, version: int | None = None, activate: bool = True) -> Deployment:
+    async def load(
+        self, name: str, version: int | None = None, activate: bool = True, share: bool = True
+    ) -> Deployment:
         """Load (or reuse) a version; with ``activate`` it becomes the primary and the old one retires.
 
-        Without a version: the newest published one, and the model follows new versions again."""
+        Without a version: the newest published one, and the model follows new versions again. ``share``:
+        publish the change for the other processes (an admin call does; polling, which every process does
+        on its own, does not)."""
         if name not in self.models and not (self.settings.model_repository / name).is_dir():
             raise NotLoaded(f"model {name!r} not found in repository {self.settings.model_repository}")
         entry = self.models.setdefault(name, ModelEntry(name))
@@ -174,6 +197,9 @@ class ModelRegistry:
             if activate:
                 self._activate(entry, dep.version)
                 entry.pinned = version is not None
+            self.removed.discard(name)
+            if share:
+                await self._share(entry)
             return dep
 
     async def load_newest_working(self, name: str) -> Deployment:
@@ -200,10 +226,8 @@ class ModelRegistry:
             if version is None:
                 if name == self.settings.default_model:
                     raise Conflict(f"{name!r} is the default model (DEFAULT_MODEL); it cannot be unloaded")
-                del self.models[name]
-                for dep in entry.deployments.values():
-                    self._retire(dep)
-                log.warning("model %s unloaded", name)
+                self._remove(entry)
+                await self._share(entry, Desired(removed=True))
             else:
                 if version not in entry.deployments:
                     raise NotLoaded(f"model {name!r} has no loaded version {version!r}")
@@ -214,6 +238,7 @@ class ModelRegistry:
                     entry.split = None
                 self._retire(entry.deployments.pop(version))
                 log.warning("model %s v%s unloaded", name, version)
+                await self._share(entry)
             self._publish_info()
 
     async def rollback(self, name: str, version: int | None = None) -> Deployment:
@@ -232,6 +257,7 @@ class ModelRegistry:
             self._activate(entry, dep.version)
             entry.pinned = True
             log.warning("model %s rolled back to v%s", name, dep.version)
+            await self._share(entry)
             return dep
 
     async def set_split(self, name: str, version: int, percent: float) -> Deployment:
@@ -245,6 +271,7 @@ class ModelRegistry:
             log.warning("model %s: %.2f%% of users to v%s, the rest to v%s", name, percent, dep.version,
                         entry.primary)  # fmt: skip
             self._publish_info()
+            await self._share(entry)
             return dep
 
     async def clear_split(self, name: str) -> None:
@@ -252,6 +279,7 @@ class ModelRegistry:
         async with entry.lock:
             entry.split = None
             self._publish_info()
+            await self._share(entry)
 
     # --- polling ---------------------------------------------------------------------------------
 
@@ -264,6 +292,8 @@ class ModelRegistry:
             log.error("polling: %s", e)
             return changes
         for name in names:
+            if name in self.removed:
+                continue
             entry = self.models.get(name)
             try:
                 versions = published_versions(self.settings.model_repository, name)
@@ -283,28 +313,116 @@ class ModelRegistry:
                 continue
             if entry.primary is None or newest > int(entry.primary):
                 try:
-                    dep = await self.load(name, None)
+                    dep = await self.load(name, None, share=False)
                     changes.append(f"{name} v{dep.version} active")
                 except LoadFailed:
                     pass  # logged and counted by _load_locked; the old version keeps serving
         return changes
 
     def start_polling(self, interval_s: float) -> None:
+        self._every(interval_s, "model-poller", self.poll_once)
+
+    # --- sharing between processes ---------------------------------------------------------------
+
+    async def converge(self, name: str, desired: Desired) -> bool:
+        """Make this process serve what ``desired`` says (another process's admin call); True if it changed.
+
+        Versions are loaded before anything moves, as for an admin call; when the primary cannot be loaded
+        here, this process keeps serving what it had (the failure is in GET /models and the metrics)."""
+        if desired.removed:
+            self.removed.add(name)
+            entry = self.models.get(name)
+            if entry is None or name == self.settings.default_model:
+                return False
+            async with entry.lock:
+                self._remove(entry)
+            self._publish_info()
+            return True
+        self.removed.discard(name)
+        if name not in self.models and not (self.settings.model_repository / name).is_dir():
+            log.error("shared deployment names model %s, which is not in %s", name, self.settings.model_repository)
+            return False
+        entry = self.models.setdefault(name, ModelEntry(name))
+        async with entry.lock:
+            if desired_of(entry) == desired:
+                return False
+            primary = await self._load_locked(entry, None if desired.primary is None else int(desired.primary))
+            wanted = {primary.version}
+            split = None
+            if desired.split is not None:
+                dep = await self._load_locked(entry, int(desired.split[0]))
+                split, wanted = TrafficSplit(dep.version, desired.split[1]), wanted | {dep.version}
+            for version in desired.standby:
+                with suppress(LoadFailed, NotLoaded):  # recorded; the rest of the deployment still applies
+                    wanted.add((await self._load_locked(entry, int(version))).version)
+            self._activate(entry, primary.version)
+            entry.pinned, entry.split = desired.primary is not None, split
+            entry.activations = [v for v in desired.activations if v != primary.version] + [primary.version]
+            for version in [v for v in entry.deployments if v not in wanted]:
+                self._retire(entry.deployments.pop(version))
+            self._publish_info()
+            log.warning("model %s follows the shared deployment: primary v%s%s", name, primary.version,
+                        f", v{split.version} for {split.percent:g}% of users" if split else "")  # fmt: skip
+            return True
+
+    async def sync_once(self) -> list[str]:
+        """Converge on the board if its revision moved since the last round; returns the models changed."""
+        if self.board is None or await self.board.revision() == self.revision:
+            return []
+        revision, documents = await self.board.read()
+        changed = []
+        for name in sorted(documents.keys() | self.models.keys()):
+            try:  # a model without a document was never changed by an admin (or Redis lost it): the newest serves
+                if await self.converge(name, documents.get(name, Desired())):
+                    changed.append(name)
+            except (RegistryError, ModelLoadError) as e:  # logged and recorded by _load_locked
+                log.error("model %s: shared deployment not applied here: %s", name, e)
+        self.revision = revision
+        return changed
+
+    async def shared_deployments(self) -> dict[str, Desired]:
+        """Start-up: what the board says (nothing when there is no board or Redis does not answer)."""
+        if self.board is None:
+            return {}
+        try:
+            self.revision, documents = await self.board.read()
+        except BoardError as e:
+            log.error("shared deployment state unreadable, starting from the repository alone: %s", e)
+            return {}
+        return documents
+
+    def start_sync(self, interval_s: float) -> None:
+        self._every(interval_s, "deployment-sync", self.sync_once)
+
+    def _every(self, interval_s: float, name: str, job: Callable[[], Awaitable[list[str]]]) -> None:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(interval_s)
                 try:
-                    for change in await self.poll_once():
-                        log.info("polling: %s", change)
-                except Exception:  # the poller must outlive any one bad round
-                    log.exception("polling round failed")
+                    for change in await job():
+                        log.info("%s: %s", name, change)
+                except BoardError as e:
+                    log.warning("%s: %s", name, e)
+                except Exception:  # the loop must outlive any one bad round
+                    log.exception("%s round failed", name)
 
-        self._poller = asyncio.create_task(loop(), name="model-poller")
+        self._tasks.append(asyncio.create_task(loop(), name=name))
+
+    async def _share(self, entry: ModelEntry, desired: Desired | None = None) -> None:
+        """Publish an admin change (already applied here) for the other processes."""
+        if self.board is None:
+            return
+        try:
+            self.revision = await self.board.publish(entry.name, desired or desired_of(entry))
+        except BoardError as e:
+            self.revision = None  # the next sync round puts this process back on the shared state
+            raise NotShared(f"applied on this process only, the others keep the previous deployment "
+                            f"and this one returns to it at its next sync: {e}") from e  # fmt: skip
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for entry in self.models.values():
             for dep in entry.deployments.values():
                 await dep.batcher.stop()
@@ -373,6 +491,15 @@ class ModelRegistry:
         log.warning("model %s: v%s is the primary now (was %s)", entry.name, version,
                     f"v{previous}" if previous else "none")  # fmt: skip
         self._publish_info()
+
+    def _remove(self, entry: ModelEntry) -> None:
+        """The whole model goes: its versions retire once their requests are answered."""
+        self.models.pop(entry.name, None)
+        self.removed.add(entry.name)
+        for dep in entry.deployments.values():
+            self._retire(dep)
+        entry.deployments.clear()
+        log.warning("model %s unloaded", entry.name)
 
     def _retire(self, dep: Deployment) -> None:
         with suppress(KeyError):

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     model_poll_interval_s: float = Field(
         0.0, ge=0, description="look for new versions in the repository this often (0: only POST /admin/... loads)"
     )
+    deployment_sync_interval_s: float = Field(
+        1.0, ge=0,
+        description="with REDIS_URL: how often this process checks the deployment shared through Redis (admin "
+        "changes made on another worker or replica, kept across restarts); 0: this process neither reads nor "
+        "shares it",
+    )  # fmt: skip
+    deployment_key: str = Field(
+        "ctr:deployment", min_length=1, description="Redis key prefix of the shared deployment (one per service)"
+    )
     api_key: SecretStr | None = Field(
         None, description="bearer key(s), comma-separated, required by /events, /users/* and /admin/*"
     )

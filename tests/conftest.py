@@ -117,6 +117,13 @@ class RedisServer:
             self.proc = None
 
 
+@pytest.fixture
+def repo(model_repository: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's repository (din v1, dien v1), free to publish into."""
+    shutil.copytree(model_repository / "repo", tmp_path / "repo")
+    return tmp_path / "repo"
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

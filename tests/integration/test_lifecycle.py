@@ -21,13 +21,6 @@ from app.settings import Settings
 from training.export import export_run
 
 
-@pytest.fixture
-def repo(model_repository: Path, tmp_path: Path) -> Path:
-    """A private copy of the session's repository (din v1, dien v1), free to publish into."""
-    shutil.copytree(model_repository / "repo", tmp_path / "repo")
-    return tmp_path / "repo"
-
-
 def publish(repo: Path, name: str, version: int, damage: Callable[[Path], None] | None = None) -> Path:
     """Publish a copy of v1 as ``version`` the way the export does: complete in a hidden folder, then rename."""
     staging = repo / name / f".staging-test-{version}"
