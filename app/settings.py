@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Spinning = Literal["never", "in_run", "always"]
@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
     inference_workers: int = Field(1, ge=1, le=64, description="ONNX Runtime runs in flight at once")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per run; 0 = its default")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per run; 0 = its default (one per core), or cores / WORKERS"
+    )
     intra_op_spinning: Annotated[Spinning, BeforeValidator(_spinning_from_bool)] = Field(
         "never",
         description="when ONNX Runtime's idle threads spin for work: never (they sleep at once and leave the cores "
@@ -53,6 +55,11 @@ class Settings(BaseSettings):
         0.5, gt=0, le=100,
         description="how long the event loop may hold the GIL while the inference thread waits for it (Python's "
         "default: 5 ms); the inference thread takes it back after every ONNX Runtime call",
+    )  # fmt: skip
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="scorer processes behind the one port, under uvicorn's supervisor (one process is bound by its "
+        "GIL at ≈ 1.3 cores); more than 1 needs REDIS_URL, and INTRA_OP_THREADS=0 then means cores / WORKERS each",
     )  # fmt: skip
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
     model_poll_interval_s: float = Field(
@@ -76,6 +83,15 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         return value if _split_keys(value) else None  # API_KEY="" (or " , ") means no key, as if unset
+
+    @model_validator(mode="after")
+    def _workers_share_one_store(self) -> Settings:
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"WORKERS={self.workers} needs REDIS_URL: the embedded behaviour store lives inside one process, "
+                "so behaviours posted to one worker would be invisible to the others"
+            )
+        return self
 
     @property
     def api_keys(self) -> list[bytes]:
