@@ -25,7 +25,7 @@ import numpy as np
 from app.batcher import BatchStats, DynamicBatcher
 from app.deployment import BoardError, DeploymentBoard, Desired
 from app.metrics import Metrics
-from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, load_version, published_versions
+from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, load_version, published_versions, session_threads
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,8 @@ class ModelRegistry:
         s = self.settings
         started = time.perf_counter()
         try:
-            model = await asyncio.to_thread(load_version, folder, s.provider, s.intra_op_threads, s.intra_op_spinning)
+            threads = session_threads(s.intra_op_threads, s.workers)
+            model = await asyncio.to_thread(load_version, folder, s.provider, threads, s.intra_op_spinning)
             if model.name != entry.name or model.version != key:
                 raise ModelLoadError(f"{folder}: metadata says {model.name!r} v{model.version}")
         except ModelLoadError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,15 @@ def select_providers(choice: str) -> ProviderList:
     if choice == "cuda":
         raise ModelLoadError(f"PROVIDER=cuda but ONNX Runtime offers only {available}")
     return ["CPUExecutionProvider"]
+
+
+def session_threads(configured: int, processes: int) -> int:
+    """ONNX Runtime's intra-op threads per session: INTRA_OP_THREADS when set. Unset (0), one process keeps
+    ONNX Runtime's default (a thread per core); ``processes`` > 1 (WORKERS) share the cores out, else each
+    process's pool would start a thread per core and the processes oversubscribe them."""
+    if configured or processes == 1:
+        return configured
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def session_spinning(opts: ort.SessionOptions, spinning: Spinning) -> None:
