@@ -57,7 +57,10 @@ class DynamicBatcher(Generic[T, R]):
         queue_limit: int,
         workers: int = 1,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_depth`` gets the number of waiting requests whenever it changes (a gauge's ``set``: read at
+        scrape time instead, it would miss the other processes of a multi-process service)."""
         self._run = run
         self.max_candidates, self.max_delay_s, self.queue_limit = max_candidates, max_delay_s, queue_limit
         self._queue: deque[_Pending[T, R]] = deque()
@@ -65,6 +68,7 @@ class DynamicBatcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(workers)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._on_batch = on_batch
+        self._on_depth = on_depth
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -88,6 +92,7 @@ class DynamicBatcher(Generic[T, R]):
             if not p.future.done():
                 p.future.set_exception(QueueFull("the service is shutting down"))
         self._queue.clear()
+        self._depth_changed()
         self._executor.shutdown(wait=True)
 
     async def submit(self, item: T, size: int, timeout_s: float) -> R:
@@ -96,6 +101,7 @@ class DynamicBatcher(Generic[T, R]):
             raise QueueFull(f"{len(self._queue)} requests already queued")
         pending: _Pending[T, R] = _Pending(item, size, asyncio.get_running_loop().create_future())
         self._queue.append(pending)
+        self._depth_changed()
         self._arrived.set()
         try:
             async with asyncio.timeout(timeout_s):  # on expiry the future is cancelled: _collect drops it
@@ -141,12 +147,18 @@ class DynamicBatcher(Generic[T, R]):
             total += p.size
         if not self._queue:
             self._arrived.clear()
+        self._depth_changed()
         return batch
 
     def _drop_abandoned(self) -> None:
         """Requests whose caller stopped waiting (deadline, disconnect) are not run."""
         if any(p.future.done() for p in self._queue):
             self._queue = deque(p for p in self._queue if not p.future.done())
+            self._depth_changed()
+
+    def _depth_changed(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self._queue))
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()

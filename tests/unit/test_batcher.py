@@ -133,3 +133,24 @@ def test_a_failing_run_fails_only_its_own_requests() -> None:
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_queue_depth_is_reported_on_every_change() -> None:
+    """on_depth follows the queue: up as requests wait, down as a batch takes them or their callers give up."""
+    gate = threading.Event()
+    depths: list[int] = []
+
+    async def main() -> None:
+        b = _batcher(lambda items: [gate.wait(5) and i for i in items], max_delay_s=0, on_depth=depths.append)
+        b.start()
+        running = asyncio.create_task(b.submit(0, 1, 5))
+        await asyncio.sleep(0.05)  # now running, holding the only worker: the next ones wait
+        queued = [asyncio.create_task(b.submit(i, 1, 5)) for i in (1, 2)]
+        with pytest.raises(DeadlineExceeded):
+            await b.submit(3, 1, 0.02)  # gives up while queued; dropped when the next batch forms
+        gate.set()
+        await asyncio.gather(running, *queued)
+        await b.stop()
+
+    asyncio.run(main())
+    assert depths == [1, 0, 1, 2, 3, 2, 0, 0]  # the last 0: stop() emptied the (already empty) queue
