@@ -31,11 +31,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state = await AppState.build(settings, metrics)
             state.start()
             app.state.components = state
+            metrics.serving()
             try:
                 yield
             finally:
                 await state.close()
         finally:  # restored however the service ends, a failed start included
+            metrics.stopped()
             sys.setswitchinterval(switch_interval)
 
     app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)

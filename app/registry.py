@@ -503,18 +503,17 @@ class ModelRegistry:
         log.warning("model %s unloaded", entry.name)
 
     def _retire(self, dep: Deployment) -> None:
-        with suppress(KeyError):
-            self.metrics.queue_depth.remove(dep.model.name, dep.version)
+        self.metrics.remove(self.metrics.queue_depth, dep.model.name, dep.version)
         task = asyncio.create_task(dep.retire(), name=f"retire-{dep.model.name}-{dep.version}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     def _publish_info(self) -> None:
-        info = self.metrics.model_info
-        info.clear()
-        for entry in self.models.values():
-            for version, dep in entry.deployments.items():
-                info.labels(entry.name, version, dep.model.provider, entry.role(version)).set(1)
+        self.metrics.publish_model_info(
+            (entry.name, version, dep.model.provider, entry.role(version))
+            for entry in self.models.values()
+            for version, dep in entry.deployments.items()
+        )
 
     def _batcher(self, model: LoadedModel) -> DynamicBatcher[Encoded, Result]:
         s, metrics = self.settings, self.metrics
@@ -536,6 +535,6 @@ class ModelRegistry:
             queue_limit=s.queue_limit,
             workers=s.inference_workers,
             on_batch=on_batch,
+            on_depth=metrics.queue_depth.labels(model.name, model.version).set,
         )
-        metrics.queue_depth.labels(model.name, model.version).set_function(lambda: batcher.depth)
         return batcher

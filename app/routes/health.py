@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.schemas import ReadyResponse
 from app.state import StateDep
@@ -36,4 +36,4 @@ async def readyz(state: StateDep, response: Response) -> ReadyResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(state: StateDep) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.expose(), media_type=CONTENT_TYPE_LATEST)
