@@ -141,7 +141,8 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 def service_env(repository: Path, redis_url: str | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_REPOSITORY", "DEFAULT_MODEL")}
+    inherited = ("REDIS_URL", "MODEL_REPOSITORY", "DEFAULT_MODEL", "WORKERS", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update({"MODEL_REPOSITORY": str(repository), "DEFAULT_MODEL": "din", **extra})
     if redis_url:
         env["REDIS_URL"] = redis_url
