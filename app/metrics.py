@@ -166,10 +166,14 @@ def sweep_dead_processes(path: Path) -> list[int]:
     """Delete the live-gauge files of processes that no longer exist: a worker killed before its lifespan ended
     (uvicorn's supervisor starts another) would otherwise count in ``ctr_workers`` and the queue depth forever.
     Returns their pids."""
-    pids = {int(m.group(1)) for f in path.iterdir() if (m := _LIVE_GAUGE_FILE.fullmatch(f.name))}
-    dead = sorted(pid for pid in pids if not _alive(pid))
+    files: dict[int, list[Path]] = {}
+    for f in path.iterdir():
+        if m := _LIVE_GAUGE_FILE.fullmatch(f.name):
+            files.setdefault(int(m.group(1)), []).append(f)
+    dead = sorted(pid for pid in files if not _alive(pid))
     for pid in dead:
-        mark_process_dead(pid, str(path))
+        for f in files[pid]:
+            f.unlink(missing_ok=True)  # workers restarted together sweep the same files
         log.warning("metrics: process %d ended without saying so; its live gauges are dropped", pid)
     return dead
 
