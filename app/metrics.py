@@ -98,7 +98,8 @@ class Metrics:
 
         prometheus_client cannot in multiprocess mode: ``remove()`` and ``clear()`` only forget the process's
         child object (and warn) while the series stays in the process's file, exported with its last value.
-        There the series is set to 0 instead, and ``ServedSeries`` leaves such series out of the exposition."""
+        There the series is set to 0 instead, which ``ServedSeries`` reads as gone: a ``ctr_model_info`` at 0, and
+        the series of a (model, version) that no live process has in ``ctr_model_info`` any more."""
         if self.multiprocess_dir is None:
             gauge.remove(*labels)
         else:
