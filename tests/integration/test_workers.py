@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from tests.conftest import RedisServer, free_port, service_env, start_service, stop_process
+from tests.integration.test_lifecycle import publish
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORED = 'ctr_scored_requests_total{model="din",version="1"}'
@@ -169,3 +170,28 @@ def test_a_worker_that_cannot_start_stops_the_service(model_repository: Path, re
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 3  # uvicorn's start-up failure, as with one process
     assert "cannot load the model" in proc.stderr
+
+
+def test_an_admin_rollback_sent_to_one_worker_reaches_the_other(repo: Path, redis_url: str, tmp_path: Path) -> None:
+    publish(repo, "din", 2)
+    env = service_env(repo, redis_url, WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+                      DEPLOYMENT_SYNC_INTERVAL_S="0.1")  # fmt: skip
+    (tmp_path / "metrics").mkdir()
+    proc, url = start_service(env, ROOT)
+    try:
+        _wait_for_workers(url, 2)
+        service = Service(url, tmp_path / "metrics")
+        admin, other = sorted(_worker_pids(service.metrics_dir))
+        body = {"user_id": "r", "candidates": [{"item_id": "x"}]}
+        with _only(service, other):
+            assert httpx.post(f"{url}/score", json=body, timeout=10).json()["version"] == "2"
+        with _only(service, admin):
+            r = httpx.post(f"{url}/admin/models/din/rollback", json={"version": 1}, timeout=30)
+            assert r.status_code == 200 and r.json()["primary"] == "1"
+        deadline = time.monotonic() + 30
+        with _only(service, other):
+            while httpx.post(f"{url}/score", json=body, timeout=10).json()["version"] != "1":
+                assert time.monotonic() < deadline, "the other worker never rolled back"
+                time.sleep(0.05)
+    finally:
+        stop_process(proc)
