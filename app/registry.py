@@ -158,6 +158,7 @@ class ModelRegistry:
         self.revision: int | None = None  # the board's revision this process has converged on
         self._retiring: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     # --- serving ---------------------------------------------------------------------------------
 
@@ -396,7 +397,10 @@ class ModelRegistry:
 
     def _every(self, interval_s: float, name: str, job: Callable[[], Awaitable[list[str]]]) -> None:
         async def loop() -> None:
-            while True:
+            # the flag as well as the cancellation: redis-py 8 loses a cancellation that arrives during some
+            # commands (the command returns normally), and a loop waiting for CancelledError alone ran on while
+            # close() waited for it (a hung shutdown, seen in the shared-deployment tests)
+            while not self._closing:
                 await asyncio.sleep(interval_s)
                 try:
                     for change in await job():
@@ -420,6 +424,7 @@ class ModelRegistry:
                             f"and this one returns to it at its next sync: {e}") from e  # fmt: skip
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

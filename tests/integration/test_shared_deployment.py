@@ -115,8 +115,8 @@ def test_deployment_documents_round_trip_and_bad_ones_are_ignored(redis_url: str
     assert Desired.from_json(Desired(removed=True).to_json()).removed
     with pytest.raises(ValueError, match="unreadable"):
         Desired.from_json('{"split": {"percent": 3}}')
-    client = redis.Redis.from_url(redis_url)
-    client.hset("ctr:deployment:models", "din", "not json")
-    client.incr("ctr:deployment:revision")
+    with redis.Redis.from_url(redis_url) as client:
+        client.hset("ctr:deployment:models", "din", "not json")
+        client.incr("ctr:deployment:revision")
     with _app(repo, redis_url) as c:  # logged, ignored: the newest version serves
         assert _status(c)["primary"] == "1"
