@@ -9,6 +9,7 @@ it belongs to, from the innermost frame outwards, and turns the counts into CPU-
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ EVENT_LOOP = "event loop (uvloop's C: sockets, callbacks)"
 # (without --idle) reports only threads that are running, so this is CPU, not waiting
 _LOOP_FRAMES = ("Runner.run (", "BaseEventLoop.run_forever", "_run_once")
 NATIVE = "native code (no Python frame)"
+_PROCESSES = re.compile(r'^(?:process \d+:"[^"]*";)*')
 
 
 def _binary() -> str | None:
@@ -47,9 +49,11 @@ def available() -> bool:
 
 
 def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen[bytes]:
-    """Start sampling ``pid`` (every thread, without pausing it) for ``seconds`` into ``out``."""
+    """Start sampling ``pid`` and its child processes (a WORKERS supervisor's workers), every thread, without
+    pausing them, for ``seconds`` into ``out``."""
     cmd = [_binary() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, math.ceil(seconds))),
-           "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)]  # fmt: skip
+           "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking", "--subprocesses",
+           "--output", str(out)]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -74,7 +78,8 @@ def summarise(raw: Path, rate: int, requests: int) -> dict[str, Any]:
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
-        frames = stack.split(";")[1:]  # the first entry names the thread
+        # --subprocesses puts the process chain first (its command lines may hold ";"), then the thread
+        frames = _PROCESSES.sub("", stack).split(";")[1:]
         counts[categorise(frames)] += int(n)
     total = sum(counts.values())
     return {

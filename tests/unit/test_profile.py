@@ -49,3 +49,17 @@ def test_summarise_turns_samples_into_cpu_ms_per_request(tmp_path: Path) -> None
     assert s["share"]["inference (ONNX Runtime)"] == pytest.approx(0.3)
     table = markdown({"c=1": s})
     assert "| inference (ONNX Runtime) | 60.00 |" in table and "| total | **200.00** |" in table
+
+
+def test_samples_of_several_worker_processes_are_filed_the_same_way(tmp_path: Path) -> None:
+    """py-spy --subprocesses (a WORKERS supervisor) puts the process chain first; command lines may hold ';'."""
+    supervisor = 'process 10:"python -m app --port 8000"'
+    worker = 'process 11:"python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)"'
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        f"{supervisor};{worker};thread (11): MainThread;" + LOOP + ";TypeAdapter.validate_python (pydantic/t.py:4) 30\n"
+        f"{supervisor};{worker};thread (12): inference_0;LoadedModel.run (app/scorer.py:190) 70\n"
+    )
+    s = summarise(raw, rate=100, requests=10)
+    assert s["cpu_ms_per_request"] == pytest.approx({"request validation (pydantic)": 30.0,
+                                                     "inference (ONNX Runtime)": 70.0})  # fmt: skip
