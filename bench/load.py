@@ -297,15 +297,20 @@ def server_process(url: str, pid: int | None = None) -> psutil.Process | None:
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
     port = urlparse(url).port or 80
-    listening = {c.pid for c in psutil.net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}  # fmt: skip
-    # with WORKERS, the supervisor and every worker hold the listening socket: take the supervisor, whose
-    # children are the workers (their CPU is summed, py-spy follows them)
-    for pid in listening:
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).ppid() not in listening:
-                return psutil.Process(pid)
-    return None
+    found = next((c.pid for c in psutil.net_connections(kind="tcp") if c.pid and _listens(c, port)), None)
+    if found is None:
+        return None
+    # with WORKERS, the supervisor and every worker hold the listening socket, and the system table names only
+    # one of them: go up to the supervisor, whose children are the workers (their CPU is summed, py-spy follows)
+    proc = psutil.Process(found)
+    with contextlib.suppress(psutil.Error):
+        while (parent := proc.parent()) is not None and any(_listens(c, port) for c in parent.net_connections("tcp")):
+            proc = parent
+    return proc
+
+
+def _listens(conn: Any, port: int) -> bool:
+    return bool(conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port)
 
 
 def stop_on_sigterm() -> None:

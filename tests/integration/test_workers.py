@@ -126,6 +126,16 @@ def test_requests_to_either_worker_are_counted_once(service: Service) -> None:
     assert re.search(r'^ctr_queue_depth\{model="din",version="1"\} 0\.0$', text, re.M)
 
 
+def test_the_load_benchmark_measures_the_supervisor_and_all_its_workers(service: Service) -> None:
+    """The system's socket table names one holder of the shared listening socket, a worker: bench.load's CPU
+    figures and py-spy must take the supervisor, whose children are every worker."""
+    from bench.load import server_process
+
+    server = server_process(service.url)
+    assert server is not None and server.cmdline()[1:3] == ["-m", "app"]
+    assert _worker_pids(service.metrics_dir) <= {p.pid for p in server.children()}
+
+
 def test_behaviours_posted_to_one_worker_are_seen_by_the_other(service: Service) -> None:
     writer, reader = sorted(_worker_pids(service.metrics_dir))
     events = [{"user_id": "shared", "item_id": f"h{i}", "category_id": "c"} for i in range(3)]
