@@ -191,6 +191,26 @@ def bench_model(
     return result
 
 
+class CeilingProbe:
+    """The serving graph's in-process rate, measured again and again in one session (bench.load times it
+    between its windows: this machine's speed halves and recovers within tens of seconds, so a window is only
+    comparable with the ceiling measured just before and just after it)."""
+
+    def __init__(self, repository: Path, name: str, candidates: int, history: int, threads: int, provider: str) -> None:
+        folder, meta = load_version(repository, name, None)
+        cuda = provider != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+        key = "model_cuda" if cuda and "model_cuda" in meta["files"] else "model"  # what the service runs
+        self.session = make_session(folder / meta["files"][key], provider, threads)
+        self.feed = random_inputs(np.random.default_rng(0), GraphSpec.from_metadata(meta), [history], [candidates])
+        self.candidates = candidates
+        time_calls(self.session, self.feed, 0.2, 5)  # warm-up
+
+    def __call__(self, seconds: float = 1.5) -> float:
+        """Candidates per second over at least ``seconds`` of back-to-back calls."""
+        times = time_calls(self.session, self.feed, seconds, 10)
+        return float(self.candidates / times.mean())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, required=True)

@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ import orjson
 import psutil
 
 from bench import profile
-from bench.inprocess import bench_model, load_version
+from bench.inprocess import CeilingProbe, bench_model, load_version
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,8 @@ def _window(pool: Any, job: Job, processes: int, urls: tuple[str, ...] = ()) -> 
     ok = int(lat.size)
     pct = {f"p{q}_ms": float(1e3 * np.percentile(lat, q)) if ok else float("nan") for q in (50, 90, 95, 99)}
     return {
+        "requests": ok,
+        "wall_seconds": wall,
         "requests_per_second": ok / wall,
         "candidates_per_second": ok * job.candidates / wall,
         **pct,
@@ -225,36 +228,57 @@ def run_step(
     server: psutil.Process | None = None,
     replicas: tuple[str, ...] = (),
     replica_servers: list[psutil.Process | None] | None = None,
+    ceiling: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """Windows until two agree within 10%; the server's view summed over ``replicas`` (default: job.url)."""
+    """Windows until two agree within 10%; the server's view summed over ``replicas`` (default: job.url).
+
+    With ``ceiling`` (the in-process rate, measured while the service idles), it is measured before the first
+    window and after every window, and each window's throughput is set against the mean of the two beside it
+    (``fraction_of_ceiling``): on these shared machines the speed can halve and recover within a minute."""
     urls = replicas or (job.url,)
     servers = replica_servers if replica_servers is not None else [server]
     before = _server_counters(urls)
-    cpu_before, wall_before = _cpu_seconds(servers), time.perf_counter()
     windows = []
+    server_cpu = server_wall = 0.0  # over the windows only, not the ceiling measurements between them
+    last_ceiling = ceiling() if ceiling is not None else None
     for w in range(max_windows):
-        windows.append(_window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes, urls))
+        cpu0, wall0 = _cpu_seconds(servers), time.perf_counter()
+        window = _window(pool, Job(**{**job.__dict__, "seed": job.seed + w}), processes, urls)
+        server_cpu += _cpu_seconds(servers) - cpu0
+        server_wall += time.perf_counter() - wall0
+        if ceiling is not None and last_ceiling is not None:
+            after = ceiling()
+            window["ceiling_candidates_per_second"] = (last_ceiling + after) / 2
+            window["fraction_of_ceiling"] = window["candidates_per_second"] / window["ceiling_candidates_per_second"]
+            last_ceiling = after
+        windows.append(window)
         if len(windows) >= 2:
             a, b = windows[-2]["requests_per_second"], windows[-1]["requests_per_second"]
             if a > 0 and abs(a - b) / a <= 0.10:
                 break
-    after = _server_counters(urls)
-    server_cores = (_cpu_seconds(servers) - cpu_before) / (time.perf_counter() - wall_before)
-    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    after_counters = _server_counters(urls)
+    d = {k: after_counters[k] - before.get(k, 0.0) for k in after_counters}
     step = dict(windows[-1])
     step["windows"] = len(windows)
+    step["window_detail"] = [
+        {k: w[k] for k in ("requests_per_second", "candidates_per_second", "ceiling_candidates_per_second",
+                           "fraction_of_ceiling", "p99_ms") if k in w}
+        for w in windows
+    ]  # fmt: skip
     step["stable"] = len(windows) >= 2 and abs(windows[-2]["requests_per_second"] - step["requests_per_second"]) <= (
         0.10 * max(windows[-2]["requests_per_second"], 1e-9)
     )
+    requests = sum(w["requests"] for w in windows)
     step["server"] = {
         "mean_requests_per_batch": d["ctr_batch_requests_sum"] / max(d["ctr_batch_requests_count"], 1),
         "mean_candidates_per_batch": d["ctr_batch_candidates_sum"] / max(d["ctr_batch_requests_count"], 1),
         "mean_queue_wait_ms": 1e3 * d["ctr_queue_wait_seconds_sum"] / max(d["ctr_queue_wait_seconds_count"], 1),
         "mean_inference_ms": 1e3 * d["ctr_inference_seconds_sum"] / max(d["ctr_inference_seconds_count"], 1),
         "stages_ms": stage_breakdown(d),
-        # CPU the server process used, in cores, and per answered request (client's: client_cpu)
-        "cpu_cores": server_cores,
-        "cpu_ms_per_request": 1e3 * server_cores / max(step["requests_per_second"], 1e-9),
+        # CPU the server processes used during the windows, in cores, and per answered request (client's:
+        # client_cpu)
+        "cpu_cores": server_cpu / max(server_wall, 1e-9),
+        "cpu_ms_per_request": 1e3 * server_cpu / max(requests, 1),
     }
     step["client_cpu_ms_per_request"] = 1e3 * step["client_cpu"] / max(step["requests_per_second"], 1e-9)
     return step
@@ -344,8 +368,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Service {report['url']}, model {report['model']} v{report['version']}, {report['candidates']} candidates × "
         f"{report['history']} history, attention {'on' if report['attention'] else 'off'}; in-process ceiling "
-        f"{report['ceiling_candidates_per_second']:,.0f} candidates/s at the start, measured again after every step "
-        "(a step's % is of the mean of the ceilings before and after it).",
+        f"{report['ceiling_candidates_per_second']:,.0f} candidates/s at the start; measured again between windows "
+        "(a step's % is its last window's throughput over the mean of the ceilings measured just before and "
+        "after that window).",
         "",
         "| mode | level | req/s | cand/s | ceiling | % ceiling | p50 ms | p90 | p95 | p99 | errors | req/batch "
         "| queue ms "
@@ -434,14 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     seed_users(urls[0], args.users, args.history, items, args.api_key)  # replicas share the store
     cores = os.cpu_count() or 1
 
-    def measure_ceiling() -> dict[str, Any]:
-        """The in-process ceiling, measured while the service idles between steps: this machine's speed
-        drifts by tens of percent within minutes, so each step is compared with the ceilings beside it."""
-        return bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
-
-    ceiling = measure_ceiling()
+    ceiling = bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
     ceiling_cps = ceiling["serving"]["candidates_per_second"]
     print(f"in-process ceiling: {ceiling_cps:,.0f} candidates/s ({ceiling['serving']['provider']})")
+    probe = CeilingProbe(args.repository, args.name, args.candidates, args.history, cores, "auto")
     report: dict[str, Any] = {
         "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
         "history": args.history, "attention": not args.no_attention, "processes": args.processes, "replicas": len(urls),
@@ -459,14 +480,11 @@ def main(argv: list[str] | None = None) -> None:
             job = Job(urls[0], mode, level, args.window, args.users, tuple(items), args.candidates,
                       not args.no_attention, seed=len(report["steps"]) + 1, api_key=args.api_key,
                       connections=args.connections)  # fmt: skip
-            measured = run_step(pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers)
+            measured = run_step(pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers,
+                                ceiling=probe)  # fmt: skip
             step = {"mode": mode, "level": level, **measured}
             if args.profile and mode == "closed" and servers[0] is not None:
                 step["profile"] = profiled_window(pool, job, args.processes, servers[0].pid, args.out)
-            after = measure_ceiling()["serving"]["candidates_per_second"]
-            step["ceiling_candidates_per_second"] = (ceiling_cps + after) / 2  # the ceilings before and after
-            step["fraction_of_ceiling"] = step["candidates_per_second"] / step["ceiling_candidates_per_second"]
-            ceiling_cps = after
             report["steps"].append(step)
             share = 100 * step["fraction_of_ceiling"]
             batch = step["server"]["mean_requests_per_batch"]

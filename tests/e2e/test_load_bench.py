@@ -32,6 +32,14 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         for step in report["steps"]:
             assert step["requests_per_second"] > 0 and step["errors"] == {}
             assert step["p50_ms"] <= step["p99_ms"] and step["fraction_of_ceiling"] > 0
+            # every window set against the ceilings measured just before and after it; the step is its last
+            last = step["window_detail"][-1]
+            assert len(step["window_detail"]) == step["windows"] and all(
+                w["ceiling_candidates_per_second"] > 0 for w in step["window_detail"]
+            )
+            assert step["fraction_of_ceiling"] == last["fraction_of_ceiling"]
+            assert step["fraction_of_ceiling"] == last["candidates_per_second"] / last["ceiling_candidates_per_second"]
+            assert step["server"]["cpu_ms_per_request"] > 0
             assert step["server"]["mean_requests_per_batch"] >= 1 and step["client_cpu"] > 0
             stages = step["server"]["stages_ms"]
             assert all(stages[k] > 0 for k in ("parse", "store", "encode", "queue", "inference", "serialize"))
