@@ -65,8 +65,9 @@ class DynamicBatcher(Generic[T, R]):
         self.max_candidates, self.max_delay_s, self.queue_limit = max_candidates, max_delay_s, queue_limit
         self._queue: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(workers)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._slots = asyncio.Semaphore(max(1, workers))
+        # workers=0: batches run on the event loop's own thread, one at a time (no hand-off between threads)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference") if workers else None
         self._on_batch = on_batch
         self._on_depth = on_depth
         self._loop_task: asyncio.Task[None] | None = None
@@ -93,7 +94,8 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_exception(QueueFull("the service is shutting down"))
         self._queue.clear()
         self._depth_changed()
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     async def submit(self, item: T, size: int, timeout_s: float) -> R:
         """Queue ``item`` (``size`` candidates) and wait for its result."""
@@ -163,9 +165,11 @@ class DynamicBatcher(Generic[T, R]):
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run, [p.item for p in batch]
-            )
+            items = [p.item for p in batch]
+            if self._executor is None:
+                results = self._run(items)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
         except Exception as e:  # the batch fails alone; the loop keeps serving

@@ -154,3 +154,33 @@ def test_queue_depth_is_reported_on_every_change() -> None:
 
     asyncio.run(main())
     assert depths == [1, 0, 1, 2, 3, 2, 0, 0]  # the last 0: stop() emptied the (already empty) queue
+
+
+def test_without_workers_batches_run_on_the_event_loop_thread_one_at_a_time() -> None:
+    """INFERENCE_WORKERS=0: no hand-off between threads; requests that arrive during a run form the next batch,
+    and a failing batch still fails alone."""
+    threads: list[int] = []
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        threads.append(threading.get_ident())
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("bad batch")
+        return [i + 1 for i in items]
+
+    async def main() -> tuple[list[int], BaseException | None]:
+        b = _batcher(run, workers=0, max_delay_s=0.0)
+        b.start()
+        first = await b.submit(0, 1, 5)
+        together = await asyncio.gather(*(b.submit(i, 1, 5) for i in range(1, 5)))
+        failed = await asyncio.gather(b.submit(13, 1, 5), return_exceptions=True)
+        after = await b.submit(20, 1, 5)
+        await b.stop()
+        return [first, *together, after], failed[0]
+
+    out, failure = asyncio.run(main())
+    assert out == [1, 2, 3, 4, 5, 21]
+    assert isinstance(failure, BatchFailed) and "bad batch" in str(failure)
+    assert set(threads) == {threading.get_ident()}  # asyncio.run's loop runs on this thread
+    assert calls[1] == [1, 2, 3, 4]  # queued while the loop was busy: one batch
