@@ -533,6 +533,11 @@ class ModelRegistry:
                 metrics.stage.labels("queue").observe(wait)
                 metrics.stage.labels("inference").observe(stats.run_seconds)  # each request waits for the whole run
 
+        if s.inference_workers == 0 and model.provider == "CUDAExecutionProvider":
+            log.warning(
+                "model %s v%s: INFERENCE_WORKERS=0 runs CUDA batches on the event loop, which then waits for the GPU "
+                "instead of serving requests; use 1 or more on CUDA", model.name, model.version,
+            )  # fmt: skip
         batcher: DynamicBatcher[Encoded, Result] = DynamicBatcher(
             model.run,
             max_candidates=s.max_batch_candidates,
