@@ -25,7 +25,16 @@ import numpy as np
 from app.batcher import BatchStats, DynamicBatcher
 from app.deployment import BoardError, DeploymentBoard, Desired
 from app.metrics import Metrics
-from app.scorer import Encoded, LoadedModel, ModelLoadError, discover, load_version, published_versions, session_threads
+from app.scorer import (
+    Encoded,
+    LoadedModel,
+    ModelLoadError,
+    discover,
+    inference_threads,
+    load_version,
+    published_versions,
+    session_threads,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -533,7 +542,8 @@ class ModelRegistry:
                 metrics.stage.labels("queue").observe(wait)
                 metrics.stage.labels("inference").observe(stats.run_seconds)  # each request waits for the whole run
 
-        if s.inference_workers == 0 and model.provider == "CUDAExecutionProvider":
+        threads = inference_threads(s.inference_workers, s.workers, model.provider)
+        if threads == 0 and model.provider == "CUDAExecutionProvider":
             log.warning(
                 "model %s v%s: INFERENCE_WORKERS=0 runs CUDA batches on the event loop, which then waits for the GPU "
                 "instead of serving requests; use 1 or more on CUDA", model.name, model.version,
@@ -543,7 +553,7 @@ class ModelRegistry:
             max_candidates=s.max_batch_candidates,
             max_delay_s=s.max_queue_delay_ms / 1e3,
             queue_limit=s.queue_limit,
-            workers=s.inference_workers,
+            workers=threads,
             on_batch=on_batch,
             on_depth=metrics.queue_depth.labels(model.name, model.version).set,
         )

@@ -91,6 +91,19 @@ def session_threads(configured: int, processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
+def inference_threads(configured: int | None, processes: int, provider: str) -> int:
+    """Threads a version's batcher runs ONNX Runtime on (INFERENCE_WORKERS); 0 means the event loop's own.
+
+    Unset, a CPU model in one of several processes (WORKERS) runs on the loop: with a core per process there
+    is nothing to overlap a run with, and the hand-off to a thread and back only cost (c=1 p99 8.9–10.3 against
+    10.5–12.5 ms, the same saturation; bench/README.md). One process keeps a thread, so that its loop parses
+    the next requests while a run uses the other cores; a CUDA model keeps one, or the loop would wait for the
+    GPU."""
+    if configured is not None:
+        return configured
+    return 0 if processes > 1 and provider != "CUDAExecutionProvider" else 1
+
+
 def session_spinning(opts: ort.SessionOptions, spinning: Spinning) -> None:
     """When ONNX Runtime's pool threads spin for work instead of sleeping (INTRA_OP_SPINNING).
 

@@ -42,10 +42,11 @@ class Settings(BaseSettings):
     )
     queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
-    inference_workers: int = Field(
-        1, ge=0, le=64,
+    inference_workers: int | None = Field(
+        None, ge=0, le=64,
         description="ONNX Runtime runs in flight at once, each on a thread of its own; 0: one at a time on the "
-        "event loop's thread (no hand-off between threads, nothing overlaps a run)",
+        "event loop's thread (no hand-off between threads, nothing overlaps a run); unset: 0 for a CPU model when "
+        "WORKERS > 1 (each process has its core), else 1",
     )  # fmt: skip
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per run; 0 = its default (one per core), or cores / WORKERS"

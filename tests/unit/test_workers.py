@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.metrics import reset_multiprocess_dir, sweep_dead_processes
-from app.scorer import session_threads
+from app.scorer import inference_threads, session_threads
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +95,11 @@ def test_workers_share_the_cores_out_when_onnx_runtime_threads_are_unset(monkeyp
     assert session_threads(0, 2) == 4
     assert session_threads(0, 16) == 1
     assert session_threads(3, 2) == 3  # INTRA_OP_THREADS set: taken as it is
+
+
+def test_a_worker_runs_cpu_batches_on_its_event_loop_unless_told_otherwise() -> None:
+    cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
+    assert inference_threads(None, 1, cpu) == 1  # one process: a thread, the loop parses while a run goes on
+    assert inference_threads(None, 2, cpu) == 0  # a core per process: no hand-off
+    assert inference_threads(None, 2, cuda) == 1  # the loop must not wait for the GPU
+    assert inference_threads(3, 2, cpu) == 3 and inference_threads(0, 1, cpu) == 0  # INFERENCE_WORKERS as set
