@@ -60,10 +60,6 @@ def supervise(settings: Settings, args: argparse.Namespace) -> None:
     """uvicorn.run(workers=N), but exiting 3 (uvicorn's start-up failure) when a worker could not start: uvicorn
     stops then and exits 0, and a service that never served must not look like one that was stopped."""
     metrics_dir, temporary = _metrics_dir()
-    # the workers share one listening socket, and libuv (uvloop) accepts every pending connection at once: the
-    # first worker awake took most of a client's new connections (4 connections: 167 req/s, p99 68 ms). One
-    # accept per wake-up lets the other workers take theirs (292 req/s, p99 26 ms; bench/README.md)
-    os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
     threads = session_threads(settings.intra_op_threads, settings.workers)
     log.info("%d workers, %d ONNX Runtime intra-op thread(s) each%s; metrics in %s", settings.workers, threads,
              "" if settings.intra_op_threads else f" ({os.cpu_count()} cores / WORKERS)", metrics_dir)  # fmt: skip

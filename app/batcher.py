@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent requests merged into one inference task (Triton's max_queue_delay idea).
 
 A request waits in a bounded queue; a batch closes when it holds ``max_candidates`` candidates or its
-oldest request has waited ``max_delay_s``, then runs on a worker thread, off the event loop, and every
-result or exception goes back to its own request. Knows nothing of HTTP or models.
+oldest request has waited ``max_delay_s``, then runs on a worker thread, off the event loop (or, with
+``workers=0``, on the event loop itself), and every result or exception goes back to its own request.
+Knows nothing of HTTP or models.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ class _Pending(Generic[T, R]):
     item: T
     size: int
     future: asyncio.Future[R]
+    timeout_s: float
     enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.enqueued + self.timeout_s
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -101,7 +107,7 @@ class DynamicBatcher(Generic[T, R]):
         """Queue ``item`` (``size`` candidates) and wait for its result."""
         if len(self._queue) >= self.queue_limit:
             raise QueueFull(f"{len(self._queue)} requests already queued")
-        pending: _Pending[T, R] = _Pending(item, size, asyncio.get_running_loop().create_future())
+        pending: _Pending[T, R] = _Pending(item, size, asyncio.get_running_loop().create_future(), timeout_s)
         self._queue.append(pending)
         self._depth_changed()
         self._arrived.set()
@@ -153,7 +159,12 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     def _drop_abandoned(self) -> None:
-        """Requests whose caller stopped waiting (deadline, disconnect) are not run."""
+        """Requests whose caller stopped waiting (deadline, disconnect) are not run. A deadline is checked here
+        too, not only by the caller's timer: with workers=0 a run blocks the loop, and the timers of requests
+        that expired meanwhile fire only after the next batch has been taken."""
+        for p in self._queue:
+            if p.expired and not p.future.done():
+                p.future.set_exception(DeadlineExceeded(f"not scored within {1e3 * p.timeout_s:.0f} ms"))
         if any(p.future.done() for p in self._queue):
             self._queue = deque(p for p in self._queue if not p.future.done())
             self._depth_changed()

@@ -380,8 +380,10 @@ class ModelRegistry:
         if self.board is None or await self.board.revision() == self.revision:
             return []
         revision, documents = await self.board.read()
-        changed = []
+        changed: list[str] = []
         for name in sorted(documents.keys() | self.models.keys()):
+            if self._closing:  # a cancellation redis-py lost during the reads above: no loads while shutting down
+                return changed
             try:  # a model without a document was never changed by an admin (or Redis lost it): the newest serves
                 if await self.converge(name, documents.get(name, Desired())):
                     changed.append(name)

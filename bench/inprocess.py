@@ -203,12 +203,14 @@ class CeilingProbe:
         self.session = make_session(folder / meta["files"][key], provider, threads)
         self.feed = random_inputs(np.random.default_rng(0), GraphSpec.from_metadata(meta), [history], [candidates])
         self.candidates = candidates
+        self.readings: list[float] = []  # every measurement, in order
         time_calls(self.session, self.feed, 0.2, 5)  # warm-up
 
     def __call__(self, seconds: float = 1.5) -> float:
         """Candidates per second over at least ``seconds`` of back-to-back calls."""
         times = time_calls(self.session, self.feed, seconds, 10)
-        return float(self.candidates / times.mean())
+        self.readings.append(float(self.candidates / times.mean()))
+        return self.readings[-1]
 
 
 def main(argv: list[str] | None = None) -> None:

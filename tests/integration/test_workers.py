@@ -136,14 +136,6 @@ def test_the_load_benchmark_measures_the_supervisor_and_all_its_workers(service:
     assert _worker_pids(service.metrics_dir) <= {p.pid for p in server.children()}
 
 
-def test_workers_accept_one_connection_per_wake_up(service: Service) -> None:
-    """libuv accepts all pending connections at once unless UV_TCP_SINGLE_ACCEPT is set: the workers must have
-    it, or the first one awake takes most of a client's connections."""
-    for pid in _worker_pids(service.metrics_dir):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert b"UV_TCP_SINGLE_ACCEPT=1" in environ
-
-
 def test_behaviours_posted_to_one_worker_are_seen_by_the_other(service: Service) -> None:
     writer, reader = sorted(_worker_pids(service.metrics_dir))
     events = [{"user_id": "shared", "item_id": f"h{i}", "category_id": "c"} for i in range(3)]

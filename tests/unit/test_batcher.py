@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -184,3 +185,27 @@ def test_without_workers_batches_run_on_the_event_loop_thread_one_at_a_time() ->
     assert isinstance(failure, BatchFailed) and "bad batch" in str(failure)
     assert set(threads) == {threading.get_ident()}  # asyncio.run's loop runs on this thread
     assert calls[1] == [1, 2, 3, 4]  # queued while the loop was busy: one batch
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_requests_that_expire_behind_a_long_run_are_not_run(workers: int) -> None:
+    """With workers=0 the run blocks the loop, so the callers' own timers fire only after the next batch has
+    been taken: the batcher checks deadlines itself and never runs a request that has already had its 504."""
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        time.sleep(0.2)
+        return [i.lower() for i in items]
+
+    async def main() -> list[object]:
+        b = _batcher(run, workers=workers, max_candidates=1, max_delay_s=0.0)
+        b.start()
+        out = await asyncio.gather(b.submit("A", 1, 5), b.submit("B", 1, 0.1), b.submit("C", 1, 0.1),
+                                   return_exceptions=True)  # fmt: skip
+        await b.stop()
+        return out
+
+    a, b_, c = asyncio.run(main())
+    assert a == "a" and isinstance(b_, DeadlineExceeded) and isinstance(c, DeadlineExceeded)
+    assert calls == [["A"]]
