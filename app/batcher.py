@@ -48,9 +48,8 @@ class _Pending(Generic[T, R]):
     timeout_s: float
     enqueued: float = field(default_factory=time.monotonic)
 
-    @property
-    def expired(self) -> bool:
-        return time.monotonic() >= self.enqueued + self.timeout_s
+    def late(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"not scored within {1e3 * self.timeout_s:.0f} ms")
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -117,7 +116,7 @@ class DynamicBatcher(Generic[T, R]):
         except TimeoutError:
             if pending.future.done() and not pending.future.cancelled():  # scored in the tick the deadline hit
                 return pending.future.result()
-            raise DeadlineExceeded(f"not scored within {1e3 * timeout_s:.0f} ms") from None
+            raise pending.late() from None
 
     async def _loop(self) -> None:
         while True:
@@ -162,11 +161,15 @@ class DynamicBatcher(Generic[T, R]):
         """Requests whose caller stopped waiting (deadline, disconnect) are not run. A deadline is checked here
         too, not only by the caller's timer: with workers=0 a run blocks the loop, and the timers of requests
         that expired meanwhile fire only after the next batch has been taken."""
+        now = time.monotonic()
+        kept: deque[_Pending[T, R]] = deque()
         for p in self._queue:
-            if p.expired and not p.future.done():
-                p.future.set_exception(DeadlineExceeded(f"not scored within {1e3 * p.timeout_s:.0f} ms"))
-        if any(p.future.done() for p in self._queue):
-            self._queue = deque(p for p in self._queue if not p.future.done())
+            if not p.future.done() and now >= p.enqueued + p.timeout_s:
+                p.future.set_exception(p.late())
+            if not p.future.done():
+                kept.append(p)
+        if len(kept) != len(self._queue):
+            self._queue = kept
             self._depth_changed()
 
     def _depth_changed(self) -> None:

@@ -103,3 +103,11 @@ def test_a_worker_runs_cpu_batches_on_its_event_loop_unless_told_otherwise() -> 
     assert inference_threads(None, 2, cpu) == 0  # a core per process: no hand-off
     assert inference_threads(None, 2, cuda) == 1  # the loop must not wait for the GPU
     assert inference_threads(3, 2, cpu) == 3 and inference_threads(0, 1, cpu) == 0  # INFERENCE_WORKERS as set
+
+
+def test_a_negative_inference_workers_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERENCE_WORKERS", "-1")
+    with pytest.raises(ValidationError, match="inference_workers"):
+        Settings()
+    monkeypatch.setenv("INFERENCE_WORKERS", "0")  # the event loop's own thread: accepted
+    assert Settings().inference_workers == 0
