@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from app import interpreter
 from app.auth import require_key, warn_if_open
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
@@ -25,20 +25,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_if_open(settings)
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
-        try:
-            state = await AppState.build(settings, metrics)
-            state.start()
-            app.state.components = state
-            metrics.serving()
+        with interpreter.tuned(settings):
             try:
-                yield
+                state = await AppState.build(settings, metrics)
+                interpreter.freeze_startup_heap()
+                state.start()
+                app.state.components = state
+                metrics.serving()
+                try:
+                    yield
+                finally:
+                    await state.close()
             finally:
-                await state.close()
-        finally:  # restored however the service ends, a failed start included
-            metrics.stopped()
-            sys.setswitchinterval(switch_interval)
+                metrics.stopped()
 
     app = FastAPI(title="DIN/DIEN CTR scoring", version="1.0", lifespan=lifespan)
 

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         description="how long the event loop may hold the GIL while the inference thread waits for it (Python's "
         "default: 5 ms); the inference thread takes it back after every ONNX Runtime call",
     )  # fmt: skip
+    gc_young_threshold: int = Field(
+        20_000, ge=1,
+        description="container allocations between two collections of the garbage collector's youngest generation "
+        "(Python's default: 700, which a /score request's own temporaries reach)",
+    )  # fmt: skip
     workers: int = Field(
         1, ge=1, le=64,
         description="scorer processes behind the one port, under uvicorn's supervisor (one process is bound by its "

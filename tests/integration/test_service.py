@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Iterator
@@ -365,17 +366,22 @@ def test_a_batch_of_users_scores_as_each_user_alone(model_repository: Path, name
     model.close()
 
 
-def test_the_gil_switch_interval_is_set_while_serving_and_restored(model_repository: Path, tmp_path: Path) -> None:
-    before = sys.getswitchinterval()
-    settings = Settings(model_repository=model_repository / "repo", default_model="din", gil_switch_interval_ms=0.25)
+def test_the_interpreter_is_tuned_while_serving_and_restored(model_repository: Path, tmp_path: Path) -> None:
+    before, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    tuning = {"gil_switch_interval_ms": 0.25, "gc_young_threshold": 12_345}
+    settings = Settings(model_repository=model_repository / "repo", default_model="din", **tuning)
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200
         assert sys.getswitchinterval() == pytest.approx(0.25e-3)
+        assert gc.get_threshold() == (12_345, *thresholds[1:])
+        assert gc.get_freeze_count() > 10_000  # the loaded models, out of the collector's walks
     assert sys.getswitchinterval() == before
-    broken = Settings(model_repository=tmp_path / "empty", default_model="din", gil_switch_interval_ms=0.25)
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
+    broken = Settings(model_repository=tmp_path / "empty", default_model="din", **tuning)
     with pytest.raises(ModelLoadError), TestClient(create_app(broken)):
         pass
     assert sys.getswitchinterval() == before  # a failed start restores it too
+    assert gc.get_threshold() == thresholds
 
 
 def test_on_cuda_a_batch_is_one_call(model_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
