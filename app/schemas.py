@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     BaseModel,
@@ -12,8 +12,10 @@ from pydantic import (
     GetCoreSchemaHandler,
     StringConstraints,
     WithJsonSchema,
+    with_config,
 )
 from pydantic_core import core_schema
+from typing_extensions import TypedDict
 
 MAX_ID_LENGTH = 128
 
@@ -57,13 +59,17 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class Item(_Input):
+_ITEM_CONFIG = ConfigDict(extra="ignore", strict=True)
+CATEGORY_DESCRIPTION = "looked up in the model's item table when omitted"
+
+
+# A request's candidates and history are TypedDicts, validated by pydantic-core like models: 200 candidates
+# as model instances took 260 µs to validate, as dicts 93 µs (bench/README.md). Read them with item["item_id"]
+# and item.get("category_id").
+@with_config(_ITEM_CONFIG)
+class Candidate(TypedDict):
     item_id: Id
-    category_id: Id | None = Field(None, description="looked up in the model's item table when omitted")
-
-
-class Candidate(Item):
-    pass
+    category_id: NotRequired[Annotated[Id | None, Field(description=CATEGORY_DESCRIPTION)]]
 
 
 Label = Annotated[
@@ -73,8 +79,11 @@ Label = Annotated[
 ]  # fmt: skip
 
 
-class HistoryItem(Item):
-    label: Label | None = None
+@with_config(_ITEM_CONFIG)
+class HistoryItem(TypedDict):
+    item_id: Id
+    category_id: NotRequired[Annotated[Id | None, Field(description=CATEGORY_DESCRIPTION)]]
+    label: NotRequired[Label | None]
 
 
 class ScoreRequest(_Input):

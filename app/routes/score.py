@@ -53,7 +53,7 @@ async def answer(req: ScoreRequest, state: AppState, scope: Scope) -> bytes:
         now = time.perf_counter()
         stage.labels("store").observe(now - t)
         t = now
-        candidates = [(c.item_id, c.category_id) for c in req.candidates]
+        candidates = [(c["item_id"], c.get("category_id")) for c in req.candidates]
         encoded = model.encode(history, req.user_features, candidates)
         for kind, n in encoded.unknown.items():
             if n:
@@ -189,7 +189,7 @@ async def _history(req: ScoreRequest, state: AppState, max_history: int) -> tupl
     """The request's own history, else the store's; a store failure degrades to no history (flagged)."""
     degraded = False
     if req.history is not None:
-        history = [(h.item_id, h.category_id, h.label) for h in req.history[:max_history]]
+        history = [(h["item_id"], h.get("category_id"), h.get("label")) for h in req.history[:max_history]]
     else:
         try:
             stored = await state.store.recent(req.user_id, max_history)
