@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from app import listener
 from app.main import create_app
 from app.metrics import MULTIPROC_ENV, reset_multiprocess_dir
 from app.scorer import ModelLoadError, discover, latest_version, session_threads
@@ -67,7 +69,14 @@ def supervise(settings: Settings, args: argparse.Namespace) -> None:
                             port=args.port, log_level=args.log_level, log_config=_worker_logging(args.log_level),
                             access_log=False, timeout_keep_alive=args.keep_alive)  # fmt: skip
     try:
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        try:
+            listening = listener.bind(family, (args.host, args.port))
+        except OSError as e:
+            log.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+            sys.exit(STARTUP_FAILURE)
+        log.info("listening on http://%s:%d, a socket per worker (SO_REUSEPORT)", args.host, listening.getsockname()[1])
+        supervisor = Multiprocess(config, sockets=[listening])
         supervisor.run()
     finally:
         if temporary:

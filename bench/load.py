@@ -333,13 +333,18 @@ def server_process(url: str, pid: int | None = None) -> psutil.Process | None:
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1"):
         return None
     port = urlparse(url).port or 80
-    found = next((c.pid for c in psutil.net_connections(kind="tcp") if c.pid and _listens(c, port)), None)
-    if found is None:
+    listening = sorted({c.pid for c in psutil.net_connections(kind="tcp") if c.pid and _listens(c, port)})
+    if not listening:
         return None
-    # with WORKERS, the supervisor and every worker hold the listening socket, and the system table names only
-    # one of them: go up to the supervisor, whose children are the workers (their CPU is summed, py-spy follows)
-    proc = psutil.Process(found)
+    # WORKERS: the CPU to count is the supervisor's and its children's (summed; py-spy follows them). Workers
+    # listening on sockets of their own (SO_REUSEPORT, app/listener.py) are several listeners with one parent.
+    # On one shared socket, the system table names a single holder, a worker or the supervisor: go up while
+    # the parent holds the listening socket too.
+    proc = psutil.Process(listening[0])
     with contextlib.suppress(psutil.Error):
+        if len(listening) > 1:
+            parents = {psutil.Process(pid).ppid() for pid in listening}
+            return psutil.Process(parents.pop()) if len(parents) == 1 else proc
         while (parent := proc.parent()) is not None and any(_listens(c, port) for c in parent.net_connections("tcp")):
             proc = parent
     return proc

@@ -3,7 +3,9 @@ Redis; /metrics, answered by either, reports both (prometheus_client's multiproc
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import http.client
+import json
 import os
 import re
 import shutil
@@ -15,8 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
@@ -54,18 +58,52 @@ def _scored_in(counter_file: Path) -> float:
     return sum(value for key, value, _, _ in values if '"ctr_scored_requests_total"' in key)
 
 
+class Worker:
+    """A keep-alive connection that one chosen worker accepted: every request on it goes to that worker.
+
+    Each worker listens on a socket of its own (SO_REUSEPORT, app/listener.py) and the kernel picks one by a
+    hash of the connection's addresses, so connections are opened until the chosen worker holds one."""
+
+    def __init__(self, service: Service, pid: int) -> None:
+        url = httpx.URL(service.url)
+        for _ in range(200):
+            conn = http.client.HTTPConnection(url.host, url.port, timeout=30)
+            conn.connect()
+            owner = _accepted_by(conn.sock.getsockname()[1], _worker_pids(service.metrics_dir))
+            if owner == pid:
+                self.conn = conn
+                return
+            conn.close()
+        raise AssertionError(f"no connection reached worker {pid}")
+
+    def post(self, path: str, body: object) -> tuple[int, Any]:
+        self.conn.request("POST", path, body=json.dumps(body), headers={"content-type": "application/json"})
+        r = self.conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _accepted_by(client_port: int, workers: set[int], timeout_s: float = 5) -> int:
+    """The worker holding the server side of the connection from ``client_port`` (once it has accepted it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in workers:
+            with contextlib.suppress(psutil.Error):
+                if any(c.raddr and c.raddr.port == client_port for c in psutil.Process(pid).net_connections("tcp")):
+                    return pid
+        time.sleep(0.01)
+    raise AssertionError(f"no worker accepted the connection from port {client_port}")
+
+
 @contextmanager
-def _only(service: Service, pid: int) -> Iterator[None]:
-    """Every new connection goes to worker ``pid`` meanwhile: the others are paused (SIGSTOP). Briefly: uvicorn's
-    supervisor kills a worker that leaves its health check unanswered for 5 s."""
-    others = _worker_pids(service.metrics_dir) - {pid}
-    for other in others:
-        os.kill(other, signal.SIGSTOP)
+def _on(service: Service, pid: int) -> Iterator[Worker]:
+    worker = Worker(service, pid)
     try:
-        yield
+        yield worker
     finally:
-        for other in others:
-            os.kill(other, signal.SIGCONT)
+        worker.close()
 
 
 def _wait_for_workers(url: str, n: int, timeout_s: float = 60) -> None:
@@ -99,19 +137,12 @@ def service(
 
 
 def test_requests_to_either_worker_are_counted_once(service: Service) -> None:
-    async def client(n: int) -> list[int]:
-        async with httpx.AsyncClient(base_url=service.url, timeout=30) as c:  # one connection each
-            body = {"user_id": f"w{n}", "candidates": [{"item_id": f"i{j}"} for j in range(20)]}
-            return [(await c.post("/score", json=body)).status_code for _ in range(5)]
-
-    async def fire() -> list[int]:
-        return [s for statuses in await asyncio.gather(*(client(n) for n in range(4))) for s in statuses]
-
     workers = sorted(_worker_pids(service.metrics_dir))
     assert len(workers) == 2
-    for pid in workers:
-        with _only(service, pid):
-            assert asyncio.run(fire()) == [200] * 20
+    for n, pid in enumerate(workers):
+        with _on(service, pid) as worker:
+            body = {"user_id": f"w{n}", "candidates": [{"item_id": f"i{j}"} for j in range(20)]}
+            assert [worker.post("/score", body)[0] for _ in range(20)] == [200] * 20
     answered = {pid: _scored_in(service.metrics_dir / f"counter_{pid}.db") for pid in workers}
     assert answered == dict.fromkeys(workers, 20)
     text = _metrics(service.url)
@@ -127,8 +158,8 @@ def test_requests_to_either_worker_are_counted_once(service: Service) -> None:
 
 
 def test_the_load_benchmark_measures_the_supervisor_and_all_its_workers(service: Service) -> None:
-    """The system's socket table names one holder of the shared listening socket, a worker: bench.load's CPU
-    figures and py-spy must take the supervisor, whose children are every worker."""
+    """The workers listen on sockets of their own: bench.load's CPU figures and py-spy must take their
+    supervisor, whose children are every worker, not the one listener it finds first."""
     from bench.load import server_process
 
     server = server_process(service.url)
@@ -139,19 +170,19 @@ def test_the_load_benchmark_measures_the_supervisor_and_all_its_workers(service:
 def test_behaviours_posted_to_one_worker_are_seen_by_the_other(service: Service) -> None:
     writer, reader = sorted(_worker_pids(service.metrics_dir))
     events = [{"user_id": "shared", "item_id": f"h{i}", "category_id": "c"} for i in range(3)]
-    with _only(service, writer):
-        assert httpx.post(f"{service.url}/events", json={"events": events}, timeout=10).status_code == 200
-    with _only(service, reader):
-        r = httpx.post(f"{service.url}/score", json={"user_id": "shared", "candidates": [{"item_id": "x"}]}, timeout=10)
-    assert r.status_code == 200
-    assert [h["item_id"] for h in r.json()["history"]] == ["h2", "h1", "h0"]  # most recent first
+    with _on(service, writer) as worker:
+        assert worker.post("/events", {"events": events})[0] == 200
+    with _on(service, reader) as worker:
+        status, answer = worker.post("/score", {"user_id": "shared", "candidates": [{"item_id": "x"}]})
+    assert status == 200
+    assert [h["item_id"] for h in answer["history"]] == ["h2", "h1", "h0"]  # most recent first
 
 
 def test_a_killed_worker_is_replaced_and_its_live_gauges_swept(service: Service) -> None:
     victim = min(_worker_pids(service.metrics_dir))
     body = {"user_id": "k", "candidates": [{"item_id": "x"}]}
-    with _only(service, victim):
-        assert all(httpx.post(f"{service.url}/score", json=body).status_code == 200 for _ in range(3))
+    with _on(service, victim) as worker:
+        assert [worker.post("/score", body)[0] for _ in range(3)] == [200] * 3
     before = _metric(_metrics(service.url), SCORED)
     os.kill(victim, signal.SIGKILL)  # no lifespan end: its files stay until the replacement sweeps them
     deadline = time.monotonic() + 60
@@ -193,14 +224,14 @@ def test_an_admin_rollback_sent_to_one_worker_reaches_the_other(repo: Path, redi
         service = Service(url, tmp_path / "metrics")
         admin, other = sorted(_worker_pids(service.metrics_dir))
         body = {"user_id": "r", "candidates": [{"item_id": "x"}]}
-        with _only(service, other):
-            assert httpx.post(f"{url}/score", json=body, timeout=10).json()["version"] == "2"
-        with _only(service, admin):
-            r = httpx.post(f"{url}/admin/models/din/rollback", json={"version": 1}, timeout=30)
-            assert r.status_code == 200 and r.json()["primary"] == "1"
+        with _on(service, other) as worker:
+            assert worker.post("/score", body)[1]["version"] == "2"
+        with _on(service, admin) as worker:
+            status, answer = worker.post("/admin/models/din/rollback", {"version": 1})
+            assert status == 200 and answer["primary"] == "1"
         deadline = time.monotonic() + 30
-        with _only(service, other):
-            while httpx.post(f"{url}/score", json=body, timeout=10).json()["version"] != "1":
+        with _on(service, other) as worker:
+            while worker.post("/score", body)[1]["version"] != "1":
                 assert time.monotonic() < deadline, "the other worker never rolled back"
                 time.sleep(0.05)
     finally:
