@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
 import httpx
 import numpy as np
 import orjson
@@ -43,6 +42,7 @@ import psutil
 import uvloop
 
 from bench import profile
+from bench.client import Pool
 from bench.inprocess import CeilingProbe, bench_model, load_version
 
 
@@ -80,9 +80,10 @@ class Bodies:
 
 
 async def _drive(job: Job) -> dict[str, Any]:
-    """aiohttp (its HTTP parser is C) with bodies encoded by orjson, and answers read but not decoded, as
-    perf_analyzer does: ≈ 0.4–0.7 CPU-ms per request against ≈ 2.2 for httpx with its JSON encoding,
-    measured on the 200 × 50 request with attention (bench/README.md). The status is what is checked."""
+    """bench.client's keep-alive connections (httptools parses the answers) with bodies prepared by
+    ``Bodies``, and answers read but not decoded, as perf_analyzer does: ≈ 0.3 CPU-ms per request on the
+    200 × 50 request with attention, against ≈ 0.66 with aiohttp and ≈ 2.2 with httpx (bench/README.md).
+    The status is what is checked."""
     rng = random.Random(job.seed)
     body = Bodies(job)
     latencies: list[float] = []
@@ -90,22 +91,17 @@ async def _drive(job: Job) -> dict[str, Any]:
     # a bounded pool: an open loop that opens one connection per late request makes the load generator the
     # bottleneck (seen in the first soak runs); later arrivals wait for a free connection, and that counts
     pool_size = int(job.level) if job.mode == "closed" else job.connections
-    connector = aiohttp.TCPConnector(limit=pool_size, force_close=False)
     headers = {"Content-Type": "application/json"}
     if job.api_key:
         headers["Authorization"] = f"Bearer {job.api_key}"
-    # per socket operation, not in total: the wait for a free pooled connection is part of the latency
-    # (open loop past saturation), not a client error
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30)
-    async with aiohttp.ClientSession(job.url, connector=connector, headers=headers, timeout=timeout) as client:
+    client = Pool(job.url, pool_size, headers)
+    try:
 
         async def one(scheduled: float | None = None) -> None:
             t0 = time.perf_counter()
             try:
-                async with client.post("/score", data=body()) as r:
-                    await r.read()
-                    status = r.status
-            except (aiohttp.ClientError, TimeoutError) as e:
+                status = await client.post("/score", body())
+            except (OSError, TimeoutError) as e:  # refused, reset, closed early, or no answer in 30 s
                 statuses[type(e).__name__] += 1
                 return
             statuses[str(status)] += 1
@@ -128,6 +124,8 @@ async def _drive(job: Job) -> dict[str, Any]:
                 await asyncio.sleep(max(0.0, t - time.perf_counter()))
                 tasks.append(asyncio.create_task(one(t)))
             await asyncio.gather(*tasks)
+    finally:
+        client.close()
     return {"latencies": latencies, "statuses": dict(statuses)}
 
 
