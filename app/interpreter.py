@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 from app.settings import Settings
 
+_serving = 0  # services inside tuned(): only they freeze the heap
+
 
 @contextmanager
 def tuned(settings: Settings) -> Iterator[None]:
@@ -19,19 +21,27 @@ def tuned(settings: Settings) -> Iterator[None]:
     temporaries do not reach: a /score request holds ≈ 600 containers at once (its candidates, their dicts),
     so Python's default of 700 ran a collection on every request, and a full one every ≈ 500 requests over
     the 78k objects of the loaded models (≈ 0.15 ms per request in all, bench/README.md)."""
+    global _serving
     switch_interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
     gc.set_threshold(settings.gc_young_threshold, *thresholds[1:])
+    _serving += 1
     try:
         yield
     finally:  # restored however the service ends, a failed start included
+        _serving -= 1
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         sys.setswitchinterval(switch_interval)
 
 
-def freeze_startup_heap() -> None:
-    """Once the models are loaded: what start-up built lives as long as the process, so the collector stops
-    walking it (``gc.freeze``); a full collection then looks at what requests left behind only."""
-    gc.collect()
-    gc.freeze()
+def settle_heap() -> None:
+    """Once models are loaded, and again whenever a version is loaded or retired: what the service holds
+    lives until the next such change, so the collector stops walking it (``gc.freeze``); a full collection
+    then looks at what requests left behind only. Unfrozen and collected first, so a retired version's
+    reference cycles are freed rather than kept frozen. A full collection: tens of milliseconds, on changes
+    only. Outside a service (a test building a registry alone) it does nothing."""
+    if _serving:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()

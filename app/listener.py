@@ -21,13 +21,29 @@ class WorkerSocket(socket.socket):
     (``multiprocessing`` spawn), restarts included; this type's pickle is "bind a new one here"."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return bind, (self.family, self.getsockname()[:2])
+        return _bind, (self.family, self.getsockname())
 
 
-def bind(family: int, address: tuple[str, int]) -> WorkerSocket:
-    """A TCP socket bound to ``address`` with SO_REUSEPORT, not yet listening. The supervisor binds one too,
-    which reserves the port (a port held by another program fails here, before any worker starts); it never
-    listens, so the kernel never gives it a connection."""
+def bind(family: int, address: tuple[Any, ...]) -> WorkerSocket:
+    """The supervisor's socket: bound to ``address`` with SO_REUSEPORT and never listening, so the kernel
+    never gives it a connection; it holds the port for the workers' sockets.
+
+    The port is first bound without SO_REUSEPORT and released: every socket of a running service has
+    SO_REUSEPORT, so a second service started on the same port would otherwise join the first one's group
+    and take part of its connections, where it must fail (as another program holding the port fails it)."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no owner
+        probe.bind(address)
+        address = probe.getsockname()  # port 0: the one the system chose
+    finally:
+        probe.close()
+    return _bind(family, address)
+
+
+def _bind(family: int, address: tuple[Any, ...]) -> WorkerSocket:
+    """A TCP socket bound to ``address`` with SO_REUSEPORT, not yet listening (a worker's, or the
+    supervisor's)."""
     if REUSE_PORT is None:
         raise OSError("SO_REUSEPORT is not available on this platform")
     sock = WorkerSocket(family, socket.SOCK_STREAM)
@@ -38,5 +54,4 @@ def bind(family: int, address: tuple[str, int]) -> WorkerSocket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock

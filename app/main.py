@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, *, score_fast_path: bool = True
         with interpreter.tuned(settings):
             try:
                 state = await AppState.build(settings, metrics)
-                interpreter.freeze_startup_heap()
+                interpreter.settle_heap()
                 state.start()
                 app.state.components = state
                 metrics.serving()

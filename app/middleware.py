@@ -34,25 +34,37 @@ class LimitsAndMetrics:
             return
 
         seen = 0
+        too_large = started_answer = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
+                    too_large = True
                     raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
+            nonlocal started_answer
+            if too_large and not started_answer:
+                return  # the app's answer to a body it could not read (FastAPI: 400); the 413 goes instead
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                started_answer = True
             await send(message)
 
+        # a body over the limit without a Content-Length (chunked) is found while it is read: whatever the
+        # app makes of the BodyTooLarge (FastAPI turns it into a 400 "error parsing the body"), 413 is sent
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            await self._reject(send, status)
+            try:
+                await self.app(scope, limited_receive, tracking_send)
+            except Exception:
+                if not too_large:
+                    raise
+            if too_large and not started_answer:
+                await self._reject(send, status)
         finally:
             self._observe(endpoint, status["code"], started)
 

@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from app import interpreter
 from app.batcher import BatchStats, DynamicBatcher
 from app.deployment import BoardError, DeploymentBoard, Desired
 from app.metrics import Metrics
@@ -105,6 +106,7 @@ class Deployment:
                           self.leases)  # fmt: skip
         await self.batcher.stop()
         self.model.close()
+        interpreter.settle_heap()  # the version's cycles (app/scorer.py) were frozen with the rest
 
 
 @dataclass
@@ -489,6 +491,7 @@ class ModelRegistry:
         dep = Deployment(model, self._batcher(model))
         dep.batcher.start()
         entry.deployments[key] = dep
+        interpreter.settle_heap()
         log.info("model %s v%s loaded on %s in %.2f s (self-check diff %s)", entry.name, key, model.provider,
                  time.perf_counter() - started, model.self_check_diff)  # fmt: skip
         self._publish_info()

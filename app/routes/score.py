@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.message
+import functools
 import time
 from typing import Any
 
@@ -37,7 +39,7 @@ RETRY_AFTER_S = "1"
     },
 )
 async def score(req: ScoreRequest, state: StateDep, request: Request) -> Response:
-    """FastAPI's path: the contract (OpenAPI) and the answer to every request the fast path passes on."""
+    # FastAPI's path: the contract (OpenAPI) and the answer to every request the fast path passes on
     return Response(await answer(req, state, request.scope), media_type="application/json")
 
 
@@ -111,9 +113,9 @@ class ScoreFastPath:
             await self.app(scope, receive, send)
             return
         body, more = await _read_body(receive)
-        state: AppState = scope["app"].state.components
-        req = _parse(scope, body, state.settings) if not more else None
-        if req is None:
+        state: AppState | None = getattr(scope["app"].state, "components", None)  # None: the lifespan never ran
+        req = _parse(scope, body, state.settings) if state is not None and not more else None
+        if req is None or state is None:
             await self.app(scope, _replay(body, more, receive), send)
             return
         try:
@@ -152,17 +154,28 @@ def _replay(body: bytes, more: bool, receive: Receive) -> Receive:
 
 def _parse(scope: Scope, body: bytes, settings: Settings) -> ScoreRequest | None:
     """The request, or None for FastAPI to answer (not JSON by its content type, invalid, or not allowed)."""
-    content_type, authorization = _header(scope, b"content-type"), _header(scope, b"authorization")
-    if not content_type.lower().startswith(b"application/json"):
+    if not _is_json(_header(scope, b"content-type")):
         return None
-    if settings.score_requires_key:  # as HTTPBearer reads the header
-        scheme, key = get_authorization_scheme_param(authorization.decode("latin-1"))
+    if settings.score_requires_key and settings.api_keys:  # as HTTPBearer reads the header
+        scheme, key = get_authorization_scheme_param(_header(scope, b"authorization").decode("latin-1"))
         if scheme.lower() != "bearer" or not key_matches(key, settings.api_keys):
             return None
     try:
         return ScoreRequest.model_validate_json(body)
     except ValidationError:
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _is_json(content_type: bytes) -> bool:
+    """FastAPI's own test (its default ``strict_content_type``): ``application/json`` or ``application/*+json``,
+    parameters allowed; no content type is not JSON."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type.decode("latin-1")
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _header(scope: Scope, name: bytes) -> bytes:
@@ -174,12 +187,15 @@ def _header(scope: Scope, name: bytes) -> bytes:
 
 
 def _handler(app: Any, exc: Exception) -> Any:
-    """The app's handler for this exception, looked up as Starlette does: an HTTPException's status code
-    first, then the nearest class in the exception's MRO."""
+    """The app's handler for this exception, looked up as Starlette's ExceptionMiddleware does: an
+    HTTPException's status code first, then the nearest class in the exception's MRO. Handlers of 500 and
+    ``Exception`` belong to ServerErrorMiddleware, which answers and re-raises: the exception goes there."""
     handlers = app.exception_handlers
-    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+    if isinstance(exc, HTTPException) and exc.status_code != 500 and exc.status_code in handlers:
         return handlers[exc.status_code]
     for cls in type(exc).__mro__:
+        if cls is Exception:
+            break
         if cls in handlers:
             return handlers[cls]
     return None

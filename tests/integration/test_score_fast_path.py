@@ -59,7 +59,10 @@ def _cases(items: list[str]) -> list[tuple[bytes, dict[str, str], int]]:
         {"user_id": "u", "candidates": candidates[:3], "model": "din", "version": 1, "user_features": {"age": 3}},
     ]
     cases = [(json.dumps(v).encode(), as_json, 200) for v in valid]
-    cases.append((json.dumps(valid[0]).encode(), {"content-type": "application/json; charset=utf-8"}, 200))
+    for content_type in ("application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.api+json"):
+        cases.append((json.dumps(valid[0]).encode(), {"content-type": content_type}, 200))
+    for content_type in ("application/jsonl", "application/json-seq", "application/json, text/plain", "text/json"):
+        cases.append((json.dumps(valid[0]).encode(), {"content-type": content_type}, 422))  # FastAPI: not JSON
     invalid = [
         (b'{"user_id": "u", "candidates": [', as_json, 422),  # not JSON
         (b"", as_json, 422),  # no body
@@ -117,3 +120,24 @@ def test_keys_refusals_and_overload_match_too(model_repository: Path, redis_url:
         assert "ctr_auth_failures_total 4.0" in metrics  # the fast path's refusals are counted by FastAPI's
     for pair in _pair(model_repository, redis_url, request_timeout_ms=0.001):  # every request misses its deadline
         assert _same(pair, body, as_json) == 504
+
+
+def test_chunked_bodies_within_and_over_the_limit(pair: tuple[TestClient, TestClient], model_repository: Path) -> None:
+    """No Content-Length: the limit is found while the body is read, and the answer is 413 on every path
+    (FastAPI's own reading of a body cut short is a 400 "error parsing the body")."""
+    valid = json.dumps({"user_id": "u", "candidates": [{"item_id": i} for i in _vocab(model_repository)[:20]]})
+    big = json.dumps({"user_id": "u", "candidates": [{"item_id": "x" * 100}] * 1000, "pad": "y" * 100_000})
+
+    def chunks(text: str) -> Iterator[bytes]:
+        data = text.encode()
+        for k in range(0, len(data), 16_384):
+            yield data[k : k + 16_384]
+
+    as_json = {"content-type": "application/json"}
+    for client in pair:
+        ok = client.post("/score", content=chunks(valid), headers=as_json)
+        assert ok.status_code == 200, ok.text
+        for path in ("/score", "/events"):
+            r = client.post(path, content=chunks(big), headers=as_json)
+            assert r.status_code == 413 and "200000 bytes" in r.text, (path, r.status_code, r.text)
+    assert 'ctr_requests_total{endpoint="/score",status="413"} 1.0' in pair[0].get("/metrics").text

@@ -51,3 +51,30 @@ def test_a_port_held_by_another_program_is_refused_before_any_worker_starts() ->
             listener.bind(socket.AF_INET, other.getsockname())
     finally:
         other.close()
+
+
+def test_a_second_service_on_the_same_port_is_refused() -> None:
+    first = listener.bind(socket.AF_INET, ("127.0.0.1", 0))
+    worker = pickle.loads(pickle.dumps(first))
+    worker.listen()
+    try:
+        with pytest.raises(OSError):  # it would join the first service's SO_REUSEPORT group otherwise
+            listener.bind(socket.AF_INET, first.getsockname())
+    finally:
+        worker.close()
+        first.close()
+
+
+def test_ipv6_addresses_keep_their_scope() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        parent = listener.bind(socket.AF_INET6, ("::1", 0))
+    except OSError as e:  # IPv6 present in the kernel but no loopback address configured
+        pytest.skip(f"::1 cannot be bound here: {e}")
+    worker = pickle.loads(pickle.dumps(parent))
+    try:
+        assert worker.family == socket.AF_INET6 and worker.getsockname() == parent.getsockname()
+    finally:
+        worker.close()
+        parent.close()
