@@ -196,12 +196,16 @@ def parallel_rate(session: ort.InferenceSession, feed: dict[str, np.ndarray], ca
     """Calls per second of ``callers`` threads calling one session back to back (ONNX Runtime releases the
     GIL while it runs, so the calls overlap)."""
     counts = [0] * callers
+    errors: list[BaseException] = []
     end = time.perf_counter() + seconds
 
     def call(i: int) -> None:
-        while time.perf_counter() < end:
-            session.run(None, feed)
-            counts[i] += 1
+        try:
+            while time.perf_counter() < end:
+                session.run(None, feed)
+                counts[i] += 1
+        except BaseException as e:  # a thread that died would only read as a slow machine
+            errors.append(e)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
@@ -209,6 +213,8 @@ def parallel_rate(session: ort.InferenceSession, feed: dict[str, np.ndarray], ca
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return sum(counts) / (time.perf_counter() - start)
 
 
