@@ -36,7 +36,7 @@ def tuned(settings: Settings) -> Iterator[None]:
 
 
 def settle_heap() -> None:
-    """Once models are loaded, and again whenever a version is loaded or retired: what the service holds
+    """Whenever a version is loaded (start-up included) or retired (app/registry.py): what the service holds
     lives until the next such change, so the collector stops walking it (``gc.freeze``); a full collection
     then looks at what requests left behind only. Unfrozen and collected first, so a retired version's
     reference cycles are freed rather than kept frozen. A full collection: tens of milliseconds, on changes

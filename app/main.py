@@ -29,8 +29,7 @@ def create_app(settings: Settings | None = None, *, score_fast_path: bool = True
         warn_if_open(settings)
         with interpreter.tuned(settings):
             try:
-                state = await AppState.build(settings, metrics)
-                interpreter.settle_heap()
+                state = await AppState.build(settings, metrics)  # each version loaded settles the heap
                 state.start()
                 app.state.components = state
                 metrics.serving()

@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import key_matches
+from app.auth import authorization_matches
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
 from app.schemas import BAD_BODY, ErrorResponse, ScoreRequest, ScoreResponse
 from app.scorer import HistoryEntry
@@ -114,8 +113,7 @@ class ScoreFastPath:
             return
         body, more = await _read_body(receive)
         state: AppState | None = getattr(scope["app"].state, "components", None)  # None: the lifespan never ran
-        req = _parse(scope, body, state.settings) if state is not None and not more else None
-        if req is None or state is None:
+        if state is None or more or (req := _parse(scope, body, state.settings)) is None:
             await self.app(scope, _replay(body, more, receive), send)
             return
         try:
@@ -156,10 +154,9 @@ def _parse(scope: Scope, body: bytes, settings: Settings) -> ScoreRequest | None
     """The request, or None for FastAPI to answer (not JSON by its content type, invalid, or not allowed)."""
     if not _is_json(_header(scope, b"content-type")):
         return None
-    if settings.score_requires_key and settings.api_keys:  # as HTTPBearer reads the header
-        scheme, key = get_authorization_scheme_param(_header(scope, b"authorization").decode("latin-1"))
-        if scheme.lower() != "bearer" or not key_matches(key, settings.api_keys):
-            return None
+    keys = settings.api_keys if settings.score_requires_key else []
+    if keys and not authorization_matches(_header(scope, b"authorization").decode("latin-1"), keys):
+        return None
     try:
         return ScoreRequest.model_validate_json(body)
     except ValidationError:

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.schemas import ScoreRequest
+from app.scorer import LoadedModel
 from app.settings import Settings
 
 KEY = "the-key"
@@ -141,3 +142,20 @@ def test_chunked_bodies_within_and_over_the_limit(pair: tuple[TestClient, TestCl
             r = client.post(path, content=chunks(big), headers=as_json)
             assert r.status_code == 413 and "200000 bytes" in r.text, (path, r.status_code, r.text)
     assert 'ctr_requests_total{endpoint="/score",status="413"} 1.0' in pair[0].get("/metrics").text
+
+
+def test_a_failed_inference_run_is_the_same_500(
+    pair: tuple[TestClient, TestClient], model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batcher's BatchFailed becomes an HTTPException(500) in answer(): the fast path hands it to the same
+    handler as the route (Starlette files 500 under ServerErrorMiddleware, not under the HTTPException one)."""
+
+    def broken(model: LoadedModel, batch: list[Any]) -> Any:
+        raise RuntimeError("the graph is gone")
+
+    monkeypatch.setattr(LoadedModel, "_run_users", broken)  # the batchers hold each version's bound run
+    body = json.dumps({"user_id": "u", "candidates": [{"item_id": _vocab(model_repository)[0]}]}).encode()
+    assert _same(pair, body, {"content-type": "application/json"}) == 500
+    r = pair[0].post("/score", content=body, headers={"content-type": "application/json"})
+    assert "inference failed" in r.json()["detail"] and "the graph is gone" in r.json()["detail"]
+    assert pair[0].get("/healthz").status_code == 200  # the service keeps serving
