@@ -153,9 +153,15 @@ def _server_counters(urls: tuple[str, ...]) -> dict[str, float]:
 
 def _replica_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    wanted = ("ctr_batch_requests_sum", "ctr_batch_requests_count", "ctr_batch_candidates_sum",
-              "ctr_queue_wait_seconds_sum", "ctr_queue_wait_seconds_count", "ctr_inference_seconds_sum",
-              "ctr_inference_seconds_count")  # fmt: skip
+    wanted = (
+        "ctr_batch_requests_sum",
+        "ctr_batch_requests_count",
+        "ctr_batch_candidates_sum",
+        "ctr_queue_wait_seconds_sum",
+        "ctr_queue_wait_seconds_count",
+        "ctr_inference_seconds_sum",
+        "ctr_inference_seconds_count",
+    )
     out: dict[str, float] = dict.fromkeys(wanted, 0.0)
     for line in text.splitlines():
         m = re.match(r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", line)
@@ -194,8 +200,11 @@ def _window(pool: Any, job: Job, processes: int, urls: tuple[str, ...] = ()) -> 
         share = [float(n // processes + (1 if p < n % processes else 0)) for p in range(processes)]
     else:
         share = [job.level / processes] * processes
-    jobs = [Job(**{**job.__dict__, "url": urls[p % len(urls)], "level": lv, "seed": job.seed * 1000 + p})
-            for p, lv in enumerate(share) if lv > 0]  # fmt: skip
+    jobs = [
+        Job(**{**job.__dict__, "url": urls[p % len(urls)], "level": lv, "seed": job.seed * 1000 + p})
+        for p, lv in enumerate(share)
+        if lv > 0
+    ]
     results = pool.map(_run_process, jobs)
     lat = np.asarray([x for r in results for x in r["latencies"]])
     statuses: Counter[str] = Counter()
@@ -271,10 +280,19 @@ def run_step(
     del step["requests"], step["wall_seconds"]  # the last window's; the server's figures below span all windows
     step["windows"] = len(windows)
     step["window_detail"] = [
-        {k: w[k] for k in ("requests_per_second", "candidates_per_second", "ceiling_candidates_per_second",
-                           "fraction_of_ceiling", "p99_ms") if k in w}
+        {
+            k: w[k]
+            for k in (
+                "requests_per_second",
+                "candidates_per_second",
+                "ceiling_candidates_per_second",
+                "fraction_of_ceiling",
+                "p99_ms",
+            )
+            if k in w
+        }
         for w in windows
-    ]  # fmt: skip
+    ]
     step["stable"] = len(windows) >= 2 and abs(windows[-2]["requests_per_second"] - step["requests_per_second"]) <= (
         0.10 * max(windows[-2]["requests_per_second"], 1e-9)
     )
@@ -300,8 +318,11 @@ def seed_users(url: str, users: int, history: int, items: list[str], api_key: st
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
         for start in range(0, users, 10):
-            events = [{"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
-                      for u in range(start, min(start + 10, users)) for t in range(history)]  # fmt: skip
+            events = [
+                {"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
+                for u in range(start, min(start + 10, users))
+                for t in range(history)
+            ]
             for attempt in range(10):
                 r = client.post("/events", json={"events": events})
                 if r.status_code != 503:
@@ -312,8 +333,11 @@ def seed_users(url: str, users: int, history: int, items: list[str], api_key: st
 
 def add_target_arguments(p: argparse.ArgumentParser, users: int) -> None:
     """The service, model and request shape a benchmark drives (shared by bench.load and bench.soak)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000",
-                   help="the service (bench.load: or replicas sharing one Redis, comma-separated)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the service (bench.load: or replicas sharing one Redis, comma-separated)",
+    )
     p.add_argument("--repository", type=Path, required=True, help="the repository the service serves")
     p.add_argument("--name", default="din")
     p.add_argument("--candidates", type=int, default=200)
@@ -417,9 +441,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {s['mode']} | {s['level']:g} | {cells} | {cpu} |")
     profiles = {f"c={s['level']:g}": s["profile"] for s in report["steps"] if "profile" in s}
     if profiles:
-        lines += ["", "What the server's CPU did (`--profile`: py-spy over one more window per step; Python threads "
-                  "only, so ONNX Runtime's own pool thread is not in the inference row):", "",
-                  profile.markdown(profiles).rstrip("\n")]  # fmt: skip
+        lines += [
+            "",
+            "What the server's CPU did (`--profile`: py-spy over one more window per step; Python threads "
+            "only, so ONNX Runtime's own pool thread is not in the inference row):",
+            "",
+            profile.markdown(profiles).rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -438,8 +466,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for q, style in (("p50_ms", "-"), ("p99_ms", "--")):
             ax.plot(x, [s[q] for s in steps], style, marker=marker, label=f"{mode} loop {q[:3]}")
     ax.axhline(10, color="grey", lw=0.8, ls=":", label="10 ms")
-    ax.axvline(report["best_ceiling_candidates_per_second"], color="red", lw=0.8, ls=":",
-               label="in-process ceiling (fastest reading)")  # fmt: skip
+    ax.axvline(
+        report["best_ceiling_candidates_per_second"],
+        color="red",
+        lw=0.8,
+        ls=":",
+        label="in-process ceiling (fastest reading)",
+    )
     ax.set_xlabel("candidates scored per second")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
@@ -457,12 +490,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", default="", help="open-loop Poisson steps, requests/s")
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window")
     p.add_argument("--max-windows", type=int, default=6)
-    p.add_argument("--connections", type=int, default=64,
-                   help="open loop: requests in flight per process at most (> QUEUE_LIMIT to see 503s)")  # fmt: skip
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="open loop: requests in flight per process at most (> QUEUE_LIMIT to see 503s)",
+    )
     p.add_argument("--no-attention", action="store_true")
-    p.add_argument("--profile", action="store_true",
-                   help="after each closed-loop step, one more window with py-spy sampling the (local) server: "
-                   "where its CPU goes, per request")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each closed-loop step, one more window with py-spy sampling the (local) server: "
+        "where its CPU goes, per request",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/load"))
     args = p.parse_args(argv)
     stop_on_sigterm()
@@ -486,10 +526,18 @@ def main(argv: list[str] | None = None) -> None:
         f"threads, one caller: {ceiling['serving']['candidates_per_second']:,.0f}; probe: {arrangements})"
     )
     report: dict[str, Any] = {
-        "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
-        "history": args.history, "attention": not args.no_attention, "processes": args.processes, "replicas": len(urls),
-        "ceiling_candidates_per_second": ceiling_cps, "inprocess": ceiling, "steps": [],
-    }  # fmt: skip
+        "url": args.url,
+        "model": args.name,
+        "version": meta["version"],
+        "candidates": args.candidates,
+        "history": args.history,
+        "attention": not args.no_attention,
+        "processes": args.processes,
+        "replicas": len(urls),
+        "ceiling_candidates_per_second": ceiling_cps,
+        "inprocess": ceiling,
+        "steps": [],
+    }
     plan = [("closed", float(c)) for c in args.concurrency.split(",") if c] + [
         ("open", float(r)) for r in args.rates.split(",") if r
     ]
@@ -499,26 +547,42 @@ def main(argv: list[str] | None = None) -> None:
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
         for mode, level in plan:
-            job = Job(urls[0], mode, level, args.window, args.users, tuple(items), args.candidates,
-                      not args.no_attention, seed=len(report["steps"]) + 1, api_key=args.api_key,
-                      connections=args.connections)  # fmt: skip
-            measured = run_step(pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers,
-                                ceiling=probe)  # fmt: skip
+            job = Job(
+                urls[0],
+                mode,
+                level,
+                args.window,
+                args.users,
+                tuple(items),
+                args.candidates,
+                not args.no_attention,
+                seed=len(report["steps"]) + 1,
+                api_key=args.api_key,
+                connections=args.connections,
+            )
+            measured = run_step(
+                pool, job, args.processes, args.max_windows, replicas=urls, replica_servers=servers, ceiling=probe
+            )
             step = {"mode": mode, "level": level, **measured}
             if args.profile and mode == "closed" and servers[0] is not None:
                 step["profile"] = profiled_window(pool, job, args.processes, servers[0].pid, args.out)
             report["steps"].append(step)
             share = 100 * step["fraction_of_ceiling"]
             batch = step["server"]["mean_requests_per_batch"]
-            print(f"{mode:>6} {level:>6g}: {step['requests_per_second']:7.0f} req/s  "
-                  f"{step['candidates_per_second']:9,.0f} cand/s ({share:.0f}% of ceiling)  "
-                  f"p50 {step['p50_ms']:.2f} p99 {step['p99_ms']:.2f} ms  errors {step['errors'] or '-'}  "
-                  f"batch {batch:.1f} req  client CPU {step['client_cpu']:.2f}  "
-                  f"ceiling {step['ceiling_candidates_per_second']:,.0f}")  # fmt: skip
+            print(
+                f"{mode:>6} {level:>6g}: {step['requests_per_second']:7.0f} req/s  "
+                f"{step['candidates_per_second']:9,.0f} cand/s ({share:.0f}% of ceiling)  "
+                f"p50 {step['p50_ms']:.2f} p99 {step['p99_ms']:.2f} ms  errors {step['errors'] or '-'}  "
+                f"batch {batch:.1f} req  client CPU {step['client_cpu']:.2f}  "
+                f"ceiling {step['ceiling_candidates_per_second']:,.0f}"
+            )
             st = step["server"]["stages_ms"]
-            print("        server ms/request: " + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other"))
-                  + f"  | CPU ms/request: server {step['server']['cpu_ms_per_request']:.2f}"
-                  f" client {step['client_cpu_ms_per_request']:.2f}")  # fmt: skip
+            print(
+                "        server ms/request: "
+                + "  ".join(f"{k} {st[k]:.2f}" for k in (*STAGES, "other"))
+                + f"  | CPU ms/request: server {step['server']['cpu_ms_per_request']:.2f}"
+                f" client {step['client_cpu_ms_per_request']:.2f}"
+            )
     # the quiet machine's figure: the machine's speed moves under the benchmark (bench/README.md), so the
     # fastest reading of the run is the strictest reference
     best = max([ceiling_cps, *probe.readings])
@@ -526,9 +590,10 @@ def main(argv: list[str] | None = None) -> None:
     report["ceiling_readings"] = probe.by_arrangement
     for step in report["steps"]:
         step["fraction_of_best_ceiling"] = step["candidates_per_second"] / best
-    print(f"fastest in-process ceiling of the run: {best:,.0f} candidates/s; against it: "
-          + ", ".join(f"{s['mode']} {s['level']:g} {100 * s['fraction_of_best_ceiling']:.0f}%"
-                      for s in report["steps"]))  # fmt: skip
+    print(
+        f"fastest in-process ceiling of the run: {best:,.0f} candidates/s; against it: "
+        + ", ".join(f"{s['mode']} {s['level']:g} {100 * s['fraction_of_best_ceiling']:.0f}%" for s in report["steps"])
+    )
     profiles = {f"c={s['level']:g}": s["profile"] for s in report["steps"] if "profile" in s}
     if profiles:
         print(profile.markdown(profiles))

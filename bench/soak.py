@@ -78,8 +78,10 @@ def markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in report["samples"]:
-        lines.append(f"| {s['elapsed_min']:.1f} | {s['rss_mb']:.1f} | {s['requests_per_second']:.1f} | "
-                     f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['errors'] or '—'} |")  # fmt: skip
+        lines.append(
+            f"| {s['elapsed_min']:.1f} | {s['rss_mb']:.1f} | {s['requests_per_second']:.1f} | "
+            f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['errors'] or '—'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saturation-concurrency", type=int, default=16)
     p.add_argument("--saturation-seconds", type=float, default=10.0)
     p.add_argument("--max-growth-mb-per-min", type=float, default=1.0)
-    p.add_argument("--swap-every", type=float, default=0.0,
-                   help="seconds between version swaps via /admin (0: none; needs two published versions)")  # fmt: skip
+    p.add_argument(
+        "--swap-every",
+        type=float,
+        default=0.0,
+        help="seconds between version swaps via /admin (0: none; needs two published versions)",
+    )
     p.add_argument("--pid", type=int, default=None, help="the server's process id (default: found by port)")
     p.add_argument("--out", type=Path, default=Path("bench/results/soak"))
     args = p.parse_args(argv)
@@ -131,8 +137,18 @@ def main(argv: list[str] | None = None) -> None:
     seed_users(args.url, args.users, args.history, list(items), args.api_key)
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.processes) as pool:
-        job = Job(args.url, "closed", float(args.saturation_concurrency), args.saturation_seconds, args.users, items,
-                  args.candidates, True, seed=1, api_key=args.api_key)  # fmt: skip
+        job = Job(
+            args.url,
+            "closed",
+            float(args.saturation_concurrency),
+            args.saturation_seconds,
+            args.users,
+            items,
+            args.candidates,
+            True,
+            seed=1,
+            api_key=args.api_key,
+        )
         if args.rate is None:
             sat = run_step(pool, job, args.processes, max_windows=3)["requests_per_second"]
             rate = args.fraction * sat
@@ -150,34 +166,54 @@ def main(argv: list[str] | None = None) -> None:
         start = time.monotonic()
         n = max(1, round(60 * args.minutes / args.sample_seconds))
         for i in range(n):
-            w = _window(pool, Job(**{**job.__dict__, "mode": "open", "level": rate, "seconds": args.sample_seconds,
-                                     "seed": 100 + i}), args.processes)  # fmt: skip
-            sample = {"elapsed_min": (time.monotonic() - start) / 60, "rss_mb": rss_mb(server), **w,
-                      "swaps": swapper.swaps if swapper else 0}  # fmt: skip
+            w = _window(
+                pool,
+                Job(**{**job.__dict__, "mode": "open", "level": rate, "seconds": args.sample_seconds, "seed": 100 + i}),
+                args.processes,
+            )
+            sample = {
+                "elapsed_min": (time.monotonic() - start) / 60,
+                "rss_mb": rss_mb(server),
+                **w,
+                "swaps": swapper.swaps if swapper else 0,
+            }
             samples.append(sample)
-            print(f"{sample['elapsed_min']:5.1f} min  RSS {sample['rss_mb']:7.1f} MB  {w['requests_per_second']:6.1f} "
-                  f"req/s  p50 {w['p50_ms']:6.2f}  p99 {w['p99_ms']:6.2f} ms  errors {w['errors'] or '-'}")  # fmt: skip
+            print(
+                f"{sample['elapsed_min']:5.1f} min  RSS {sample['rss_mb']:7.1f} MB  {w['requests_per_second']:6.1f} "
+                f"req/s  p50 {w['p50_ms']:6.2f}  p99 {w['p99_ms']:6.2f} ms  errors {w['errors'] or '-'}"
+            )
     if swapper is not None:
         swapper.stop.set()
         swapper.join()
     slope = growth(samples)
     report: dict[str, Any] = {
-        "url": args.url, "model": args.name, "version": meta["version"], "candidates": args.candidates,
-        "history": args.history, "minutes": args.minutes, "fraction": rate / sat if sat == sat else float("nan"),
-        "saturation_requests_per_second": sat, "rate": rate, "samples": samples,
-        "rss_start_mb": samples[0]["rss_mb"], "rss_end_mb": samples[-1]["rss_mb"],
-        "rss_growth_mb_per_min": slope, "max_growth_mb_per_min": args.max_growth_mb_per_min,
+        "url": args.url,
+        "model": args.name,
+        "version": meta["version"],
+        "candidates": args.candidates,
+        "history": args.history,
+        "minutes": args.minutes,
+        "fraction": rate / sat if sat == sat else float("nan"),
+        "saturation_requests_per_second": sat,
+        "rate": rate,
+        "samples": samples,
+        "rss_start_mb": samples[0]["rss_mb"],
+        "rss_end_mb": samples[-1]["rss_mb"],
+        "rss_growth_mb_per_min": slope,
+        "max_growth_mb_per_min": args.max_growth_mb_per_min,
         "verdict": "memory keeps growing" if slope > args.max_growth_mb_per_min else "memory flat",
         "errors": sum(sum(s["errors"].values()) for s in samples),
         "swaps": swapper.swaps if swapper else 0,
         "swap_failures": swapper.failures if swapper else 0,
-    }  # fmt: skip
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     (args.out / "soak.md").write_text(markdown(report))
     plot(report, args.out / "soak.png")
-    print(f"RSS {report['rss_start_mb']:.1f} → {report['rss_end_mb']:.1f} MB; growth over the second half "
-          f"{slope:+.2f} MB/min: {report['verdict']}; wrote {args.out}/soak.json, soak.md, soak.png")  # fmt: skip
+    print(
+        f"RSS {report['rss_start_mb']:.1f} → {report['rss_end_mb']:.1f} MB; growth over the second half "
+        f"{slope:+.2f} MB/min: {report['verdict']}; wrote {args.out}/soak.json, soak.md, soak.png"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,26 @@ log = logging.getLogger(__name__)
 EVENT_COLUMNS = ("user_id", "item_id", "category_id", "timestamp")
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 
 @dataclass(frozen=True)
@@ -171,8 +187,10 @@ def load_event_log(path: Path, user_features: tuple[str, ...] | None = None) -> 
     if not parts:
         raise FileNotFoundError(f"no .parquet or .csv event log in {path}")
     # ids as strings from CSV too: "007" and "7" are different items
-    frames = [pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={"user_id": str, "item_id": str})
-              for p in parts]  # fmt: skip
+    frames = [
+        pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, dtype={"user_id": str, "item_id": str})
+        for p in parts
+    ]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     missing = [c for c in EVENT_COLUMNS if c not in df.columns]
     if missing:

@@ -50,9 +50,12 @@ def test_no_user_in_two_splits(small_log: BehaviourLog, small_data: PreparedData
 def test_din_movielens_samples_by_hand() -> None:
     data = prepare_din_movielens(_tiny_log(), max_len=2, seed=0, test_fraction=0.0)
     expected = {  # candidate → most recent history (max_len 2), time-ordered
-        "i2": ["i1"], "i3": ["i1", "i2"], "i4": ["i2", "i3"],  # user a
-        "i8": ["i9"], "i7": ["i9", "i8"],  # user b (user c has a single behaviour: no sample)
-    }  # fmt: skip
+        "i2": ["i1"],
+        "i3": ["i1", "i2"],
+        "i4": ["i2", "i3"],  # user a
+        "i8": ["i9"],
+        "i7": ["i9", "i8"],  # user b (user c has a single behaviour: no sample)
+    }
     vocab = data.vocab
 
     def raw(idx: int) -> str:
@@ -65,9 +68,13 @@ def test_din_movielens_samples_by_hand() -> None:
     for s in (data.train, data.valid):
         for row in range(len(s)):
             items, _, mask = s.history(np.array([row]), 2)
-            cand_raw = next(c for c, h in expected.items() if len(h) == s.length[row] and
-                            [known(x) for x in h] == [raw(i) for i in items[0][mask[0]]] and
-                            known(c) == raw(int(s.cand_item[row])))  # fmt: skip
+            cand_raw = next(
+                c
+                for c, h in expected.items()
+                if len(h) == s.length[row]
+                and [known(x) for x in h] == [raw(i) for i in items[0][mask[0]]]
+                and known(c) == raw(int(s.cand_item[row]))
+            )
             seen[cand_raw] = True
     assert sorted(seen) == sorted(expected)
 
