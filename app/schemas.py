@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
+import numpy as np
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    PlainSerializer,
+    PlainValidator,
     StringConstraints,
     WithJsonSchema,
     with_config,
@@ -77,11 +80,8 @@ class Candidate(_Item):
     pass
 
 
-Label = Annotated[
-    int,
-    Field(ge=0, le=1, description="the behaviour's outcome: 1 liked/clicked, 0 not; models trained with history "
-                                  "feedback use it, others ignore it"),
-]  # fmt: skip
+LABEL = "the behaviour's outcome: 1 liked/clicked, 0 not; models trained with history feedback use it, others ignore it"
+Label = Annotated[int, Field(ge=0, le=1, description=LABEL)]
 
 
 @with_config(_INPUT_CONFIG)
@@ -103,18 +103,37 @@ class ScoreRequest(_Input):
     return_attention: bool = True
 
 
-class Score(BaseModel):
+def _float32_row(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+# A row of the graph's float32 output, written by orjson as it is (float32 at its shortest repr); pydantic
+# reads it back from a JSON array of numbers and writes it as one.
+Float32Row = Annotated[
+    np.ndarray,
+    PlainValidator(_float32_row),
+    PlainSerializer(lambda row: row.tolist()),
+    WithJsonSchema({"items": {"type": "number"}, "type": "array"}),
+]
+
+
+# The answer's types are TypedDicts: the route builds them as dict literals that mypy checks against these
+# keys and types, and orjson writes them (numpy rows included) with no per-field Python work (bench/README.md).
+class Score(TypedDict):
     item_id: str
     probability: float
-    attention: list[float] | None = Field(None, description="attention[j]: weight given to history[j]")
+    attention: NotRequired[Annotated[Float32Row | None, Field(description="attention[j]: weight given to history[j]")]]
 
 
-class ScoreResponse(BaseModel):
+HistorySource = Literal["store", "request", "none"]
+
+
+class ScoreResponse(TypedDict):
     model: str
     version: str
     user_id: str
-    history_source: Literal["store", "request", "none"]
-    degraded: bool = False
+    history_source: HistorySource
+    degraded: NotRequired[Annotated[bool, Field(default=False)]]
     history: list[HistoryItem]
     scores: list[Score]
 
