@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 
 from app.settings import Settings
 from app.state import StateDep
@@ -27,13 +26,6 @@ def key_matches(presented: str, keys: list[bytes]) -> bool:
     for key in keys:
         matched |= hmac.compare_digest(given, key)
     return matched
-
-
-def authorization_matches(header: str, keys: list[bytes]) -> bool:
-    """An ``Authorization`` header read as HTTPBearer reads it (scheme, then the key, stripped), checked
-    against the keys: for the /score fast path, which answers before FastAPI's dependencies run."""
-    scheme, key = get_authorization_scheme_param(header)
-    return scheme.lower() == "bearer" and key_matches(key, keys)
 
 
 async def require_key(state: StateDep, credentials: Credentials) -> None:

@@ -4,27 +4,68 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
+import numpy as np
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    PlainSerializer,
+    PlainValidator,
     StringConstraints,
     WithJsonSchema,
     with_config,
 )
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 MAX_ID_LENGTH = 128
 
 
+def _integral(value: float) -> int:
+    if not value.is_integer():
+        raise ValueError("not an integer")
+    return int(value)
+
+
+class JsonInteger:
+    """An integer as JSON Schema, and so the OpenAPI document, defines one: any number without a fractional
+    part (``3.0`` is one, read as 3); booleans, strings and ``3.5`` are not. Bounds are checked on the int."""
+
+    def __init__(self, ge: int | None = None, le: int | None = None) -> None:
+        self.ge, self.le = ge, le
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        whole = core_schema.no_info_after_validator_function(_integral, core_schema.float_schema(strict=True))
+        number = core_schema.union_schema(
+            [core_schema.int_schema(strict=True), whole],
+            custom_error_type="int_type",
+        )
+        return core_schema.chain_schema([number, core_schema.int_schema(ge=self.ge, le=self.le)])
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        generated = handler(schema)  # the union's anyOf, with what other annotations add (a description)
+        bounds = {"minimum": self.ge, "maximum": self.le}
+        extra = {k: v for k, v in generated.items() if k != "anyOf"}
+        return {"type": "integer", **{k: v for k, v in bounds.items() if v is not None}, **extra}
+
+
 def _id_from_json(value: Any) -> Any:
-    """Ids are strings; JSON integers are accepted too (booleans are not integers here)."""
+    """Ids are strings; JSON integers (3.0 included) are accepted too (booleans are not integers here)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
+
+
+def _integral_id(value: float) -> str:
+    return str(_integral(value))
 
 
 ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
@@ -45,13 +86,29 @@ class _IdSchema:
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         text = core_schema.str_schema(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, strict=True)
         number = core_schema.no_info_after_validator_function(str, core_schema.int_schema(strict=True))
-        return core_schema.union_schema([text, number], custom_error_type="id_type", custom_error_message=ID_ERROR)
+        integral = core_schema.no_info_after_validator_function(_integral_id, core_schema.float_schema(strict=True))
+        return core_schema.union_schema(
+            [text, number, integral], custom_error_type="id_type", custom_error_message=ID_ERROR
+        )
 
 
 Id = Annotated[str, _IdSchema, WithJsonSchema({"anyOf": [_ID_STRING, {"type": "integer"}]})]
 
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-VersionNumber = Annotated[str, BeforeValidator(_id_from_json), StringConstraints(pattern=r"^[1-9][0-9]{0,8}$")]
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
+VersionNumber = Annotated[
+    str,
+    BeforeValidator(_id_from_json),
+    StringConstraints(pattern=VERSION_PATTERN),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": VERSION_PATTERN},
+                {"type": "integer", "minimum": 1, "maximum": 999_999_999},
+            ]
+        }
+    ),
+]
 
 
 # unknown fields are ignored, so callers can send more than the contract (a bid, a trace id) safely
@@ -77,11 +134,8 @@ class Candidate(_Item):
     pass
 
 
-Label = Annotated[
-    int,
-    Field(ge=0, le=1, description="the behaviour's outcome: 1 liked/clicked, 0 not; models trained with history "
-                                  "feedback use it, others ignore it"),
-]  # fmt: skip
+LABEL = "the behaviour's outcome: 1 liked/clicked, 0 not; models trained with history feedback use it, others ignore it"
+Label = Annotated[int, JsonInteger(ge=0, le=1), Field(description=LABEL)]
 
 
 @with_config(_INPUT_CONFIG)
@@ -103,18 +157,37 @@ class ScoreRequest(_Input):
     return_attention: bool = True
 
 
-class Score(BaseModel):
+def _float32_row(value: Any) -> np.ndarray:
+    return np.asarray(value, dtype=np.float32)
+
+
+# A row of the graph's float32 output, written by orjson as it is (float32 at its shortest repr); pydantic
+# reads it back from a JSON array of numbers and writes it as one.
+Float32Row = Annotated[
+    np.ndarray,
+    PlainValidator(_float32_row),
+    PlainSerializer(lambda row: row.tolist()),
+    WithJsonSchema({"items": {"type": "number"}, "type": "array"}),
+]
+
+
+# The answer's types are TypedDicts: the route builds them as dict literals that mypy checks against these
+# keys and types, and orjson writes them (numpy rows included) with no per-field Python work (bench/README.md).
+class Score(TypedDict):
     item_id: str
     probability: float
-    attention: list[float] | None = Field(None, description="attention[j]: weight given to history[j]")
+    attention: NotRequired[Annotated[Float32Row | None, Field(description="attention[j]: weight given to history[j]")]]
 
 
-class ScoreResponse(BaseModel):
+HistorySource = Literal["store", "request", "none"]
+
+
+class ScoreResponse(TypedDict):
     model: str
     version: str
     user_id: str
-    history_source: Literal["store", "request", "none"]
-    degraded: bool = False
+    history_source: HistorySource
+    degraded: NotRequired[Annotated[bool, Field(default=False)]]
     history: list[HistoryItem]
     scores: list[Score]
 
@@ -123,7 +196,9 @@ class Event(_Input):
     user_id: Id
     item_id: Id
     category_id: Id | None = None
-    timestamp: int | None = Field(None, ge=0, description="seconds; the server's clock when omitted")
+    timestamp: Annotated[int, JsonInteger(ge=0)] | None = Field(
+        None, description="seconds; the server's clock when omitted"
+    )
     label: Label | None = None
 
 
@@ -191,20 +266,24 @@ class ModelsResponse(BaseModel):
 
 
 class LoadRequest(_Input):
-    version: int | None = Field(None, ge=1, description="omitted: the newest published version (and follow new ones)")
+    version: Annotated[int, JsonInteger(ge=1)] | None = Field(
+        None, description="omitted: the newest published version (and follow new ones)"
+    )
     activate: bool = Field(True, description="make it the primary; false: load as a standby")
 
 
 class UnloadRequest(_Input):
-    version: int | None = Field(None, ge=1, description="omitted: the whole model")
+    version: Annotated[int, JsonInteger(ge=1)] | None = Field(None, description="omitted: the whole model")
 
 
 class RollbackRequest(_Input):
-    version: int | None = Field(None, ge=1, description="omitted: the version that was primary before this one")
+    version: Annotated[int, JsonInteger(ge=1)] | None = Field(
+        None, description="omitted: the version that was primary before this one"
+    )
 
 
 class SplitRequest(_Input):
-    version: int = Field(ge=1, description="loaded first if needed; must not be the primary")
+    version: Annotated[int, JsonInteger(ge=1)] = Field(description="loaded first if needed; must not be the primary")
     percent: float = Field(gt=0, le=100)
 
 

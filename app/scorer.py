@@ -17,14 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from app.settings import Spinning
+from contract import Contract
 
 log = logging.getLogger(__name__)
-
-PAD, OOV = 0, 1
-REQUIRED_INPUTS = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
-FEEDBACK_INPUT = "hist_feedback"  # only in graphs of models trained with history feedback
-# a behaviour's label → the graph's feedback index (models/config.py: FEEDBACK_*); no label → unknown
-FEEDBACK_UNKNOWN, FEEDBACK_NEGATIVE = 1, 2
 
 HistoryEntry = tuple[str, str | None, int | None]  # item id, category id, label (each as the caller gave it)
 
@@ -34,22 +29,23 @@ class ModelLoadError(RuntimeError):
 
 
 class Lookup:
-    """Vectorised raw id → index over a sorted array (index = position in the vocabulary + 2)."""
+    """Vectorised raw id → index over a sorted array (index = position in the vocabulary + first index)."""
 
-    def __init__(self, values: list[str]) -> None:
+    def __init__(self, values: list[str], contract: Contract) -> None:
         arr = np.asarray(values, dtype=str)
-        self.order = np.argsort(arr, kind="stable")
-        self.sorted = arr[self.order]
+        self.order = np.argsort(arr, kind="stable") + contract.first_index  # (n,) index of each sorted id
+        self.sorted = arr[self.order - contract.first_index]
+        self.oov = contract.oov
 
     def __call__(self, ids: list[str]) -> np.ndarray:
         if not ids:
             return np.zeros(0, dtype=np.int64)
         q = np.asarray(ids, dtype=str)
         if self.sorted.size == 0:
-            return np.full(q.shape, OOV, dtype=np.int64)
+            return np.full(q.shape, self.oov, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.sorted, q), self.sorted.size - 1)
         found = self.sorted[pos] == q
-        return np.where(found, self.order[pos] + 2, OOV).astype(np.int64)
+        return np.where(found, self.order[pos], self.oov).astype(np.int64)
 
 
 @dataclass
@@ -62,7 +58,7 @@ class Encoded:
     cand_items: np.ndarray  # (c,)
     cand_cats: np.ndarray  # (c,)
     unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
-    hist_feedback: np.ndarray | None = None  # (l,) FEEDBACK_* per behaviour (feedback models); None: all unknown
+    hist_feedback: np.ndarray | None = None  # (l,) feedback code per behaviour (feedback models); None: all unknown
 
 
 # TF32 matrix products (ONNX Runtime's CUDA default on Ampere and later) drift ≈ 3e-4 from the float32
@@ -135,15 +131,17 @@ class LoadedModel:
         self.name: str = self.metadata["name"]
         self.version = str(self.metadata["version"])
         self.max_history = int(self.metadata["max_history"])
-        self.items = Lookup(vocab["items"])
-        self.categories = Lookup(vocab["categories"])
+        self.contract = contract = Contract.from_metadata(self.metadata)
+        self.items = Lookup(vocab["items"], contract)
+        self.categories = Lookup(vocab["categories"], contract)
         self.feature_names: list[str] = list(vocab["user_features"])
-        self.features = {name: Lookup(values) for name, values in vocab["user_features"].items()}
+        self.features = {name: Lookup(values, contract) for name, values in vocab["user_features"].items()}
         item_cat = vocab["item_category"]
         self._item_category_raw: dict[str, str] = item_cat
-        self.item_category = np.concatenate(
-            [[PAD, OOV], self.categories([item_cat[i] for i in vocab["items"]])]
-        ).astype(np.int64)  # (n_items,) category index of every item index
+        # (n_items,) category index of every item index: PAD's is PAD, OOV's OOV
+        self.item_category = np.full(contract.first_index + len(vocab["items"]), contract.oov, dtype=np.int64)
+        self.item_category[contract.pad] = contract.pad
+        self.item_category[contract.first_index :] = self.categories([item_cat[i] for i in vocab["items"]])
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if intra_op_threads:
@@ -159,9 +157,9 @@ class LoadedModel:
             self.graph_file = files["model"]
             self.session = self._session(opts, ["CPUExecutionProvider"])
         names = {i.name for i in self.session.get_inputs()}
-        if names - {FEEDBACK_INPUT} != set(REQUIRED_INPUTS):
+        if names - {contract.feedback_input} != set(contract.inputs):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
-        self.uses_feedback = FEEDBACK_INPUT in names  # the model reads each history behaviour's label
+        self.uses_feedback = contract.feedback_input in names  # the model reads each history behaviour's label
         self.provider = self.session.get_providers()[0]
         self.self_check_diff: float | None = None
         self.ready_seconds = 0.0  # load + warm-up + self-check, set by load_version
@@ -187,20 +185,20 @@ class LoadedModel:
         h_items = self.items([i for i, _, _ in hist])
         c_items = self.items([i for i, _ in candidates])
         h_cats = self._categories(h_items, [c for _, c, _ in hist])
+        feedback_of = self.contract.feedback_of
         feedback = (  # only a model trained with history feedback reads the labels
-            np.array([FEEDBACK_UNKNOWN if y is None else FEEDBACK_NEGATIVE + y for _, _, y in hist], dtype=np.int64)
-            if self.uses_feedback
-            else None
+            np.array([feedback_of(y) for _, _, y in hist], dtype=np.int64) if self.uses_feedback else None
         )
         c_cats = self._categories(c_items, [c for _, c in candidates])
         feats = user_features or {}
+        oov = self.contract.oov
         f_idx = np.array(
-            [self.features[n]([feats[n]])[0] if n in feats else OOV for n in self.feature_names], dtype=np.int64
+            [self.features[n]([feats[n]])[0] if n in feats else oov for n in self.feature_names], dtype=np.int64
         )
         unknown = {
-            "item": int((h_items == OOV).sum() + (c_items == OOV).sum()),
-            "category": int((h_cats == OOV).sum() + (c_cats == OOV).sum()),
-            "user_feature": int((f_idx == OOV).sum()),
+            "item": int((h_items == oov).sum() + (c_items == oov).sum()),
+            "category": int((h_cats == oov).sum() + (c_cats == oov).sum()),
+            "user_feature": int((f_idx == oov).sum()),
         }
         return Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown, feedback)
 
@@ -229,31 +227,33 @@ class LoadedModel:
 
     def _run_users(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One ONNX Runtime call scoring every request of ``batch``."""
+        contract = self.contract
         width = max(1, max(e.hist_items.size for e in batch))
         u = len(batch)
-        hist_items = np.zeros((u, width), dtype=np.int64)
-        hist_cats = np.zeros((u, width), dtype=np.int64)
+        hist_items = np.full((u, width), contract.pad, dtype=np.int64)
+        hist_cats = np.full((u, width), contract.pad, dtype=np.int64)
         mask = np.zeros((u, width), dtype=bool)
         for row, e in enumerate(batch):
             n = e.hist_items.size
             hist_items[row, :n], hist_cats[row, :n], mask[row, :n] = e.hist_items, e.hist_cats, True
         counts = [e.cand_items.size for e in batch]
-        feed = {
-            "hist_items": hist_items,
-            "hist_cats": hist_cats,
-            "hist_mask": mask,
-            "user_feats": np.stack([e.user_feats for e in batch]).reshape(u, len(self.feature_names)),
-            "cand_items": np.concatenate([e.cand_items for e in batch]),
-            "cand_cats": np.concatenate([e.cand_cats for e in batch]),
-            "cand_user": np.repeat(np.arange(u, dtype=np.int64), counts),
-        }
+        arrays = (  # in the contract's input order
+            hist_items,
+            hist_cats,
+            mask,
+            np.stack([e.user_feats for e in batch]).reshape(u, len(self.feature_names)),
+            np.concatenate([e.cand_items for e in batch]),
+            np.concatenate([e.cand_cats for e in batch]),
+            np.repeat(np.arange(u, dtype=np.int64), counts),  # each candidate's user row
+        )
+        feed = dict(zip(contract.inputs, arrays, strict=True))
         if self.uses_feedback:
-            feedback = np.zeros((u, width), dtype=np.int64)  # (U, L), padding 0
+            feedback = np.full((u, width), contract.pad, dtype=np.int64)  # (U, L)
             for row, e in enumerate(batch):
                 n = e.hist_items.size
-                feedback[row, :n] = FEEDBACK_UNKNOWN if e.hist_feedback is None else e.hist_feedback
-            feed[FEEDBACK_INPUT] = feedback
-        prob, att = self.session.run(["probability", "attention"], feed)
+                feedback[row, :n] = contract.feedback_unknown if e.hist_feedback is None else e.hist_feedback
+            feed[contract.feedback_input] = feedback
+        prob, att = self.session.run(list(contract.outputs), feed)
         out = []
         start = 0
         for e, c in zip(batch, counts, strict=True):
@@ -263,13 +263,14 @@ class LoadedModel:
 
     def warm_up(self) -> None:
         """Run the graph at a few shapes so the first real request does not pay for initialisation."""
+        first, oov = self.contract.first_index, self.contract.oov
         for hist_len, n_cand in ((0, 1), (self.max_history, 200)):
             e = Encoded(
-                np.full(hist_len, 2, dtype=np.int64),
-                np.full(hist_len, 2, dtype=np.int64),
-                np.full(len(self.feature_names), OOV, dtype=np.int64),
-                np.full(n_cand, 2, dtype=np.int64),
-                np.full(n_cand, 2, dtype=np.int64),
+                np.full(hist_len, first, dtype=np.int64),
+                np.full(hist_len, first, dtype=np.int64),
+                np.full(len(self.feature_names), oov, dtype=np.int64),
+                np.full(n_cand, first, dtype=np.int64),
+                np.full(n_cand, first, dtype=np.int64),
             )
             self.run([e, e])
 
@@ -295,7 +296,7 @@ class LoadedModel:
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"{self.folder}: unreadable self-check data: {e!r}") from e
         try:
-            prob, att = self.session.run(["probability", "attention"], feed)
+            prob, att = self.session.run(list(self.contract.outputs), feed)
         except Exception as e:  # ONNX Runtime's own exception types
             raise ModelLoadError(f"{self.folder}: self-check inputs do not run: {e}") from e
         if prob.shape != expected_p.shape or att.shape != expected_a.shape:

@@ -1,15 +1,19 @@
 """The service's own CPU per /score request, without HTTP, sockets or a client: the ASGI app called in-process.
 
     python -m bench.overhead --repository runs/repository --name din [--candidates 200 --history 50]
+        [--against DIR[:key=value,...]] ...
 
-Builds the app twice from the same settings (environment as for `python -m app`, plus --repository),
-with the /score fast path and without it (FastAPI's own route), runs their lifespans, seeds users through
-POST /events, and then sends the same /score requests to the two apps in alternating rounds. Each round is
-one request at a time, and ONNX Runtime runs on the calling thread (INFERENCE_WORKERS=0, one intra-op
-thread), so that thread's CPU time is the request's, and the inference calls inside it are timed apart.
-Reports per app the median over rounds of CPU-ms per request, of inference, and of the rest (parse,
-store, encode, answer, framework): the rest is what the service adds to the model. Writes JSON.
-Measured side by side in one process, so the machine's speed swings hit both apps alike.
+Measures this checkout's app and, side by side, the app of each other checkout given with --against (an
+earlier commit, a branch); ``:key=value`` passes keyword arguments to that checkout's ``create_app``
+(values read as JSON, e.g. ``/work/old:score_fast_path=false``). Each app runs in a process of its own,
+with its checkout first on PYTHONPATH, from the same settings (environment as for `python -m app`, plus
+--repository); each seeds the same users through POST /events, and then the processes take turns, one
+round each, sending the same /score requests. Each round is one request at a time, and ONNX Runtime runs
+on the calling thread (INFERENCE_WORKERS=0, one intra-op thread), so that thread's CPU time is the
+request's, and the inference calls inside it are timed apart. Reports per app the median over rounds of
+CPU-ms per request, of inference, and of the rest (parse, store, encode, answer, framework): the rest is
+what the service adds to the model. Writes JSON. The rounds alternate, so the machine's speed swings hit
+every app alike.
 """
 
 from __future__ import annotations
@@ -20,54 +24,63 @@ import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import orjson
-from starlette.types import ASGIApp, Message
 
-from app.main import create_app
-from app.scorer import LoadedModel
-from app.settings import Settings
-from bench.inprocess import load_version
-
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("bench/results/overhead.json")
+Message = dict[str, Any]
 
 
 class InferenceClock:
     """Thread CPU time spent in ONNX Runtime calls (``LoadedModel._run_users``), while installed."""
 
     def __init__(self) -> None:
+        from app.scorer import LoadedModel
+
         self.seconds = 0.0
+        self._model: Any = LoadedModel  # patched, whichever checkout it comes from
         self._original = LoadedModel._run_users
 
     def __enter__(self) -> InferenceClock:
         original, clock = self._original, self
 
-        def timed(model: LoadedModel, batch: list[Any]) -> Any:
+        def timed(model: Any, batch: list[Any]) -> Any:
             t = time.thread_time()
             try:
                 return original(model, batch)
             finally:
                 clock.seconds += time.thread_time() - t
 
-        LoadedModel._run_users = timed  # type: ignore[method-assign,assignment]
+        self._model._run_users = timed
         return self
 
     def __exit__(self, *exc: object) -> None:
-        LoadedModel._run_users = self._original  # type: ignore[method-assign]
+        self._model._run_users = self._original
 
 
-async def post(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
+async def post(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
     """One POST through the app's ASGI interface; the status and the body of its answer."""
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
-        "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8000),
-    }  # fmt: skip
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
     sent = False
     answer: dict[str, Any] = {"status": 0, "body": b""}
 
@@ -89,11 +102,10 @@ async def post(app: ASGIApp, path: str, body: bytes) -> tuple[int, bytes]:
     return answer["status"], answer["body"]
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    settings = Settings(model_repository=args.repository, default_model=args.name, inference_workers=0,
-                        intra_op_threads=1)  # fmt: skip
-    apps = {"fast path": create_app(settings), "FastAPI route": create_app(settings, score_fast_path=False)}
-    folder, meta = load_version(args.repository, args.name, None)
+def requests(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The events that seed the users and the /score bodies, the same in every process (seeded)."""
+    folder = max((p for p in (args.repository / args.name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    meta = json.loads((folder / "metadata.json").read_text())
     items = json.loads((folder / meta["files"]["vocabulary"]).read_text())["items"]
     rng = random.Random(0)
     users = [f"overhead-{u}" for u in range(args.users)]
@@ -102,43 +114,106 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         orjson.dumps({"user_id": rng.choice(users), "candidates": [{"item_id": i} for i in rng.sample(items, n)]})
         for n in [args.candidates] * 64
     ]
-    rounds: dict[str, dict[str, list[float]]] = {name: {"total": [], "inference": []} for name in apps}
+    return events, bodies
+
+
+async def serve_rounds(args: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """The worker: builds this process's app, then runs a round per line read on stdin, a JSON line out each."""
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings(
+        model_repository=args.repository, default_model=args.name, inference_workers=0, intra_op_threads=1
+    )
+    app = create_app(settings, **kwargs)
+    events, bodies = requests(args)
     async with AsyncExitStack() as stack:
-        for app in apps.values():
-            await stack.enter_async_context(app.router.lifespan_context(app))
-        first = next(iter(apps.values()))
-        for k in range(0, len(events), 1000):  # one store behind both apps
-            status, answer = await post(first, "/events", orjson.dumps({"events": events[k : k + 1000]}))
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        for k in range(0, len(events), 1000):
+            status, answer = await post(app, "/events", orjson.dumps({"events": events[k : k + 1000]}))
             if status != 200:
                 raise SystemExit(f"/events answered {status}: {answer[:200]!r}")
-        for app in apps.values():  # warm-up
-            for body in bodies[:20]:
-                await post(app, "/score", body)
+        for body in bodies[:20]:  # warm-up
+            await post(app, "/score", body)
+        print(json.dumps({"ready": True, "store": "redis" if settings.redis_url else "memory"}), flush=True)
+        for _ in sys.stdin:
+            with InferenceClock() as clock:
+                t = time.thread_time()
+                for k in range(args.requests):
+                    status, answer = await post(app, "/score", bodies[k % len(bodies)])
+                    if status != 200:
+                        raise SystemExit(f"/score answered {status}: {answer[:200]!r}")
+                spent = time.thread_time() - t
+            ms = {"total": 1e3 * spent / args.requests, "inference": 1e3 * clock.seconds / args.requests}
+            print(json.dumps(ms), flush=True)
+
+
+def parse_app(spec: str) -> tuple[Path, dict[str, Any]]:
+    """``DIR[:key=value,...]`` → the checkout and create_app's keyword arguments."""
+    folder, _, options = spec.partition(":")
+    kwargs = {k: json.loads(v) for k, _, v in (o.partition("=") for o in options.split(",") if o)}
+    return Path(folder).resolve(), kwargs
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    apps = {"this checkout": str(ROOT)} | {spec: spec for spec in args.against}
+    workers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name, spec in apps.items():
+            folder, kwargs = parse_app(spec)
+            env = {**os.environ, "PYTHONPATH": str(folder)}
+            env.pop("WORKERS", None)  # one process per app, whatever the environment says
+            command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(kwargs)]
+            command += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in WORKER_ARGS]
+            workers[name] = subprocess.Popen(
+                command, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+        stores = {name: _reply(w)["store"] for name, w in workers.items()}
+        rounds: dict[str, dict[str, list[float]]] = {name: {"total": [], "inference": []} for name in apps}
         for _ in range(args.rounds):
-            for name, app in apps.items():
-                with InferenceClock() as clock:
-                    t = time.thread_time()
-                    for k in range(args.requests):
-                        status, answer = await post(app, "/score", bodies[k % len(bodies)])
-                        if status != 200:
-                            raise SystemExit(f"/score answered {status}: {answer[:200]!r}")
-                    spent = time.thread_time() - t
-                rounds[name]["total"].append(1e3 * spent / args.requests)
-                rounds[name]["inference"].append(1e3 * clock.seconds / args.requests)
+            for name, worker in workers.items():
+                assert worker.stdin is not None
+                worker.stdin.write("round\n")
+                worker.stdin.flush()
+                ms = _reply(worker)
+                rounds[name]["total"].append(ms["total"])
+                rounds[name]["inference"].append(ms["inference"])
+    finally:
+        for worker in workers.values():
+            if worker.stdin is not None:
+                worker.stdin.close()
+            worker.wait(30)
     result: dict[str, Any] = {
-        "model": args.name, "version": meta["version"], "candidates": args.candidates, "history": args.history,
-        "rounds": args.rounds, "requests_per_round": args.requests,
-        "store": "redis" if settings.redis_url else "memory", "apps": {},
-    }  # fmt: skip
+        "model": args.name,
+        "candidates": args.candidates,
+        "history": args.history,
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+        "apps": {},
+    }
     for name, r in rounds.items():
         rest = [t - i for t, i in zip(r["total"], r["inference"], strict=True)]
         result["apps"][name] = {
+            "checkout": str(parse_app(apps[name])[0]),
+            "store": stores[name],
             "cpu_ms_per_request": statistics.median(r["total"]),
             "inference_ms_per_request": statistics.median(r["inference"]),
             "rest_ms_per_request": statistics.median(rest),
             "rest_ms_per_round": rest,
         }
     return result
+
+
+def _reply(worker: subprocess.Popen[str]) -> dict[str, Any]:
+    assert worker.stdout is not None
+    line = worker.stdout.readline()
+    if not line:
+        raise SystemExit(f"a worker exited ({worker.wait()}); its errors are above")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+WORKER_ARGS = ("repository", "name", "candidates", "history", "users", "requests")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,15 +225,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--rounds", type=int, default=8, help="alternated rounds per app")
     p.add_argument("--requests", type=int, default=150, help="requests per round")
+    another = "another checkout to measure side by side (repeatable)"
+    p.add_argument("--against", action="append", default=[], metavar="DIR[:key=value,...]", help=another)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # create_app's keyword arguments, JSON: run one app
     args = p.parse_args(argv)
-    os.environ.pop("WORKERS", None)  # one process here, whatever the environment says
-    result = asyncio.run(measure(args))
-    print(f"{args.candidates} candidates × {args.history} history, store: {result['store']}; CPU-ms per request "
-          f"(median of {args.rounds} rounds of {args.requests}):")  # fmt: skip
+    args.repository = args.repository.resolve()
+    if args.worker is not None:
+        asyncio.run(serve_rounds(args, json.loads(args.worker)))
+        return
+    result = measure(args)
+    print(
+        f"{args.candidates} candidates × {args.history} history; CPU-ms per request "
+        f"(median of {args.rounds} alternated rounds of {args.requests}):"
+    )
     for name, r in result["apps"].items():
-        print(f"  {name:14s} total {r['cpu_ms_per_request']:.3f}  inference {r['inference_ms_per_request']:.3f}  "
-              f"rest {r['rest_ms_per_request']:.3f}")  # fmt: skip
+        print(
+            f"  {name}: total {r['cpu_ms_per_request']:.3f}  inference {r['inference_ms_per_request']:.3f}  "
+            f"rest {r['rest_ms_per_request']:.3f}  (store: {r['store']})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+# the history-feedback codes are part of the contract with the service (contract.py); re-exported for the models
+from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_SIZE, FEEDBACK_UNKNOWN  # noqa: F401
+
 Activation = Literal["dice", "prelu", "relu"]
 Evolution = Literal["augru", "agru", "aigru"]
-
-# History feedback: what the user did with each history behaviour, known before the candidate is shown
-# (the behaviour is strictly earlier). Index 0 is padding; "unknown" (no label given) embeds to zeros.
-FEEDBACK_PAD, FEEDBACK_UNKNOWN, FEEDBACK_NEGATIVE, FEEDBACK_POSITIVE = 0, 1, 2, 3
-FEEDBACK_SIZE = 4
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,12 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+# the graph's interface is the contract with the service (contract.py); re-exported for export and tests
+from contract import FEEDBACK_INPUT, INPUT_NAMES, OUTPUT_NAMES, input_names  # noqa: F401
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
 from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax
-
-INPUT_NAMES = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
-FEEDBACK_INPUT = "hist_feedback"
-OUTPUT_NAMES = ("probability", "attention")
-
-
-def input_names(history_feedback: bool) -> tuple[str, ...]:
-    """The serving graph's inputs, in order: the feedback input only for a model that uses it."""
-    return (*INPUT_NAMES, FEEDBACK_INPUT) if history_feedback else INPUT_NAMES
 
 
 class FoldedDice(nn.Module):

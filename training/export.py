@@ -29,9 +29,20 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from contract import (
+    FEEDBACK_INPUT,
+    FEEDBACK_PAD,
+    FEEDBACK_POSITIVE,
+    FEEDBACK_UNKNOWN,
+    FEEDBACK_VALUES,
+    FIRST_INDEX,
+    OOV,
+    OUTPUT_NAMES,
+    VOCABULARY_INDICES,
+    input_names,
+)
 from models import CTRModel
-from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
-from models.serving import FEEDBACK_INPUT, OUTPUT_NAMES, NaiveServing, input_names, serving_module
+from models.serving import NaiveServing, serving_module
 from training.train import CHECKPOINT_NAME, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -114,7 +125,7 @@ def random_inputs(
     width = max(1, max(lengths), width or 0)
     mask = np.arange(width) < np.asarray(lengths)[:, None]  # (U, L)
     n = int(sum(candidates))
-    feats = [rng.integers(1, c, size=u) for c in spec.feature_cardinalities]  # OOV (1) included
+    feats = [rng.integers(OOV, c, size=u) for c in spec.feature_cardinalities]  # OOV included
     feed = {
         "hist_items": np.where(mask, rng.integers(1, spec.n_items, size=(u, width)), 0).astype(np.int64),
         "hist_cats": np.where(mask, rng.integers(1, spec.n_categories, size=(u, width)), 0).astype(np.int64),
@@ -324,9 +335,9 @@ def export_run(
         raise ExportError(f"model name {name!r}: use letters, digits, '-' and '_'")
     vocab = ckpt["vocab"]
     spec = GraphSpec(
-        n_items=len(vocab["items"]) + 2,
-        n_categories=len(vocab["categories"]) + 2,
-        feature_cardinalities=tuple(len(v) + 2 for v in vocab["user_features"].values()),
+        n_items=len(vocab["items"]) + FIRST_INDEX,
+        n_categories=len(vocab["categories"]) + FIRST_INDEX,
+        feature_cardinalities=tuple(len(v) + FIRST_INDEX for v in vocab["user_features"].values()),
         history_feedback=bool(ckpt["model_config"].get("history_feedback", False)),
     )
     max_len = int(ckpt["max_len"])
@@ -387,20 +398,11 @@ def export_run(
                 else "sigmoid"
             ),
             **io_signature(spec),
-            "history_feedback": {
-                "input": FEEDBACK_INPUT if spec.history_feedback else None,
-                "values": {
-                    "padding": FEEDBACK_PAD,
-                    "unknown": FEEDBACK_UNKNOWN,
-                    "negative": FEEDBACK_NEGATIVE,
-                    "positive": FEEDBACK_POSITIVE,
-                },
-            },
+            # the contract with the service (contract.py), which reads it from here
+            "history_feedback": {"input": FEEDBACK_INPUT if spec.history_feedback else None, "values": FEEDBACK_VALUES},
             "vocabulary": {
                 "file": VOCAB_FILE,
-                "pad_index": 0,
-                "oov_index": 1,
-                "first_index": 2,
+                **VOCABULARY_INDICES,
                 "n_items": spec.n_items,
                 "n_categories": spec.n_categories,
                 "user_features": list(vocab["user_features"]),

@@ -16,19 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN
+from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN, FIRST_INDEX, OOV, PAD
 from training.datasets import BehaviourLog
 
 log = logging.getLogger(__name__)
 
-PAD, OOV = 0, 1
 PROTOCOLS = ("din-movielens", "implicit")
 CACHE_FORMAT = 2  # 2: event_feedback
 
 
 @dataclass
 class Vocabulary:
-    """Raw id → index maps (indices start at 2) and the item → category table."""
+    """Raw id → index maps (indices start at FIRST_INDEX) and the item → category table."""
 
     items: list[str]
     categories: list[str]
@@ -42,20 +41,20 @@ class Vocabulary:
 
     @property
     def n_items(self) -> int:
-        return len(self.items) + 2
+        return len(self.items) + FIRST_INDEX
 
     @property
     def n_categories(self) -> int:
-        return len(self.categories) + 2
+        return len(self.categories) + FIRST_INDEX
 
     @property
     def feature_cardinalities(self) -> tuple[int, ...]:
-        return tuple(len(v) + 2 for v in self.user_features.values())
+        return tuple(len(v) + FIRST_INDEX for v in self.user_features.values())
 
     @staticmethod
     def _encode(index: pd.Index, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
         pos = index.get_indexer(pd.Index(np.asarray(values, dtype=object)))
-        return np.where(pos < 0, OOV, pos + 2).astype(np.int64)
+        return np.where(pos < 0, OOV, pos + FIRST_INDEX).astype(np.int64)
 
     def encode_items(self, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
         return self._encode(self._item_index, values)
@@ -69,7 +68,7 @@ class Vocabulary:
     def item_category_table(self) -> np.ndarray:
         """(n_items,) category index of every item index; PAD/OOV items map to PAD/OOV."""
         table = np.array([PAD, OOV] + [0] * len(self.items), dtype=np.int64)
-        table[2:] = self.encode_categories([self.item_category[i] for i in self.items])
+        table[FIRST_INDEX:] = self.encode_categories([self.item_category[i] for i in self.items])
         return table
 
     def to_json(self) -> dict[str, object]:

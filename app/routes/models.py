@@ -46,10 +46,19 @@ def model_status(entry: ModelEntry, registry: ModelRegistry) -> ModelStatus:
     versions = []
     for version, dep in sorted(entry.deployments.items(), key=lambda kv: int(kv[0])):
         m = dep.model
-        info = VersionInfo(version=version, role=entry.role(version), model_type=m.metadata["model_type"],
-                           provider=m.provider, graph=m.graph_file, max_history=m.max_history, loaded_at=m.loaded_at,
-                           ready_seconds=m.ready_seconds, self_check_max_abs_diff=m.self_check_diff,
-                           in_flight=dep.leases, metrics=m.metadata.get("metrics", {}))  # fmt: skip
+        info = VersionInfo(
+            version=version,
+            role=entry.role(version),
+            model_type=m.metadata["model_type"],
+            provider=m.provider,
+            graph=m.graph_file,
+            max_history=m.max_history,
+            loaded_at=m.loaded_at,
+            ready_seconds=m.ready_seconds,
+            self_check_max_abs_diff=m.self_check_diff,
+            in_flight=dep.leases,
+            metrics=m.metadata.get("metrics", {}),
+        )
         versions.append(info)
     failures = [LoadError(version=f.version, error=f.error, at=f.at) for f in entry.failures.values()]
     last = entry.last_failure

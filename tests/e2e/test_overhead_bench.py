@@ -1,5 +1,6 @@
-"""bench.overhead: the app called in-process, with and without the /score fast path, against a real Redis;
-it reports each app's CPU per request split into inference and the rest (figures are not asserted)."""
+"""bench.overhead: the app called in-process against a real Redis, this checkout side by side with another
+(here itself, through --against); it reports each app's CPU per request split into inference and the rest
+(figures are not asserted)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_overhead_benchmark_splits_each_apps_cpu(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    cmd = [sys.executable, "-m", "bench.overhead", "--repository", str(model_repository / "repo"), "--name", "din",
-           "--candidates", "40", "--history", "10", "--users", "5", "--rounds", "2", "--requests", "10",
-           "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=service_env(model_repository / "repo", redis_url), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.overhead", "--repository", str(model_repository / "repo"), "--name", "din"]
+    cmd += ["--candidates", "40", "--history", "10", "--users", "5", "--rounds", "2", "--requests", "10"]
+    cmd += ["--against", str(ROOT), "--out", str(out)]
+    env = service_env(model_repository / "repo", redis_url)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["store"] == "redis" and set(report["apps"]) == {"fast path", "FastAPI route"}
+    assert set(report["apps"]) == {"this checkout", str(ROOT)}
     for app in report["apps"].values():
+        assert app["store"] == "redis" and app["checkout"] == str(ROOT)
         assert app["inference_ms_per_request"] > 0 and app["rest_ms_per_request"] > 0
         assert len(app["rest_ms_per_round"]) == 2
         assert app["cpu_ms_per_request"] == pytest.approx(
             app["inference_ms_per_request"] + app["rest_ms_per_request"], rel=0.5
         )
-    assert "rest" in done.stdout and "fast path" in done.stdout
+    assert "rest" in done.stdout and "this checkout" in done.stdout

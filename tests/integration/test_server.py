@@ -49,8 +49,14 @@ def test_concurrent_requests_are_merged_into_fewer_runs(server: str) -> None:
 
 
 def test_start_up_fails_loudly_on_an_empty_repository(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=service_env(tmp_path, None))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=service_env(tmp_path, None),
+    )
     assert proc.returncode != 0
     assert "not found in repository" in proc.stderr or "not in repository" in proc.stderr
 
@@ -61,8 +67,14 @@ def test_start_up_fails_loudly_on_a_corrupt_model(model_repository: Path, tmp_pa
     repo = tmp_path / "repo"
     shutil.copytree(model_repository / "repo" / "din", repo / "din")
     (repo / "din" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")
-    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=service_env(repo, None))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "--port", str(free_port())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=service_env(repo, None),
+    )
     assert proc.returncode != 0
     assert "cannot load the model" in proc.stderr
 

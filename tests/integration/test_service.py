@@ -22,8 +22,13 @@ from training.train import load_checkpoint
 
 @pytest.fixture
 def client(model_repository: Path, redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(model_repository=model_repository / "repo", default_model="din", redis_url=redis_url,
-                        store_timeout_ms=200, max_body_bytes=200_000)  # fmt: skip
+    settings = Settings(
+        model_repository=model_repository / "repo",
+        default_model="din",
+        redis_url=redis_url,
+        store_timeout_ms=200,
+        max_body_bytes=200_000,
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -59,8 +64,10 @@ def _reference(model_repository: Path, name: str, history: list[str], candidates
 def test_events_then_score_reads_them_back_with_exact_values(client: TestClient, model_repository: Path) -> None:
     items = _vocab(model_repository)["items"]
     history = items[:6]  # sent oldest first by timestamp; the API answers most recent first
-    r = client.post("/events", json={"events": [{"user_id": "42", "item_id": i, "timestamp": 100 + t}
-                                                for t, i in enumerate(history)]})  # fmt: skip
+    r = client.post(
+        "/events",
+        json={"events": [{"user_id": "42", "item_id": i, "timestamp": 100 + t} for t, i in enumerate(history)]},
+    )
     assert r.status_code == 200 and r.json() == {"stored": 6}
     stored = client.get("/users/42/history").json()
     assert [h["item_id"] for h in stored["history"]] == history[::-1]
@@ -101,8 +108,9 @@ def test_request_history_replaces_the_store_and_is_truncated(client: TestClient,
 
 def test_new_visitor_without_history(client: TestClient, model_repository: Path) -> None:
     items = _vocab(model_repository)["items"]
-    r = client.post("/score", json={"user_id": "nobody", "candidates": [{"item_id": items[3]}],
-                                    "return_attention": False})  # fmt: skip
+    r = client.post(
+        "/score", json={"user_id": "nobody", "candidates": [{"item_id": items[3]}], "return_attention": False}
+    )
     body = r.json()
     assert body["history_source"] == "none" and body["history"] == [] and body["scores"][0]["attention"] is None
     p_ref, _ = _reference(model_repository, "din", [], [items[3]])
@@ -162,9 +170,15 @@ def test_models_health_and_metrics(client: TestClient) -> None:
     client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "a"}]})
     text = client.get("/metrics").text
     info = 'ctr_model_info{model="din",provider="CPUExecutionProvider",role="primary",version="1"} 1.0'
-    for name in ("ctr_requests_total", "ctr_request_latency_seconds_bucket", "ctr_batch_candidates_bucket",
-                 "ctr_inference_seconds_count", "ctr_queue_depth", info,
-                 'ctr_scored_requests_total{model="din",version="1"} 1.0'):  # fmt: skip
+    for name in (
+        "ctr_requests_total",
+        "ctr_request_latency_seconds_bucket",
+        "ctr_batch_candidates_bucket",
+        "ctr_inference_seconds_count",
+        "ctr_queue_depth",
+        info,
+        'ctr_scored_requests_total{model="din",version="1"} 1.0',
+    ):
         assert name in text, name
     assert 'ctr_requests_total{endpoint="/score",status="200"} 1.0' in text
 
@@ -178,8 +192,9 @@ def test_redis_outage_degrades_scoring_refuses_writes_and_recovers(
     try:
         r = client.post("/score", json={"user_id": "r", "candidates": [{"item_id": items[2]}]})
         assert r.status_code == 200 and r.json()["degraded"] is True and r.json()["history_source"] == "none"
-        r = client.post("/score", json={"user_id": "r", "candidates": [{"item_id": items[2]}],
-                                        "history": [{"item_id": items[1]}]})  # fmt: skip
+        r = client.post(
+            "/score", json={"user_id": "r", "candidates": [{"item_id": items[2]}], "history": [{"item_id": items[1]}]}
+        )
         assert r.status_code == 200 and r.json()["history_source"] == "request"
         r = client.post("/events", json={"events": [{"user_id": "r", "item_id": items[3]}]})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
@@ -204,8 +219,9 @@ def test_openapi_is_generated_from_the_schemas(client: TestClient) -> None:
 
 
 def _slow_app(model_repository: Path, redis_url: str, **overrides: object) -> TestClient:
-    settings = Settings(model_repository=model_repository / "repo", default_model="din", redis_url=redis_url,
-                        **overrides)  # type: ignore[arg-type]  # fmt: skip
+    settings = Settings(
+        model_repository=model_repository / "repo", default_model="din", redis_url=redis_url, **overrides
+    )  # type: ignore[arg-type]
     return TestClient(create_app(settings))
 
 
@@ -241,8 +257,9 @@ def test_overload_is_refused_at_once_with_retry_after(model_repository: Path, re
 def test_requests_past_the_timeout_get_504(model_repository: Path, redis_url: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with _slow_app(model_repository, redis_url, request_timeout_ms=150, max_queue_delay_ms=0,
-                   max_batch_candidates=1) as c:  # fmt: skip
+    with _slow_app(
+        model_repository, redis_url, request_timeout_ms=150, max_queue_delay_ms=0, max_batch_candidates=1
+    ) as c:
         _slow_down(c, 0.4)
         body = {"user_id": "t", "candidates": [{"item_id": "a"}], "history": []}
         with ThreadPoolExecutor(3) as pool:
@@ -252,9 +269,15 @@ def test_requests_past_the_timeout_get_504(model_repository: Path, redis_url: st
 
 def test_unknown_fields_are_ignored_and_integer_ids_accepted(client: TestClient, model_repository: Path) -> None:
     items = _vocab(model_repository)["items"]
-    r = client.post("/score", json={"user_id": 7, "trace_id": "abc",
-                                    "candidates": [{"item_id": items[0], "bid": 1.25}],
-                                    "user_features": {"segment": 2}})  # fmt: skip
+    r = client.post(
+        "/score",
+        json={
+            "user_id": 7,
+            "trace_id": "abc",
+            "candidates": [{"item_id": items[0], "bid": 1.25}],
+            "user_features": {"segment": 2},
+        },
+    )
     assert r.status_code == 200 and r.json()["user_id"] == "7"
 
 
@@ -282,9 +305,18 @@ def feedback_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("feedback-models")
-    cfg = TrainConfig(dataset="synthetic", synthetic=SERVICE_SYNTHETIC, model="din", out=str(root / "run"), epochs=1,
-                      max_len=20, batch_size=128, progress=False, cache_dir=str(root / "cache"),
-                      model_options={"history_feedback": True})  # fmt: skip
+    cfg = TrainConfig(
+        dataset="synthetic",
+        synthetic=SERVICE_SYNTHETIC,
+        model="din",
+        out=str(root / "run"),
+        epochs=1,
+        max_len=20,
+        batch_size=128,
+        progress=False,
+        cache_dir=str(root / "cache"),
+        model_options={"history_feedback": True},
+    )
     train(cfg)
     export_run(root / "run", root / "repo")
     return root
@@ -298,8 +330,10 @@ def test_stored_labels_reach_a_model_trained_with_history_feedback(feedback_repo
     items, candidates = vocab["items"][:5], vocab["items"][10:30]
     labels = [1, 0, 1, 1, 0]  # oldest first
     with TestClient(create_app(settings)) as client:
-        events = [{"user_id": "fb", "item_id": i, "timestamp": 10 + t, "label": y}
-                  for t, (i, y) in enumerate(zip(items, labels, strict=True))]  # fmt: skip
+        events = [
+            {"user_id": "fb", "item_id": i, "timestamp": 10 + t, "label": y}
+            for t, (i, y) in enumerate(zip(items, labels, strict=True))
+        ]
         assert client.post("/events", json={"events": events}).json() == {"stored": 5}
         stored = client.get("/users/fb/history").json()["history"]
         assert [(h["item_id"], h["label"]) for h in stored] == list(zip(items, labels, strict=True))[::-1]
@@ -311,8 +345,9 @@ def test_stored_labels_reach_a_model_trained_with_history_feedback(feedback_repo
         unlabelled = [{"item_id": i} for i in items[::-1]]
         scored = {}
         for name, history in (("flipped", flipped), ("unlabelled", unlabelled)):
-            r = client.post("/score", json={"user_id": "x", "history": history,
-                                            "candidates": [{"item_id": c} for c in candidates]})  # fmt: skip
+            r = client.post(
+                "/score", json={"user_id": "x", "history": history, "candidates": [{"item_id": c} for c in candidates]}
+            )
             assert r.status_code == 200, r.text
             scored[name] = [s["probability"] for s in r.json()["scores"]]
         assert not np.allclose(served, scored["flipped"]) and not np.allclose(served, scored["unlabelled"])
@@ -337,8 +372,9 @@ def test_stored_labels_reach_a_model_trained_with_history_feedback(feedback_repo
 def test_labels_are_validated(client: TestClient) -> None:
     r = client.post("/events", json={"events": [{"user_id": "u", "item_id": "i", "label": 2}]})
     assert r.status_code == 422 and "label" in r.text
-    r = client.post("/score", json={"user_id": "u", "candidates": [{"item_id": "i"}],
-                                    "history": [{"item_id": "j", "label": True}]})  # fmt: skip
+    r = client.post(
+        "/score", json={"user_id": "u", "candidates": [{"item_id": "i"}], "history": [{"item_id": "j", "label": True}]}
+    )
     assert r.status_code == 422 and "label" in r.text
 
 
@@ -404,3 +440,24 @@ def test_on_cuda_a_batch_is_one_call(model_repository: Path, monkeypatch: pytest
     model.run(batch)
     assert calls == [3]
     model.close()
+
+
+def test_every_405_lists_every_method_its_path_serves() -> None:
+    """Each path of the OpenAPI document (and the undocumented ones), asked with each method it does not serve,
+    answers 405 naming all the methods it does: /admin/models/{name}/split serves PUT and DELETE."""
+    app = create_app(Settings())  # routing only: no lifespan, nothing loaded
+    served = {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
+    served |= {
+        "/metrics": {"GET"},
+        "/openapi.json": {"GET", "HEAD"},
+        "/docs": {"GET", "HEAD"},
+        "/redoc": {"GET", "HEAD"},
+    }
+    assert served["/admin/models/{name}/split"] == {"PUT", "DELETE"}
+    client = TestClient(app)
+    for path, methods in served.items():
+        url = path.replace("{name}", "din").replace("{user_id}", "u")
+        for method in {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - methods:
+            r = client.request(method, url)
+            assert r.status_code == 405, (method, path, r.status_code)
+            assert set(r.headers["allow"].split(", ")) == methods, (method, path, r.headers["allow"])
