@@ -73,6 +73,17 @@ class DeploymentBoard:
         self.client, self.timeout_s = client, timeout_s
         self.models_key, self.revision_key = f"{key}:models", f"{key}:revision"
 
+    @classmethod
+    def connect(cls, url: str, key: str, timeout_s: float) -> DeploymentBoard:
+        """A board with a client of its own: the behaviour store's client times out a socket read after
+        STORE_TIMEOUT_MS (50 ms), which a version load or a garbage collection holding this process's event
+        loop overran, failing admin calls with a 503; here ``timeout_s`` bounds every round trip."""
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, key, timeout_s)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
     async def revision(self) -> int:
         """Bumped by every publish: a process that saw this number has nothing new to read."""
         try:

@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None, *, score_fast_path: bool = True
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_if_open(settings)
-        with interpreter.tuned(settings):
+        with interpreter.tuned():
             try:
                 state = await AppState.build(settings, metrics)  # each version loaded settles the heap
                 state.start()

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.metrics import reset_multiprocess_dir, sweep_dead_processes
-from app.scorer import inference_threads, session_threads
+from app.runtime import inference_threads, session_threads
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
