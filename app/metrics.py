@@ -31,6 +31,13 @@ SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 InfoLabels = tuple[str, str, str, str]  # ctr_model_info's model, version, provider, role
 
+# The labelled series the dashboard and the alerts read exist at 0 from start-up: a series that appears with
+# the first error shows "No data", and a rate over it starts one scrape late.
+STORE_OPERATIONS = ("read", "write")
+UNKNOWN_ID_KINDS = ("item", "category", "user_feature")
+SCORE_STATUSES = ("200", "400", "404", "422", "500", "503", "504")
+LOAD_OUTCOMES = ("loaded", "failed")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -75,6 +82,13 @@ class Metrics:
         self.events = Counter("ctr_events_stored_total", "behaviours appended to the store", registry=r)
         self.processes = Gauge("ctr_workers", "scorer processes serving (1 each; the workers of a WORKERS>1 service "
                                "are summed)", multiprocess_mode="livesum", registry=r)  # fmt: skip
+        for status in SCORE_STATUSES:
+            self.requests.labels("/score", status)
+        self.latency.labels("/score")
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+        for kind in UNKNOWN_ID_KINDS:
+            self.unknown_ids.labels(kind)
         self._exposed = r if self.multiprocess_dir is None else CollectorRegistry()
         if self.multiprocess_dir is not None:
             self._exposed.register(ServedSeries(self.multiprocess_dir))
@@ -83,6 +97,19 @@ class Metrics:
     def expose(self) -> bytes:
         """The /metrics exposition: this app's registry, or the files of every live worker merged."""
         return generate_latest(self._exposed)
+
+    def model_known(self, model: str) -> None:
+        """A model's load outcomes exist at 0 from its first load on."""
+        for outcome in LOAD_OUTCOMES:
+            self.model_loads.labels(model, outcome)
+
+    def version_serving(self, model: str, version: str) -> None:
+        """A version's series exist at 0 from its deployment on: its batches, queue and scored counts."""
+        for histogram in (self.inference, self.batch_requests, self.batch_candidates):
+            histogram.labels(model)
+        self.candidates.labels(model, version)
+        self.scored.labels(model, version)
+        self.queue_depth.labels(model, version).set(0)
 
     def publish_model_info(self, loaded: Iterable[InfoLabels]) -> None:
         """``ctr_model_info`` is 1 for each (model, version, provider, role) given; earlier ones are removed."""

@@ -213,6 +213,7 @@ class ModelRegistry:
 
     def new_entry(self, name: str) -> ModelEntry:
         """The model's entry, created empty if it has none yet."""
+        self.metrics.model_known(name)
         return self.models.setdefault(name, ModelEntry(name))
 
     async def version(self, entry: ModelEntry, version: int | None) -> Deployment:

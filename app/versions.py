@@ -149,6 +149,7 @@ def deploy(model: LoadedModel, settings: Settings, metrics: Metrics) -> Deployme
         on_batch=on_batch,
         on_depth=metrics.queue_depth.labels(model.name, model.version).set,
     )
+    metrics.version_serving(model.name, model.version)
     deployment = Deployment(model, batcher)
     batcher.start()
     return deployment
