@@ -6,7 +6,7 @@ host and the other replicas, and to survive a restart (a rolled-back version mus
 the service restarted), each model's decision is one JSON document in a Redis hash, next to a revision
 counter bumped on every change. The process that took the call applies it first (load, warm-up,
 self-check: a change that fails there is refused and never published), then publishes it; every process
-polls the revision and converges on the documents (``ModelRegistry.converge``).
+polls the revision and converges on the documents (``DeploymentSync.converge``, app/sync.py).
 
 Without Redis there is one process and nothing to share: the registry works alone, as before.
 """
@@ -46,8 +46,15 @@ class Desired:
 
     def to_json(self) -> str:
         split = None if self.split is None else {"version": self.split[0], "percent": self.split[1]}
-        return json.dumps({"primary": self.primary, "split": split, "standby": list(self.standby),
-                           "activations": list(self.activations), "removed": self.removed})  # fmt: skip
+        return json.dumps(
+            {
+                "primary": self.primary,
+                "split": split,
+                "standby": list(self.standby),
+                "activations": list(self.activations),
+                "removed": self.removed,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Desired:

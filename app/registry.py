@@ -252,8 +252,7 @@ class ModelRegistry:
         entry.deployments[key] = dep = deploy(model, s, self.metrics)
         interpreter.settle_heap()
         took = time.perf_counter() - started
-        log.info("model %s v%s loaded on %s in %.2f s (self-check diff %s)", entry.name, key, model.provider, took,
-                 model.self_check_diff)  # fmt: skip
+        log.info("model %s v%s ready in %.2f s (self-check diff %s)", entry.name, key, took, model.self_check_diff)
         self.publish_info()
         return dep
 

@@ -29,29 +29,34 @@ class Settings(BaseSettings):
     queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
     inference_workers: int | None = Field(
-        None, ge=0, le=64,
+        None,
+        ge=0,
+        le=64,
         description="ONNX Runtime runs in flight at once, each on a thread of its own; 0: one at a time on the "
         "event loop's thread (no hand-off between threads, nothing overlaps a run); unset: 0 for a CPU model when "
         "WORKERS > 1 (each process has its core), else 1",
-    )  # fmt: skip
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per run; 0 = its default (one per core), or cores / WORKERS"
     )
     workers: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="scorer processes behind the one port, under uvicorn's supervisor (one process is bound by its "
         "GIL at ≈ 1.3 cores); more than 1 needs REDIS_URL, and INTRA_OP_THREADS=0 then means cores / WORKERS each",
-    )  # fmt: skip
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
     model_poll_interval_s: float = Field(
         0.0, ge=0, description="look for new versions in the repository this often (0: only POST /admin/... loads)"
     )
     deployment_sync_interval_s: float = Field(
-        1.0, ge=0,
+        1.0,
+        ge=0,
         description="with REDIS_URL: how often this process checks the deployment shared through Redis (admin "
         "changes made on another worker or replica, kept across restarts); 0: this process neither reads nor "
         "shares it",
-    )  # fmt: skip
+    )
     deployment_key: str = Field(
         "ctr:deployment", min_length=1, description="Redis key prefix of the shared deployment (one per service)"
     )

@@ -76,16 +76,22 @@ class AppState:
                 await self.sync.converge(name, shared)
                 return
             except (RegistryError, ModelLoadError) as e:
-                log.error("model %s: shared deployment not applied (%s); serving the newest version that works",
-                          name, e)  # fmt: skip
+                log.error(
+                    "model %s: shared deployment not applied (%s); serving the newest version that works", name, e
+                )
         await registry.load_newest_working(name)
 
     @staticmethod
     def _store(settings: Settings) -> BehaviourStore:
         if settings.redis_url:
             log.info("behaviour store: redis at %s", settings.redis_url.split("@")[-1])
-            return RedisStore(settings.redis_url, settings.redis_key_prefix, settings.history_cap,
-                              settings.history_ttl_s, settings.store_timeout_ms / 1e3)  # fmt: skip
+            return RedisStore(
+                settings.redis_url,
+                settings.redis_key_prefix,
+                settings.history_cap,
+                settings.history_ttl_s,
+                settings.store_timeout_ms / 1e3,
+            )
         log.warning("REDIS_URL is unset: behaviours live in this process's memory and are lost on restart")
         return MemoryStore(settings.history_cap, settings.history_ttl_s)
 
