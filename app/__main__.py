@@ -26,7 +26,8 @@ from uvicorn.supervisors import Multiprocess
 from app import listener
 from app.main import create_app
 from app.metrics import MULTIPROC_ENV, reset_multiprocess_dir
-from app.scorer import ModelLoadError, discover, latest_version, session_threads
+from app.runtime import session_threads
+from app.scorer import ModelLoadError, discover, latest_version
 from app.settings import Settings
 
 log = logging.getLogger("app")

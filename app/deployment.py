@@ -6,7 +6,7 @@ host and the other replicas, and to survive a restart (a rolled-back version mus
 the service restarted), each model's decision is one JSON document in a Redis hash, next to a revision
 counter bumped on every change. The process that took the call applies it first (load, warm-up,
 self-check: a change that fails there is refused and never published), then publishes it; every process
-polls the revision and converges on the documents (``ModelRegistry.converge``).
+polls the revision and converges on the documents (``DeploymentSync.converge``, app/sync.py).
 
 Without Redis there is one process and nothing to share: the registry works alone, as before.
 """
@@ -46,8 +46,15 @@ class Desired:
 
     def to_json(self) -> str:
         split = None if self.split is None else {"version": self.split[0], "percent": self.split[1]}
-        return json.dumps({"primary": self.primary, "split": split, "standby": list(self.standby),
-                           "activations": list(self.activations), "removed": self.removed})  # fmt: skip
+        return json.dumps(
+            {
+                "primary": self.primary,
+                "split": split,
+                "standby": list(self.standby),
+                "activations": list(self.activations),
+                "removed": self.removed,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Desired:
@@ -72,6 +79,17 @@ class DeploymentBoard:
     def __init__(self, client: aioredis.Redis, key: str, timeout_s: float) -> None:
         self.client, self.timeout_s = client, timeout_s
         self.models_key, self.revision_key = f"{key}:models", f"{key}:revision"
+
+    @classmethod
+    def connect(cls, url: str, key: str, timeout_s: float) -> DeploymentBoard:
+        """A board with a client of its own: the behaviour store's client times out a socket read after
+        STORE_TIMEOUT_MS (50 ms), which a version load or a garbage collection holding this process's event
+        loop overran, failing admin calls with a 503; here ``timeout_s`` bounds every round trip."""
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, key, timeout_s)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
     async def revision(self) -> int:
         """Bumped by every publish: a process that saw this number has nothing new to read."""

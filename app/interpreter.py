@@ -10,21 +10,23 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app.settings import Settings
+# The inference thread takes the GIL back after every ONNX Runtime call; with Python's 5 ms the event loop,
+# busy in Python, made it wait (c=1 p99 and saturation measured in bench/README.md).
+GIL_SWITCH_INTERVAL_S = 0.5e-3
+# A /score request holds ≈ 600 containers at once, so Python's default of 700 ran a young collection on every
+# request and a full one over the loaded models every ≈ 500 (≈ 0.15 ms per request, bench/README.md).
+GC_YOUNG_THRESHOLD = 20_000
 
 _serving = 0  # services inside tuned(): only they freeze the heap
 
 
 @contextmanager
-def tuned(settings: Settings) -> Iterator[None]:
-    """The GIL switch interval from the settings, and a young-generation threshold that a request's own
-    temporaries do not reach: a /score request holds ≈ 600 containers at once (its candidates, their dicts),
-    so Python's default of 700 ran a collection on every request, and a full one every ≈ 500 requests over
-    the 78k objects of the loaded models (≈ 0.15 ms per request in all, bench/README.md)."""
+def tuned() -> Iterator[None]:
+    """The GIL switch interval and the young-generation threshold above, for as long as a service runs."""
     global _serving
     switch_interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
-    gc.set_threshold(settings.gc_young_threshold, *thresholds[1:])
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
     _serving += 1
     try:
         yield

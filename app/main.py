@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         warn_if_open(settings)
-        with interpreter.tuned(settings):
+        with interpreter.tuned():
             try:
                 state = await AppState.build(settings, metrics)  # each version loaded settles the heap
                 state.start()

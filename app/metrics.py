@@ -31,50 +31,96 @@ SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 InfoLabels = tuple[str, str, str, str]  # ctr_model_info's model, version, provider, role
 
+# The labelled series the dashboard and the alerts read exist at 0 from start-up: a series that appears with
+# the first error shows "No data", and a rate over it starts one scrape late.
+STORE_OPERATIONS = ("read", "write")
+UNKNOWN_ID_KINDS = ("item", "category", "user_feature")
+SCORE_STATUSES = ("200", "400", "404", "422", "500", "503", "504")
+LOAD_OUTCOMES = ("loaded", "failed")
+
 
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess_dir = multiprocess_dir()  # None: values live in this app's registry only
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ctr_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)  # fmt: skip
-        self.latency = Histogram("ctr_request_latency_seconds", "HTTP request latency", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.stage = Histogram("ctr_stage_seconds", "one /score request's time per stage: parse (receive, JSON, "
-                               "validation), store, encode, queue, inference, serialize", ["stage"],
-                               buckets=STAGE_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("ctr_queue_wait_seconds", "time a /score request waited for its batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.inference = Histogram("ctr_inference_seconds", "one ONNX Runtime run", ["model"],
-                                   buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_requests = Histogram("ctr_batch_requests", "requests merged into one inference task", ["model"],
-                                        buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.batch_candidates = Histogram("ctr_batch_candidates", "candidates scored in one run", ["model"],
-                                          buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.queue_depth = Gauge("ctr_queue_depth", "requests waiting for a batch", ["model", "version"],
-                                 multiprocess_mode="livesum", registry=r)  # fmt: skip
-        self.candidates = Counter("ctr_candidates_scored_total", "candidates scored", ["model", "version"],
-                                  registry=r)  # fmt: skip
-        self.scored = Counter("ctr_scored_requests_total", "/score requests answered, by the version that answered",
-                              ["model", "version"], registry=r)  # fmt: skip
-        self.model_loads = Counter("ctr_model_loads_total", "model version loads (outcome: loaded or failed)",
-                                   ["model", "outcome"], registry=r)  # fmt: skip
-        self.auth_failures = Counter("ctr_auth_failures_total", "requests refused for a missing or wrong API key",
-                                     registry=r)  # fmt: skip
-        self.history_length = Histogram("ctr_history_length", "history items used per request",
-                                        buckets=(0, 1, 5, 10, 20, 50, 100, 200), registry=r)  # fmt: skip
+        self.requests = Counter(
+            "ctr_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "ctr_request_latency_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.stage = Histogram(
+            "ctr_stage_seconds",
+            "one /score request's time per stage: parse (receive, JSON, "
+            "validation), store, encode, queue, inference, serialize",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ctr_queue_wait_seconds", "time a /score request waited for its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "ctr_inference_seconds", "one ONNX Runtime run", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "ctr_batch_requests", "requests merged into one inference task", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_candidates = Histogram(
+            "ctr_batch_candidates", "candidates scored in one run", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "ctr_queue_depth",
+            "requests waiting for a batch",
+            ["model", "version"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.candidates = Counter("ctr_candidates_scored_total", "candidates scored", ["model", "version"], registry=r)
+        self.scored = Counter(
+            "ctr_scored_requests_total",
+            "/score requests answered, by the version that answered",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "ctr_model_loads_total", "model version loads (outcome: loaded or failed)", ["model", "outcome"], registry=r
+        )
+        self.auth_failures = Counter(
+            "ctr_auth_failures_total", "requests refused for a missing or wrong API key", registry=r
+        )
+        self.history_length = Histogram(
+            "ctr_history_length", "history items used per request", buckets=(0, 1, 5, 10, 20, 50, 100, 200), registry=r
+        )
         self.store_errors = Counter("ctr_store_errors_total", "behaviour store failures", ["operation"], registry=r)
-        self.unknown_ids = Counter("ctr_unknown_ids_total", "ids mapped to the out-of-vocabulary index", ["kind"],
-                                   registry=r)  # fmt: skip
-        self.degraded = Counter("ctr_degraded_responses_total", "/score answered without the stored history",
-                                registry=r)  # fmt: skip
-        self.model_info = Gauge("ctr_model_info", "loaded model versions (value 1); role: primary, split, standby",
-                                ["model", "version", "provider", "role"], multiprocess_mode="livemax",
-                                registry=r)  # fmt: skip
+        self.unknown_ids = Counter(
+            "ctr_unknown_ids_total", "ids mapped to the out-of-vocabulary index", ["kind"], registry=r
+        )
+        self.degraded = Counter(
+            "ctr_degraded_responses_total", "/score answered without the stored history", registry=r
+        )
+        self.model_info = Gauge(
+            "ctr_model_info",
+            "loaded model versions (value 1); role: primary, split, standby",
+            ["model", "version", "provider", "role"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.events = Counter("ctr_events_stored_total", "behaviours appended to the store", registry=r)
-        self.processes = Gauge("ctr_workers", "scorer processes serving (1 each; the workers of a WORKERS>1 service "
-                               "are summed)", multiprocess_mode="livesum", registry=r)  # fmt: skip
+        self.processes = Gauge(
+            "ctr_workers",
+            "scorer processes serving (1 each; the workers of a WORKERS>1 service are summed)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        for status in SCORE_STATUSES:
+            self.requests.labels("/score", status)
+        self.latency.labels("/score")
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+        for kind in UNKNOWN_ID_KINDS:
+            self.unknown_ids.labels(kind)
         self._exposed = r if self.multiprocess_dir is None else CollectorRegistry()
         if self.multiprocess_dir is not None:
             self._exposed.register(ServedSeries(self.multiprocess_dir))
@@ -83,6 +129,19 @@ class Metrics:
     def expose(self) -> bytes:
         """The /metrics exposition: this app's registry, or the files of every live worker merged."""
         return generate_latest(self._exposed)
+
+    def model_known(self, model: str) -> None:
+        """A model's load outcomes exist at 0 from its first load on."""
+        for outcome in LOAD_OUTCOMES:
+            self.model_loads.labels(model, outcome)
+
+    def version_serving(self, model: str, version: str) -> None:
+        """A version's series exist at 0 from its deployment on: its batches, queue and scored counts."""
+        for histogram in (self.inference, self.batch_requests, self.batch_candidates):
+            histogram.labels(model)
+        self.candidates.labels(model, version)
+        self.scored.labels(model, version)
+        self.queue_depth.labels(model, version).set(0)
 
     def publish_model_info(self, loaded: Iterable[InfoLabels]) -> None:
         """``ctr_model_info`` is 1 for each (model, version, provider, role) given; earlier ones are removed."""

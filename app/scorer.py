@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from app.settings import Spinning
+from app import runtime
 from contract import Contract
 
 log = logging.getLogger(__name__)
@@ -61,63 +59,8 @@ class Encoded:
     hist_feedback: np.ndarray | None = None  # (l,) feedback code per behaviour (feedback models); None: all unknown
 
 
-# TF32 matrix products (ONNX Runtime's CUDA default on Ampere and later) drift ≈ 3e-4 from the float32
-# answers the export checked parity against, and the self-check refuses such a version: full float32
-CUDA = ("CUDAExecutionProvider", {"use_tf32": "0"})
-ProviderList = list[str | tuple[str, dict[str, str]]]
-
-
-def select_providers(choice: str) -> ProviderList:
-    available = ort.get_available_providers()
-    if choice == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return [CUDA, "CPUExecutionProvider"]
-    if choice == "cuda":
-        raise ModelLoadError(f"PROVIDER=cuda but ONNX Runtime offers only {available}")
-    return ["CPUExecutionProvider"]
-
-
-def session_threads(configured: int, processes: int) -> int:
-    """ONNX Runtime's intra-op threads per session: INTRA_OP_THREADS when set. Unset (0), one process keeps
-    ONNX Runtime's default (a thread per core); ``processes`` > 1 (WORKERS) share the cores out, else each
-    process's pool would start a thread per core and the processes oversubscribe them."""
-    if configured or processes == 1:
-        return configured
-    return max(1, (os.cpu_count() or 1) // processes)
-
-
-def inference_threads(configured: int | None, processes: int, provider: str) -> int:
-    """Threads a version's batcher runs ONNX Runtime on (INFERENCE_WORKERS); 0 means the event loop's own.
-
-    Unset, a CPU model in one of several processes (WORKERS) runs on the loop: with a core per process there
-    is nothing to overlap a run with, and the hand-off to a thread and back only cost (c=1 p99 8.9–10.3 against
-    10.5–12.5 ms, the same saturation; bench/README.md). One process keeps a thread, so that its loop parses
-    the next requests while a run uses the other cores; a CUDA model keeps one, or the loop would wait for the
-    GPU."""
-    if configured is not None:
-        return configured
-    return 0 if processes > 1 and provider != "CUDAExecutionProvider" else 1
-
-
-def session_spinning(opts: ort.SessionOptions, spinning: Spinning) -> None:
-    """When ONNX Runtime's pool threads spin for work instead of sleeping (INTRA_OP_SPINNING).
-
-    A DIN run is ≈ 70 small nodes, each a parallel section. In isolation, threads that spin during the run
-    (``in_run``: ``force_spinning_stop`` ends the spinning when the run returns) took 200 × 50 from ≈ 1.6 to
-    ≈ 1.3 ms; ONNX Runtime's own default (``always``) also spins between runs, ≈ 2× the CPU per run at
-    concurrency 1. Through the service on 2 cores, where the event loop needs the second core, ``never``
-    and ``in_run`` measured the same latency and ``never`` used less CPU, so it is the default
-    (bench/README.md)."""
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "never" else "1")
-    if spinning == "in_run":
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-
-
 class LoadedModel:
-    def __init__(
-        self, folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: Spinning = "never"
-    ) -> None:
+    def __init__(self, folder: Path, provider: str = "auto", intra_op_threads: int = 0) -> None:
         self.folder = folder
         self.loaded_at = time.time()
         meta_path = folder / "metadata.json"
@@ -142,20 +85,18 @@ class LoadedModel:
         self.item_category = np.full(contract.first_index + len(vocab["items"]), contract.oov, dtype=np.int64)
         self.item_category[contract.pad] = contract.pad
         self.item_category[contract.first_index :] = self.categories([item_cat[i] for i in vocab["items"]])
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        session_spinning(opts, spinning)
-        providers = select_providers(provider)
+        try:
+            providers = runtime.select_providers(provider)
+        except runtime.RuntimeUnavailable as e:
+            raise ModelLoadError(str(e)) from e
         files = self.metadata["files"]
         # DIN ships a CUDA form of its graph (the same function, no host-side branching); older versions do not
-        self.graph_file: str = files.get("model_cuda", files["model"]) if providers[0] == CUDA else files["model"]
-        self.session = self._session(opts, providers)
-        if self.session.get_providers()[0] != "CUDAExecutionProvider" and self.graph_file != files["model"]:
-            # CUDA was offered but did not start (ONNX Runtime fell back): the CPU runs the CPU form
-            self.graph_file = files["model"]
-            self.session = self._session(opts, ["CPUExecutionProvider"])
+        on_cuda = providers[0] == runtime.CUDA
+        self.graph_file: str = files.get("model_cuda", files["model"]) if on_cuda else files["model"]
+        try:
+            self.session = runtime.open_session(folder / self.graph_file, providers, intra_op_threads)
+        except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
+            raise ModelLoadError(f"{folder}: ONNX Runtime cannot load the model: {e}") from e
         names = {i.name for i in self.session.get_inputs()}
         if names - {contract.feedback_input} != set(contract.inputs):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
@@ -163,16 +104,11 @@ class LoadedModel:
         self.provider = self.session.get_providers()[0]
         self.self_check_diff: float | None = None
         self.ready_seconds = 0.0  # load + warm-up + self-check, set by load_version
-        if provider != "cpu" and self.provider != "CUDAExecutionProvider":
-            log.warning("model %s v%s runs on %s (CUDA not available)", self.name, self.version, self.provider)
-        else:
-            log.info("model %s v%s runs %s on %s", self.name, self.version, self.graph_file, self.provider)
-
-    def _session(self, opts: ort.SessionOptions, providers: ProviderList) -> ort.InferenceSession:
-        try:
-            return ort.InferenceSession(str(self.folder / self.graph_file), opts, providers=providers)
-        except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
-            raise ModelLoadError(f"{self.folder}: ONNX Runtime cannot load the model: {e}") from e
+        if on_cuda and self.provider != "CUDAExecutionProvider":
+            log.warning(
+                "model %s v%s: CUDA was found, ONNX Runtime runs it on %s", self.name, self.version, self.provider
+            )
+        log.info("model %s v%s runs %s on %s", self.name, self.version, self.graph_file, self.provider)
 
     def encode(
         self,
@@ -308,11 +244,9 @@ class LoadedModel:
         return diff
 
 
-def load_version(
-    folder: Path, provider: str = "auto", intra_op_threads: int = 0, spinning: Spinning = "never"
-) -> LoadedModel:
+def load_version(folder: Path, provider: str = "auto", intra_op_threads: int = 0) -> LoadedModel:
     """Load, warm up and self-check one version; any failure is a ModelLoadError saying which and why."""
-    model = LoadedModel(folder, provider, intra_op_threads, spinning)
+    model = LoadedModel(folder, provider, intra_op_threads)
     try:
         model.warm_up()
     except Exception as e:

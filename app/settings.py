@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-Spinning = Literal["never", "in_run", "always"]
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "y", "on", "t"), ("false", "0", "no", "n", "off", "f")
-
-
-def _spinning_from_bool(value: Any) -> Any:
-    """INTRA_OP_SPINNING's first form was a boolean: what pydantic read as true/false means always/never."""
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        value = value.strip().lower() in _TRUE
-    if isinstance(value, bool | int) and value in (0, 1):
-        return "always" if value else "never"
-    return value
 
 
 class Settings(BaseSettings):
@@ -43,44 +29,34 @@ class Settings(BaseSettings):
     queue_limit: int = Field(128, ge=1, description="requests waiting for inference; beyond → 503")
     request_timeout_ms: float = Field(1000.0, gt=0, description="a request still queued after this gets 504")
     inference_workers: int | None = Field(
-        None, ge=0, le=64,
+        None,
+        ge=0,
+        le=64,
         description="ONNX Runtime runs in flight at once, each on a thread of its own; 0: one at a time on the "
         "event loop's thread (no hand-off between threads, nothing overlaps a run); unset: 0 for a CPU model when "
         "WORKERS > 1 (each process has its core), else 1",
-    )  # fmt: skip
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per run; 0 = its default (one per core), or cores / WORKERS"
     )
-    intra_op_spinning: Annotated[Spinning, BeforeValidator(_spinning_from_bool)] = Field(
-        "never",
-        description="when ONNX Runtime's idle threads spin for work: never (they sleep at once and leave the cores "
-        "to the event loop), in_run (during a run only), always (between runs too); true/false mean always/never",
-    )
-    gil_switch_interval_ms: float = Field(
-        0.5, gt=0, le=100,
-        description="how long the event loop may hold the GIL while the inference thread waits for it (Python's "
-        "default: 5 ms); the inference thread takes it back after every ONNX Runtime call",
-    )  # fmt: skip
-    gc_young_threshold: int = Field(
-        20_000, ge=1,
-        description="container allocations between two collections of the garbage collector's youngest generation "
-        "(Python's default: 700, which a /score request's own temporaries reach)",
-    )  # fmt: skip
     workers: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="scorer processes behind the one port, under uvicorn's supervisor (one process is bound by its "
         "GIL at ≈ 1.3 cores); more than 1 needs REDIS_URL, and INTRA_OP_THREADS=0 then means cores / WORKERS each",
-    )  # fmt: skip
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it works, else CPU")
     model_poll_interval_s: float = Field(
         0.0, ge=0, description="look for new versions in the repository this often (0: only POST /admin/... loads)"
     )
     deployment_sync_interval_s: float = Field(
-        1.0, ge=0,
+        1.0,
+        ge=0,
         description="with REDIS_URL: how often this process checks the deployment shared through Redis (admin "
         "changes made on another worker or replica, kept across restarts); 0: this process neither reads nor "
         "shares it",
-    )  # fmt: skip
+    )
     deployment_key: str = Field(
         "ctr:deployment", min_length=1, description="Redis key prefix of the shared deployment (one per service)"
     )

@@ -10,13 +10,17 @@ from fastapi import Depends, Request
 
 from app.deployment import DeploymentBoard, Desired
 from app.metrics import Metrics
+from app.polling import RepositoryPoller
 from app.registry import ModelRegistry, RegistryError
 from app.scorer import ModelLoadError, discover
 from app.settings import Settings
 from app.store import BehaviourStore, MemoryStore, RedisStore
+from app.sync import DeploymentSync
 
 log = logging.getLogger(__name__)
-BOARD_TIMEOUT_S = 2.0  # the shared deployment is read once a second, off the request path: Redis may be slower
+# the shared deployment is read off the request path and an admin call can wait: a bound that a loaded host
+# (an event loop held by a version load or a garbage collection) does not reach, while a dead Redis still fails
+BOARD_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -25,6 +29,8 @@ class AppState:
     store: BehaviourStore
     metrics: Metrics
     registry: ModelRegistry
+    sync: DeploymentSync | None = None  # with REDIS_URL and DEPLOYMENT_SYNC_INTERVAL_S > 0
+    poller: RepositoryPoller | None = None  # with MODEL_POLL_INTERVAL_S > 0
     warmed: bool = False
 
     @classmethod
@@ -32,17 +38,20 @@ class AppState:
         """Load, warm and self-check every model of the repository (the newest version of each that works);
         fail with a precise message if the default model cannot be served."""
         store = cls._store(settings)
-        board = None
-        if isinstance(store, RedisStore) and settings.deployment_sync_interval_s > 0:
-            board = DeploymentBoard(store.client, settings.deployment_key, BOARD_TIMEOUT_S)
-        state = cls(settings, store, metrics, ModelRegistry(settings, metrics, board))
+        state = cls(settings, store, metrics, ModelRegistry(settings, metrics))
+        if settings.redis_url and settings.deployment_sync_interval_s > 0:
+            board = DeploymentBoard.connect(settings.redis_url, settings.deployment_key, BOARD_TIMEOUT_S)
+            state.sync = DeploymentSync(state.registry, board, settings.deployment_sync_interval_s)
+            state.registry.sharing = state.sync
+        if settings.model_poll_interval_s > 0:
+            state.poller = RepositoryPoller(state.registry, settings.model_poll_interval_s)
         names = discover(settings.model_repository)
         if settings.default_model not in names:
             raise ModelLoadError(
                 f"default model {settings.default_model!r} not in repository {settings.model_repository} "
                 f"(found: {names or 'nothing'}); export one with python -m training.export"
             )
-        shared = await state.registry.shared_deployments()
+        shared = {} if state.sync is None else await state.sync.shared_deployments()
         for name in names:
             try:
                 await state._load(name, shared.get(name))
@@ -62,32 +71,44 @@ class AppState:
             registry.removed.add(name)
             log.info("model %s not loaded: unloaded by an admin (shared deployment)", name)
             return
-        if shared is not None and not shared.removed:
+        if shared is not None and not shared.removed and self.sync is not None:
             try:
-                await registry.converge(name, shared)
+                await self.sync.converge(name, shared)
                 return
             except (RegistryError, ModelLoadError) as e:
-                log.error("model %s: shared deployment not applied (%s); serving the newest version that works",
-                          name, e)  # fmt: skip
+                log.error(
+                    "model %s: shared deployment not applied (%s); serving the newest version that works", name, e
+                )
         await registry.load_newest_working(name)
 
     @staticmethod
     def _store(settings: Settings) -> BehaviourStore:
         if settings.redis_url:
             log.info("behaviour store: redis at %s", settings.redis_url.split("@")[-1])
-            return RedisStore(settings.redis_url, settings.redis_key_prefix, settings.history_cap,
-                              settings.history_ttl_s, settings.store_timeout_ms / 1e3)  # fmt: skip
+            return RedisStore(
+                settings.redis_url,
+                settings.redis_key_prefix,
+                settings.history_cap,
+                settings.history_ttl_s,
+                settings.store_timeout_ms / 1e3,
+            )
         log.warning("REDIS_URL is unset: behaviours live in this process's memory and are lost on restart")
         return MemoryStore(settings.history_cap, settings.history_ttl_s)
 
     def start(self) -> None:
-        if self.settings.model_poll_interval_s > 0:
-            self.registry.start_polling(self.settings.model_poll_interval_s)
-        if self.registry.board is not None:
-            self.registry.start_sync(self.settings.deployment_sync_interval_s)
+        if self.poller is not None:
+            self.poller.loop.start()
+        if self.sync is not None:
+            self.sync.loop.start()
 
     async def close(self) -> None:
+        if self.poller is not None:
+            await self.poller.loop.close()
+        if self.sync is not None:
+            await self.sync.loop.close()
         await self.registry.close()
+        if self.sync is not None:
+            await self.sync.board.close()
         await self.store.close()
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.scorer import ModelLoadError, latest_version, select_providers
+from app.runtime import RuntimeUnavailable, select_providers
+from app.scorer import latest_version
 from training.export import GraphSpec, random_inputs
 
 DEFAULT_OUT = Path("bench/results")
@@ -42,7 +43,7 @@ def make_session(path: Path, provider: str, threads: int) -> ort.InferenceSessio
     opts.log_severity_level = 3
     try:
         providers = select_providers(provider)
-    except ModelLoadError as e:
+    except RuntimeUnavailable as e:
         raise SystemExit(str(e)) from None
     return ort.InferenceSession(str(path), opts, providers=providers)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,9 +17,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app import runtime
 from app.main import create_app
-from app.registry import user_bucket
 from app.settings import Settings
+from app.versions import user_bucket
 from training.export import export_run
 
 
@@ -241,3 +244,27 @@ def _wait(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out: {what}")
+
+
+def test_a_cpu_host_logs_one_clear_line_and_no_onnx_runtime_errors(repo: Path) -> None:
+    """PROVIDER=auto without CUDA: one warning per process, however many versions load, and none of ONNX
+    Runtime's own ERROR/WARNING lines (its failed CUDA attempt read as a crash)."""
+    if runtime.cuda_unavailable() is None:
+        pytest.skip("this host has a working CUDA")
+    publish(repo, "din", 2)
+    script = (
+        "import logging, sys; from pathlib import Path; from app.scorer import load_version\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "models = [load_version(Path(sys.argv[1]) / v, 'auto') for v in ('1', '2')]\n"
+        "print(*[m.provider for m in models])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(repo / "din")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["CPUExecutionProvider", "CPUExecutionProvider"]
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if "[E:onnxruntime" in line or "[W:onnxruntime" in line or "ERROR" in line] == []
+    fallback = [line for line in lines if "CUDA is not available" in line]
+    assert len(fallback) == 1 and fallback[0].startswith("WARNING:app.runtime:PROVIDER=auto"), done.stderr

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app import interpreter
 from app.main import create_app
 from app.scorer import ModelLoadError, latest_version, load_version
 from app.settings import Settings
@@ -404,16 +405,15 @@ def test_a_batch_of_users_scores_as_each_user_alone(model_repository: Path, name
 
 def test_the_interpreter_is_tuned_while_serving_and_restored(model_repository: Path, tmp_path: Path) -> None:
     before, thresholds = sys.getswitchinterval(), gc.get_threshold()
-    tuning = {"gil_switch_interval_ms": 0.25, "gc_young_threshold": 12_345}
-    settings = Settings(model_repository=model_repository / "repo", default_model="din", **tuning)
+    settings = Settings(model_repository=model_repository / "repo", default_model="din")
     with TestClient(create_app(settings)) as c:
         assert c.get("/healthz").status_code == 200
-        assert sys.getswitchinterval() == pytest.approx(0.25e-3)
-        assert gc.get_threshold() == (12_345, *thresholds[1:])
+        assert sys.getswitchinterval() == pytest.approx(interpreter.GIL_SWITCH_INTERVAL_S)
+        assert gc.get_threshold() == (interpreter.GC_YOUNG_THRESHOLD, *thresholds[1:])
         assert gc.get_freeze_count() > 10_000  # the loaded models, out of the collector's walks
     assert sys.getswitchinterval() == before
     assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
-    broken = Settings(model_repository=tmp_path / "empty", default_model="din", **tuning)
+    broken = Settings(model_repository=tmp_path / "empty", default_model="din")
     with pytest.raises(ModelLoadError), TestClient(create_app(broken)):
         pass
     assert sys.getswitchinterval() == before  # a failed start restores it too

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from app.deployment import Desired
 from app.main import create_app
-from app.registry import user_bucket
 from app.settings import Settings
+from app.versions import user_bucket
 from tests.conftest import RedisServer
 from tests.integration.test_lifecycle import _score, _status, _wait, publish
 

@@ -6,7 +6,6 @@ import gc
 import weakref
 
 from app import interpreter
-from app.settings import Settings
 
 
 class _Node:
@@ -14,7 +13,7 @@ class _Node:
 
 
 def test_settling_the_heap_frees_cycles_that_were_frozen() -> None:
-    with interpreter.tuned(Settings()):
+    with interpreter.tuned():
         node = _Node()
         node.cycle = node  # what a retired model version leaves (app/scorer.py)
         alive = weakref.ref(node)

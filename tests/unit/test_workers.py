@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.metrics import reset_multiprocess_dir, sweep_dead_processes
-from app.scorer import inference_threads, session_threads
+from app.runtime import inference_threads, session_threads
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,16 +67,46 @@ print(m.expose().decode())
 
 def test_removed_series_are_not_exported_in_multiprocess_mode(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", REMOVALS], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REMOVALS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
-    samples = sorted(line for line in proc.stdout.splitlines() if line.startswith(("ctr_model_info", "ctr_queue_depth",
-                                                                                    "ctr_workers")))  # fmt: skip
+    kept = ("ctr_model_info", "ctr_queue_depth", "ctr_workers")
+    samples = sorted(line for line in proc.stdout.splitlines() if line.startswith(kept))
     assert samples == [
         'ctr_model_info{model="din",provider="CPU",role="primary",version="2"} 1.0',
         'ctr_queue_depth{model="din",version="2"} 1.0',
         "ctr_workers 1.0",
     ]
+
+
+ZEROS = """
+from app.metrics import Metrics
+m = Metrics()
+m.model_known("din")
+m.version_serving("din", "1")
+m.publish_model_info([("din", "1", "CPU", "primary")])
+m.serving()
+print(m.expose().decode())
+"""
+
+
+def test_labelled_series_exist_at_zero_in_multiprocess_mode(tmp_path: Path) -> None:
+    """A worker's series the dashboard reads are in the merged exposition before anything happened."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", ZEROS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = set(proc.stdout.splitlines())
+    for series in (
+        'ctr_store_errors_total{operation="read"} 0.0',
+        'ctr_store_errors_total{operation="write"} 0.0',
+        'ctr_unknown_ids_total{kind="item"} 0.0',
+        'ctr_requests_total{endpoint="/score",status="503"} 0.0',
+        'ctr_model_loads_total{model="din",outcome="failed"} 0.0',
+        'ctr_scored_requests_total{model="din",version="1"} 0.0',
+        'ctr_queue_depth{model="din",version="1"} 0.0',
+    ):
+        assert series in lines
 
 
 def test_workers_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
