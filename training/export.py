@@ -4,7 +4,7 @@
 
 Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, naive.onnx}. A version appears
 atomically: it is written into a hidden temporary folder, then renamed, so a reader never sees half
-of one. ``naive.onnx`` is the training form behind the same interface, kept for benchmarks. DIN also
+of one. ``naive.onnx`` is the paper form behind the same interface, kept for benchmarks. DIN also
 gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA provider runs.
 """
 
@@ -40,7 +40,6 @@ METADATA_FORMAT = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
 MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
-NAIVE_LITERAL_FILE = "naive_literal.onnx"
 MODEL_CUDA_FILE = "model_cuda.onnx"  # DIN's serving form without host-side branching, for the CUDA provider
 SELFCHECK_FILE = "selfcheck.npz"
 SELFCHECK_TOLERANCE = 1e-4  # the loading service's runtime (another ORT build, CUDA) may round differently
@@ -142,7 +141,7 @@ def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tu
 
 
 def torch_reference(model: CTRModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The training form, history repeated per candidate: what the ONNX graph must reproduce."""
+    """The paper form, history repeated per candidate: what the ONNX graph must reproduce."""
     with torch.no_grad():
         p, a = NaiveServing(model)(**{k: torch.from_numpy(v) for k, v in feed.items()})
     return p.numpy(), a.numpy()
@@ -341,9 +340,6 @@ def export_run(
             NaiveServing(model), staging / NAIVE_FILE, spec, static_history=ckpt["model"] == "dien", width=max_len
         )
         files = {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE}
-        if ckpt["model"] == "din":  # the paper's literal concat form, the usual "naive" in other implementations
-            export_graph(NaiveServing(model, literal=True), staging / NAIVE_LITERAL_FILE, spec, width=max_len)
-            files["naive_literal"] = NAIVE_LITERAL_FILE
         if ckpt["model"] == "din" and quantize is None:  # int8 products would run on the CPU under CUDA
             export_graph(serving_module(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
             files["model_cuda"] = MODEL_CUDA_FILE

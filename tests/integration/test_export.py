@@ -39,7 +39,7 @@ def test_export_publishes_a_version_that_matches_pytorch(kind: str, runs: dict[s
     folder, meta = export_run(runs[kind], tmp_path)
     assert folder == tmp_path / kind / "1"
     expected = {"model.onnx", "naive.onnx", "metadata.json", "vocab.json", "selfcheck.npz"} | (
-        {"naive_literal.onnx", "model_cuda.onnx"} if kind == "din" else set()
+        {"model_cuda.onnx"} if kind == "din" else set()
     )
     assert {p.name for p in folder.iterdir()} == expected
     assert set(meta["files"].values()) == expected - {"metadata.json"}

@@ -8,8 +8,16 @@ from models.config import FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
 from models.layers import Dice
 from models.serving import FoldedDice, NaiveServing, fold_dice, serving_module
 
-CFG = ModelConfig(n_items=40, n_categories=6, user_feature_cardinalities=(5,), item_dim=8, category_dim=4,
-                  mlp_hidden=(12, 6), attention_hidden=(10, 5), aux_hidden=(8,))  # fmt: skip
+CFG = ModelConfig(
+    n_items=40,
+    n_categories=6,
+    user_feature_cardinalities=(5,),
+    item_dim=8,
+    category_dim=4,
+    mlp_hidden=(12, 6),
+    attention_hidden=(10, 5),
+    aux_hidden=(8,),
+)
 
 
 def test_folded_dice_equals_dice_in_eval() -> None:
@@ -34,8 +42,15 @@ def _trained_and_a_batch(model: torch.nn.Module, feedback: bool = False) -> tupl
         mask = torch.rand(16, 9) > 0.3
         extra = {"hist_feedback": torch.randint(2, 4, (16, 9)) * mask} if feedback else {}
         items, cats = torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask
-        model(items, cats, mask, torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)),
-              torch.randint(1, 5, (16, 1)), **extra)  # fmt: skip
+        model(
+            items,
+            cats,
+            mask,
+            torch.randint(2, 40, (16,)),
+            torch.randint(2, 6, (16,)),
+            torch.randint(1, 5, (16, 1)),
+            **extra,
+        )
     model.eval()
     lengths = torch.tensor([0, 9, 4])
     mask = torch.arange(9) < lengths[:, None]
