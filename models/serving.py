@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
-from models.layers import ActivationUnit, Dice, PReLULast, gated_recurrence, masked_softmax
+from models.layers import ActivationUnit, Dice, PReLULast, gated_recurrence, masked_softmax, valid_first
 
 INPUT_NAMES = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
 FEEDBACK_INPUT = "hist_feedback"
@@ -306,7 +306,12 @@ class DIENServing(_Serving):
         cand_user: Tensor,
         hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        behaviours = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D)
+        # a masked behaviour is absent, as in the paper form: each user's valid behaviours to the front
+        # (a no-op on the right-padded histories the service sends)
+        order = valid_first(hist_mask)  # (U, L)
+        hist_mask, hist_items, hist_cats = (x.gather(1, order) for x in (hist_mask, hist_items, hist_cats))
+        feedback = None if hist_feedback is None else hist_feedback.gather(1, order)  # (U, L)
+        behaviours = self.embedding.history(hist_items, hist_cats, feedback)  # (U, L, D)
         states, _ = self.extractor(behaviours)  # (U, L, D): interest extraction, once per user
         w_in, b_in = self.evolution.input_proj.weight, self.evolution.input_proj.bias
         proj = states @ w_in.T  # (U, L, 3H): the AUGRU input projection, once per user
@@ -328,7 +333,7 @@ class DIENServing(_Serving):
             mask_f = hist_mask.to(behaviours.dtype)  # (U, L)
             pooled_c = torch.bmm(mask_f.unsqueeze(1), behaviours).squeeze(1).index_select(0, cand_user)  # (N, D)
         prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, pooled_c, final)
-        return prob, weights
+        return prob, torch.zeros_like(weights).scatter(1, order.index_select(0, cand_user), weights)  # (N, L)
 
 
 class NaiveServing(nn.Module):

@@ -147,3 +147,27 @@ def test_history_feedback_in_the_serving_form(kind: str) -> None:
         torch.testing.assert_close(p_unknown, p_none)
         with_history = feed["cand_user"] != 0
         assert (p_liked[with_history] - p_none[with_history]).abs().min() > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("base", {}), ("din", {}), ("dien", {}), ("dien", {"evolution": "aigru"}), ("dien", {"history_feedback": True})],
+)
+def test_a_masked_behaviour_is_absent_in_the_serving_form_too(kind: str, options: dict[str, object]) -> None:
+    """A hole in a history's mask means the same in the serving graph as in the paper form: the behaviour
+    is not there (the service sends right-padded histories; a caller of the graph may not)."""
+    model = build_model(kind, ModelConfig(**{**CFG.to_dict(), **options}))
+    feedback = bool(options.get("history_feedback"))
+    feed, mask = _trained_and_a_batch(model, feedback=feedback)
+    holes = mask & (
+        torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1, 1, 1]]) > 0
+    )
+    feed["hist_mask"] = holes
+    if feedback:
+        feed["hist_feedback"] = torch.randint(1, 4, (3, 9)) * holes
+    with torch.no_grad():
+        p, a = serving_module(model)(**feed)
+        p_ref, a_ref = NaiveServing(model)(**feed)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    assert (a[~holes[feed["cand_user"]]] == 0).all()
