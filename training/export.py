@@ -2,10 +2,11 @@
 
     python -m training.export --run RUN_DIR --repository DIR [--name NAME] [--version N] [--quantize int8]
 
-Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, naive.onnx}. A version appears
+Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, selfcheck.npz}. A version appears
 atomically: it is written into a hidden temporary folder, then renamed, so a reader never sees half
-of one. ``naive.onnx`` is the paper form behind the same interface, kept for benchmarks. DIN also
-gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA provider runs.
+of one. DIN also gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA
+provider runs. Parity is checked against the paper form (``NaiveServing``); benchmark graphs are not
+shipped: ``bench.inprocess`` builds its naive graph from the run's checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 METADATA_FORMAT = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
-MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
+MODEL_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "metadata.json", "vocab.json"
 MODEL_CUDA_FILE = "model_cuda.onnx"  # DIN's serving form without host-side branching, for the CUDA provider
 SELFCHECK_FILE = "selfcheck.npz"
 SELFCHECK_TOLERANCE = 1e-4  # the loading service's runtime (another ORT build, CUDA) may round differently
@@ -173,10 +174,9 @@ def check_parity(
     }
 
 
-def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history: bool = False, width: int = 8) -> None:
-    """Users and candidates are dynamic axes; the history axis too unless ``static_history``."""
+def export_graph(module: nn.Module, path: Path, spec: GraphSpec, width: int = 8) -> None:
+    """Users, candidates and the history length are dynamic axes."""
     example = random_inputs(np.random.default_rng(0), spec, [width, max(1, width // 2)], [3, 2], width)
-    axes = {k: {i: a for i, a in v.items() if not (static_history and a == "history")} for k, v in DYNAMIC_AXES.items()}
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     with warnings.catch_warnings():
         # the TorchScript-based exporter keeps DIEN's recurrence as an ONNX Loop (dynamic history
@@ -188,7 +188,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history:
             str(path),
             input_names=list(spec.input_names),
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes=axes,
+            dynamic_axes=DYNAMIC_AXES,
             opset_version=OPSET,
             dynamo=False,
         )
@@ -335,11 +335,7 @@ def export_run(
     staging.chmod(0o755)  # mkdtemp makes it private; a published version is read by the service
     try:
         export_graph(serving_module(model), staging / MODEL_FILE, spec)
-        # the naive graph: DIEN's training-form loop unrolls, so it is fixed at max_len
-        export_graph(
-            NaiveServing(model), staging / NAIVE_FILE, spec, static_history=ckpt["model"] == "dien", width=max_len
-        )
-        files = {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE}
+        files = {"model": MODEL_FILE, "vocabulary": VOCAB_FILE}
         if ckpt["model"] == "din" and quantize is None:  # int8 products would run on the CPU under CUDA
             export_graph(serving_module(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
             files["model_cuda"] = MODEL_CUDA_FILE
