@@ -1,11 +1,16 @@
-"""In-process ONNX Runtime benchmark: the serving graph against the naive (training-form) graph.
+"""In-process ONNX Runtime benchmark: the serving graph against the naive (paper-form) graph.
 
-    python -m bench.inprocess --repository DIR --name din,dien --candidates 200 --history 50
+    python -m bench.inprocess --repository DIR --name din,dien --candidates 200 --history 50 [--run RUN_DIR,...]
 
 For each model, in one run: candidates/s and p50/p99 per call for the serving graph (per-user work
-shared) and for the naive graph (history repeated per candidate), their ratio as "speedup", the
-execution provider that actually ran, FLOPs per candidate and the achieved fraction of this machine's
-matrix-multiply ceiling (numpy sgemm, measured in the same run). Prints a table and writes JSON.
+shared) and for the naive graph (the paper form, history repeated per candidate), their ratio as
+"speedup", the execution provider that actually ran, FLOPs per candidate and the achieved fraction of
+this machine's matrix-multiply ceiling (numpy sgemm, measured in the same run). Prints a table and
+writes JSON.
+
+Published versions hold no benchmark graphs: the naive graph is exported here, into a temporary folder,
+from the checkpoint of the run the version came from (its metadata names the run directory; --run
+overrides it), and checked against the serving graph before it is timed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import itertools
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,15 +31,37 @@ import onnxruntime as ort
 
 from app.runtime import RuntimeUnavailable, select_providers
 from app.scorer import latest_version
-from training.export import GraphSpec, random_inputs
+from models.serving import NaiveServing
+from training.export import GraphSpec, export_graph, random_inputs
+from training.train import CHECKPOINT_NAME, load_checkpoint
 
 DEFAULT_OUT = Path("bench/results")
+NAIVE_FILE = "naive.onnx"
+NAIVE_TOLERANCE = 1e-4  # the naive graph must answer as the serving graph does (same checkpoint)
 
 
 def load_version(repository: Path, name: str, version: int | None) -> tuple[Path, dict[str, Any]]:
     """A version folder (the newest when none is given) and its metadata."""
     folder = latest_version(repository, name) if version is None else repository / name / str(version)
     return folder, json.loads((folder / "metadata.json").read_text())
+
+
+def export_naive_graph(meta: dict[str, Any], run: Path | None, out_dir: Path) -> Path:
+    """The version's naive graph, exported into out_dir: the paper form of the checkpoint in ``run`` (by
+    default the run directory the version's metadata names) behind the serving interface."""
+    run_dir = run if run is not None else Path(meta["training"]["out"])
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise SystemExit(
+            f"{meta['name']} v{meta['version']}: no {CHECKPOINT_NAME} in {run_dir} to build the naive graph "
+            "from; pass --run with the run directory it was exported from"
+        )
+    model, ckpt = load_checkpoint(run_dir)
+    same = json.loads(json.dumps([ckpt["model_config"], ckpt["metrics"]])) == [meta["model_config"], meta["metrics"]]
+    if not same:
+        raise SystemExit(f"{run_dir}: not the run {meta['name']} v{meta['version']} was exported from")
+    path = out_dir / NAIVE_FILE
+    export_graph(NaiveServing(model), path, GraphSpec.from_metadata(meta))
+    return path
 
 
 def make_session(path: Path, provider: str, threads: int) -> ort.InferenceSession:
@@ -148,7 +176,10 @@ def bench_model(
     provider: str,
     min_seconds: float,
     min_runs: int,
+    run: Path | None = None,
+    naive: bool = True,
 ) -> dict[str, Any]:
+    """Times the serving graph and, with ``naive``, the naive graph built from the run's checkpoint."""
     folder, meta = load_version(repository, name, version)
     spec = GraphSpec.from_metadata(meta)
     per_user = [candidates // users + (1 if i < candidates % users else 0) for i in range(users)]
@@ -162,31 +193,28 @@ def bench_model(
         "users": users,
         "intra_op_num_threads": threads,
     }
-    graphs = {"serving": "model", "naive": "naive", "naive_literal": "naive_literal"}
+    paths = {"serving": folder / meta["files"]["model"]}
     if provider != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and "model_cuda" in meta["files"]:
         # the service runs DIN's CUDA form there; the CPU form is timed beside it
-        graphs = {"serving": "model_cuda", "serving_cpu_form": "model", "naive": "naive",
-                  "naive_literal": "naive_literal"}  # fmt: skip
-    for graph, key in graphs.items():
-        if key not in meta["files"]:
-            continue
-        path = folder / meta["files"][key]
-        session = make_session(path, provider, threads)
-        graph_feed = dict(feed)
-        static = session.get_inputs()[0].shape[1]
-        if graph != "serving" and isinstance(static, int) and static != history:
-            # DIEN's naive graph has its recurrence unrolled to max_history: pad (extra steps carry a = 0)
-            width = max(static, history)
-            graph_feed = random_inputs(np.random.default_rng(0), spec, [history] * users, per_user, width=width)
-        times = time_calls(session, graph_feed, min_seconds, min_runs)
-        result[graph] = {**summarise(times, candidates), "provider": session.get_providers()[0], "file": path.name}
-        if graph == "serving" and session.get_providers()[0] == "CUDAExecutionProvider":
-            resident = time_device_resident(session, graph_feed, min_seconds, min_runs)
-            result["serving_device_resident"] = {**summarise(resident, candidates), "provider": "CUDA, I/O bound"}
-    result["speedup"] = result["serving"]["candidates_per_second"] / result["naive"]["candidates_per_second"]
-    if "naive_literal" in result:
-        literal = result["naive_literal"]["candidates_per_second"]
-        result["speedup_vs_literal"] = result["serving"]["candidates_per_second"] / literal
+        paths = {"serving": folder / meta["files"]["model_cuda"], "serving_cpu_form": paths["serving"]}
+    with tempfile.TemporaryDirectory(prefix="bench-naive-") as tmp:
+        if naive:
+            paths["naive"] = export_naive_graph(meta, run, Path(tmp))
+        answers = {}
+        for graph, path in paths.items():
+            session = make_session(path, provider, threads)
+            times = time_calls(session, feed, min_seconds, min_runs)
+            result[graph] = {**summarise(times, candidates), "provider": session.get_providers()[0], "file": path.name}
+            answers[graph] = session.run(None, feed)
+            if graph == "serving" and session.get_providers()[0] == "CUDAExecutionProvider":
+                resident = time_device_resident(session, feed, min_seconds, min_runs)
+                result["serving_device_resident"] = {**summarise(resident, candidates), "provider": "CUDA, I/O bound"}
+    if naive:
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(answers["serving"], answers["naive"], strict=True))
+        if diff > NAIVE_TOLERANCE:
+            raise SystemExit(f"{name}: the naive graph answers {diff:.1e} away from the serving graph")
+        result["naive"]["max_abs_diff_vs_serving"] = diff
+        result["speedup"] = result["serving"]["candidates_per_second"] / result["naive"]["candidates_per_second"]
     fpc = flops_per_candidate(meta, history, candidates // users)
     result["flops_per_candidate"] = fpc
     result["serving"]["gflops"] = fpc * result["serving"]["candidates_per_second"] / 1e9
@@ -260,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--name", default="din", help="model name(s), comma-separated")
     p.add_argument("--version", type=int, default=None, help="default: the newest version")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="run directories the versions were exported from, comma-separated in --name's order "
+        "(default: the one each version's metadata names); the naive graph is built from their checkpoints",
+    )
     p.add_argument("--candidates", type=int, default=200)
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--users", type=int, default=1, help="users in one call (candidates split among them)")
@@ -283,25 +317,33 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"numpy sgemm ceiling: {ceiling:.0f} GFLOP/s; ONNX Runtime providers: {ort.get_available_providers()}")
     print(f"{'model':<10} {'graph':<24} {'provider':<22} {'cand/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-    for name in [n for n in args.name.split(",") if n]:
-        r = bench_model(args.repository, name, args.version, args.candidates, args.history, args.users,
-                        args.threads, args.provider, args.min_seconds, args.min_runs)  # fmt: skip
+    names = [n for n in args.name.split(",") if n]
+    runs: list[Path | None] = [Path(r) for r in args.run.split(",")] if args.run else [None] * len(names)
+    if len(runs) != len(names):
+        raise SystemExit(f"--run names {len(runs)} run directories for {len(names)} models")
+    for name, run in zip(names, runs, strict=True):
+        shape = (args.candidates, args.history, args.users, args.threads, args.provider)
+        r = bench_model(args.repository, name, args.version, *shape, args.min_seconds, args.min_runs, run)
         on_cpu = r["serving"]["provider"] == "CPUExecutionProvider"
         if on_cpu:  # numpy's sgemm is the CPU's ceiling; it says nothing about a GPU's
             r["serving"]["fraction_of_sgemm_ceiling"] = r["serving"]["gflops"] / ceiling
         report["models"].append(r)
-        for graph in ("serving", "serving_device_resident", "serving_cpu_form", "naive", "naive_literal"):
+        for graph in ("serving", "serving_device_resident", "serving_cpu_form", "naive"):
             if graph not in r:
                 continue
             g = r[graph]
-            print(f"{name:<10} {graph:<24} {g['provider']:<22} {g['candidates_per_second']:>10,.0f} "
-                  f"{g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}")  # fmt: skip
-        literal = f" (×{r['speedup_vs_literal']:.2f} vs the literal concat form)" if "speedup_vs_literal" in r else ""
+            print(
+                f"{name:<10} {graph:<24} {g['provider']:<22} {g['candidates_per_second']:>10,.0f} "
+                f"{g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}"
+            )
         ceiling_note = (
             f" = {100 * r['serving']['fraction_of_sgemm_ceiling']:.0f}% of the CPU's sgemm ceiling" if on_cpu else ""
         )
-        print(f"{name:<10} speedup ×{r['speedup']:.2f}{literal}; {r['flops_per_candidate'] / 1e6:.2f} MFLOP/candidate, "
-              f"{r['serving']['gflops']:.1f} GFLOP/s{ceiling_note}")  # fmt: skip
+        print(
+            f"{name:<10} speedup ×{r['speedup']:.2f} over the paper form; "
+            f"{r['flops_per_candidate'] / 1e6:.2f} MFLOP/candidate, "
+            f"{r['serving']['gflops']:.1f} GFLOP/s{ceiling_note}"
+        )
     out = args.out or DEFAULT_OUT / "inprocess.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -517,7 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     seed_users(urls[0], args.users, args.history, items, args.api_key)  # replicas share the store
     cores = os.cpu_count() or 1
 
-    ceiling = bench_model(args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100)
+    ceiling = bench_model(
+        args.repository, args.name, None, args.candidates, args.history, 1, cores, "auto", 3.0, 100, naive=False
+    )
     probe = CeilingProbe(args.repository, args.name, args.candidates, args.history, cores, "auto")
     ceiling_cps = max(ceiling["serving"]["candidates_per_second"], probe())
     arrangements = ", ".join(f"{k} {v[-1]:,.0f}" for k, v in probe.by_arrangement.items() if v)

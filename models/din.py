@@ -1,5 +1,8 @@
 """Deep Interest Network (Zhou et al., KDD 2018): a local activation unit weighs each behaviour
-by its relevance to the candidate ad, and the weighted sum is the user's interest for that ad."""
+by its relevance to the candidate ad, and the weighted sum is the user's interest for that ad.
+
+This is the paper form, the one evaluation and export's parity check run. The training form (the unit on
+valid positions only) is in models/fast_training.py; the serving graph in models/serving.py."""
 
 from __future__ import annotations
 
@@ -21,18 +24,16 @@ class DIN(CTRModel):
         self.mlp = MLP(cfg.user_repr_dim + 2 * d, cfg.mlp_hidden, 1, cfg.mlp_activation, cfg.dropout)
 
     def attention(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        """query (B, D), keys (B, L, D), mask (B, L) → weights (B, L), exactly zero on padding.
+        """query (B, D), keys (B, L, D), mask (B, L) → weights (B, L), exactly zero on padding."""
+        scores = self.activation_unit(query, keys)  # (B, L)
+        return self.attention_weights(scores, mask)  # (B, L)
 
-        Without softmax the weights are sigmoid(score) in (0, 1): their sum keeps the intensity of the
-        user's interest, which normalisation would erase (paper §4.3)."""
-        unit = self.activation_unit
-        if self.training and not unit.literal and unit.elementwise:  # (not traced: export is in eval mode)
-            scores = unit.packed_scores(query, keys, mask)  # (B, L), only the valid positions computed
-        else:
-            scores = unit(query, keys)  # (B, L)
+    def attention_weights(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """scores (B, L) → weights (B, L). Without softmax the weights are sigmoid(score) in (0, 1): their
+        sum keeps the intensity of the user's interest, which normalisation would erase (paper §4.3)."""
         if self.cfg.attention_softmax:
-            return masked_softmax(scores, mask)
-        return torch.sigmoid(scores) * mask
+            return masked_softmax(scores, mask)  # (B, L)
+        return torch.sigmoid(scores) * mask  # (B, L)
 
     def forward(
         self,

@@ -27,7 +27,7 @@ from contract import FEEDBACK_INPUT, INPUT_NAMES, OUTPUT_NAMES, input_names  # n
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
-from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax
+from models.layers import ActivationUnit, Dice, PReLULast, gated_recurrence, masked_softmax, valid_first
 
 
 class FoldedDice(nn.Module):
@@ -99,8 +99,8 @@ class BaseServing(_Serving):
         weights = hist_mask.to(keys.dtype)  # (U, L)
         pooled = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (U, D): once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
-        prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats,
-                                      pooled.index_select(0, cand_user))  # fmt: skip
+        interest = pooled.index_select(0, cand_user)  # (N, D)
+        prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest)  # (N,)
         return prob, weights.index_select(0, cand_user)
 
 
@@ -157,9 +157,15 @@ def split_first_layer(
 
 @torch.jit.script
 def first_layer(
-    keys: Tensor, query: Tensor, cand_user: Tensor, w_query: Tensor, w_key: Tensor, w_prod: Tensor, bias: Tensor,
+    keys: Tensor,
+    query: Tensor,
+    cand_user: Tensor,
+    w_query: Tensor,
+    w_key: Tensor,
+    w_prod: Tensor,
+    bias: Tensor,
     user_cost: int,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor]:
     """Layer-1 pre-activations z (R·L, H) for R score rows, each candidate's row (N,), and whether the rows
     are the per-user grid (U, C_max) (1) or the candidates themselves (0). See DINAttention."""
     users, dim, n = keys.size(0), keys.size(2), query.size(0)
@@ -243,8 +249,8 @@ class DINAttention(nn.Module):
             z = split_first_layer(keys, query, cand_user, self.w_query, self.w_key, self.w_prod, self.bias)
             scores = self.rest(self.first_activation(z)).squeeze(-1)  # (N·L,)
             return pool_per_candidate(scores, keys, mask, cand_user, self.softmax)
-        z, rows, grid = first_layer(keys, query, cand_user, self.w_query, self.w_key, self.w_prod, self.bias,
-                                    USER_COST_IN_CANDIDATES)  # fmt: skip
+        weights = (self.w_query, self.w_key, self.w_prod, self.bias)
+        z, rows, grid = first_layer(keys, query, cand_user, *weights, USER_COST_IN_CANDIDATES)
         scores = self.rest(self.first_activation(z)).squeeze(-1)  # (R·L,)
         return pool(scores, keys, mask, cand_user, rows, grid, self.softmax)
 
@@ -272,35 +278,15 @@ class DINServing(_Serving):
         return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
 
 
-def gated_recurrence(x_proj: Tensor, gate: Tensor, weight: Tensor, scale_update: bool) -> Tensor:
-    """h_t = h_{t−1} + ũ_t ⊙ (h̃_t − h_{t−1}) over t (see AUGRUCell); x_proj (N, L, 3H), gate (N, L, 1),
-    weight (3H, H) → h_L (N, H). Written for TorchScript, so export keeps L dynamic (an ONNX Loop)."""
-    hd = weight.size(1)
-    h = torch.zeros(x_proj.size(0), hd, dtype=x_proj.dtype, device=x_proj.device)
-    xs = x_proj.transpose(0, 1).contiguous()  # (L, N, 3H): each step a contiguous slab, no strided gather
-    gs = gate.transpose(0, 1).contiguous()  # (L, N, 1)
-    w_t = weight.t()
-    for t in range(xs.size(0)):
-        x_t = xs[t]
-        hidden = torch.mm(h, w_t)  # (N, 3H)
-        ur = torch.sigmoid(x_t[:, : 2 * hd] + hidden[:, : 2 * hd])  # (N, 2H)
-        n = torch.tanh(x_t[:, 2 * hd :] + ur[:, hd:] * hidden[:, 2 * hd :])  # (N, H)
-        g = gs[t]  # (N, 1)
-        u = g * ur[:, :hd] if scale_update else g
-        h = h + u * (n - h)
-    return h
-
-
 class DIENServing(_Serving):
     def __init__(self, model: DIEN) -> None:
         super().__init__(model)
         m = cast(DIEN, self.model)
         self.extractor = m.extractor
         self.attention_proj = m.attention_proj
-        self.cell = m.evolution.cell
+        self.evolution = m.evolution
         self.kind = m.evolution.kind
         self.attention_pooling = m.cfg.dien_pooling == "attention"
-        self.recurrence = torch.jit.script(gated_recurrence)
 
     def forward(
         self,
@@ -313,9 +299,14 @@ class DIENServing(_Serving):
         cand_user: Tensor,
         hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        behaviours = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D)
+        # a masked behaviour is absent, as in the paper form: each user's valid behaviours to the front
+        # (a no-op on the right-padded histories the service sends)
+        order = valid_first(hist_mask)  # (U, L)
+        hist_mask, hist_items, hist_cats = (x.gather(1, order) for x in (hist_mask, hist_items, hist_cats))
+        feedback = None if hist_feedback is None else hist_feedback.gather(1, order)  # (U, L)
+        behaviours = self.embedding.history(hist_items, hist_cats, feedback)  # (U, L, D)
         states, _ = self.extractor(behaviours)  # (U, L, D): interest extraction, once per user
-        w_in, b_in = self.cell.input_proj.weight, self.cell.input_proj.bias
+        w_in, b_in = self.evolution.input_proj.weight, self.evolution.input_proj.bias
         proj = states @ w_in.T  # (U, L, 3H): the AUGRU input projection, once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
         states_c = states.index_select(0, cand_user)  # (N, L, D)
@@ -327,26 +318,26 @@ class DIENServing(_Serving):
             x_proj, gate = proj_c * weights.unsqueeze(-1) + b_in, mask.to(weights.dtype).unsqueeze(-1)
         else:
             x_proj, gate = proj_c + b_in, weights.unsqueeze(-1)
-        final = self.recurrence(x_proj, gate, self.cell.hidden_proj.weight, self.kind != "agru")  # (N, H)
+        # the paper form's own recurrence, over all L steps: a padded step's gate is zero
+        final = gated_recurrence(x_proj, gate, self.evolution.hidden_proj.weight, self.kind != "agru")  # (N, H)
         if self.attention_pooling:  # Σ_t a_t e_t depends on the candidate
             pooled_c = torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, cand_user)).squeeze(1)  # (N, D)
         else:  # the plain sum is per-user work
             mask_f = hist_mask.to(behaviours.dtype)  # (U, L)
             pooled_c = torch.bmm(mask_f.unsqueeze(1), behaviours).squeeze(1).index_select(0, cand_user)  # (N, D)
         prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, pooled_c, final)
-        return prob, weights
+        return prob, torch.zeros_like(weights).scatter(1, order.index_select(0, cand_user), weights)  # (N, L)
 
 
 class NaiveServing(nn.Module):
-    """The training form behind the serving interface: every candidate carries its own copy of its
-    user's history and the whole model runs per candidate (Dice folded as in the serving form, so the
-    two differ only in what is shared). Only for benchmarks and parity checks."""
+    """The paper form behind the serving interface: every candidate carries its own copy of its user's
+    history and the whole model runs per candidate (Dice folded as in the serving form, so the two differ
+    only in what is shared and how layers are arranged). Export's parity reference; bench.inprocess builds
+    its "naive" graph from it."""
 
-    def __init__(self, model: CTRModel, literal: bool = False) -> None:
+    def __init__(self, model: CTRModel) -> None:
         super().__init__()
         self.model = fold_dice(model.eval()).eval()
-        if literal and isinstance(self.model, DIN):  # DIN's layer 1 on [q, k, q − k, q ⊙ k] as drawn in the paper
-            self.model.activation_unit.literal = True
 
     def forward(
         self,

@@ -2,10 +2,11 @@
 
     python -m training.export --run RUN_DIR --repository DIR [--name NAME] [--version N] [--quantize int8]
 
-Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, naive.onnx}. A version appears
+Writes DIR/NAME/VERSION/{model.onnx, metadata.json, vocab.json, selfcheck.npz}. A version appears
 atomically: it is written into a hidden temporary folder, then renamed, so a reader never sees half
-of one. ``naive.onnx`` is the training form behind the same interface, kept for benchmarks. DIN also
-gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA provider runs.
+of one. DIN also gets ``model_cuda.onnx``, the serving form without host-side branching, which the CUDA
+provider runs. Parity is checked against the paper form (``NaiveServing``); benchmark graphs are not
+shipped: ``bench.inprocess`` builds its naive graph from the run's checkpoint.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ log = logging.getLogger(__name__)
 METADATA_FORMAT = 1
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
-MODEL_FILE, NAIVE_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "naive.onnx", "metadata.json", "vocab.json"
-NAIVE_LITERAL_FILE = "naive_literal.onnx"
+MODEL_FILE, METADATA_FILE, VOCAB_FILE = "model.onnx", "metadata.json", "vocab.json"
 MODEL_CUDA_FILE = "model_cuda.onnx"  # DIN's serving form without host-side branching, for the CUDA provider
 SELFCHECK_FILE = "selfcheck.npz"
 SELFCHECK_TOLERANCE = 1e-4  # the loading service's runtime (another ORT build, CUDA) may round differently
@@ -153,7 +153,7 @@ def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tu
 
 
 def torch_reference(model: CTRModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The training form, history repeated per candidate: what the ONNX graph must reproduce."""
+    """The paper form, history repeated per candidate: what the ONNX graph must reproduce."""
     with torch.no_grad():
         p, a = NaiveServing(model)(**{k: torch.from_numpy(v) for k, v in feed.items()})
     return p.numpy(), a.numpy()
@@ -185,10 +185,9 @@ def check_parity(
     }
 
 
-def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history: bool = False, width: int = 8) -> None:
-    """Users and candidates are dynamic axes; the history axis too unless ``static_history``."""
+def export_graph(module: nn.Module, path: Path, spec: GraphSpec, width: int = 8) -> None:
+    """Users, candidates and the history length are dynamic axes."""
     example = random_inputs(np.random.default_rng(0), spec, [width, max(1, width // 2)], [3, 2], width)
-    axes = {k: {i: a for i, a in v.items() if not (static_history and a == "history")} for k, v in DYNAMIC_AXES.items()}
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     with warnings.catch_warnings():
         # the TorchScript-based exporter keeps DIEN's recurrence as an ONNX Loop (dynamic history
@@ -200,7 +199,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, static_history:
             str(path),
             input_names=list(spec.input_names),
             output_names=list(OUTPUT_NAMES),
-            dynamic_axes=axes,
+            dynamic_axes=DYNAMIC_AXES,
             opset_version=OPSET,
             dynamo=False,
         )
@@ -347,14 +346,7 @@ def export_run(
     staging.chmod(0o755)  # mkdtemp makes it private; a published version is read by the service
     try:
         export_graph(serving_module(model), staging / MODEL_FILE, spec)
-        # the naive graph: DIEN's training-form loop unrolls, so it is fixed at max_len
-        export_graph(
-            NaiveServing(model), staging / NAIVE_FILE, spec, static_history=ckpt["model"] == "dien", width=max_len
-        )
-        files = {"model": MODEL_FILE, "naive": NAIVE_FILE, "vocabulary": VOCAB_FILE}
-        if ckpt["model"] == "din":  # the paper's literal concat form, the usual "naive" in other implementations
-            export_graph(NaiveServing(model, literal=True), staging / NAIVE_LITERAL_FILE, spec, width=max_len)
-            files["naive_literal"] = NAIVE_LITERAL_FILE
+        files = {"model": MODEL_FILE, "vocabulary": VOCAB_FILE}
         if ckpt["model"] == "din" and quantize is None:  # int8 products would run on the CPU under CUDA
             export_graph(serving_module(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
             files["model_cuda"] = MODEL_CUDA_FILE

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
 from models.config import FEEDBACK_UNKNOWN
+from models.fast_training import training_form
 from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
 from training.regularization import MiniBatchAwareL2, occurrence_counts
@@ -57,6 +58,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
     history_dropout: float = 0.0  # drop each history position with this probability while training
     feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
+    paper_form: bool = False  # train the paper form itself, not its training-speed form (models/fast_training.py)
     patience: int = 2  # epochs without a better validation GAUC before stopping
     eval_batch_size: int = 4096
     threads: int | None = None
@@ -238,6 +240,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         data = load_data(cfg)
     mcfg = model_config(data, cfg.model_options)
     model = build_model(cfg.model, mcfg)
+    # the same parameters, values and gradients; evaluation and the checkpoint use ``model``, the paper form
+    forward = model if cfg.paper_form else training_form(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     regs = _regularisers(model, data.train, cfg.max_len, cfg.mba_lambda)
     item_category = torch.as_tensor(data.vocab.item_category_table())
@@ -259,7 +263,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
             if model.uses_negatives:
                 neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
                 batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
-            out = model(**batch)
+            out = forward(**batch)
             loss = F.binary_cross_entropy_with_logits(out.logits, train_t.label[rows])
             running += (loss.item() - running) / min(step, 100)
             if out.aux_loss is not None:
@@ -329,8 +333,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
     p.add_argument("--download", action="store_true", help="fetch ml-100k from GroupLens into --data-dir")
     p.add_argument("--protocol", choices=["din-movielens", "implicit"], default=None)
-    p.add_argument("--user-features", default=None,
-                   help="comma-separated user features to use (default: all the log has; '' for none)")  # fmt: skip
+    p.add_argument(
+        "--user-features",
+        default=None,
+        help="comma-separated user features to use (default: all the log has; '' for none)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -338,19 +345,39 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="mini-batch aware L2; 0 = off")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
-    p.add_argument("--history-dropout", type=float, default=d.history_dropout,
-                   help="training only: drop each history position with this probability")  # fmt: skip
-    p.add_argument("--feedback-dropout", type=float, default=d.feedback_dropout,
-                   help="training only: make a kept behaviour's feedback 'unknown' with this probability")  # fmt: skip
+    p.add_argument(
+        "--history-dropout",
+        type=float,
+        default=d.history_dropout,
+        help="training only: drop each history position with this probability",
+    )
+    p.add_argument(
+        "--feedback-dropout",
+        type=float,
+        default=d.feedback_dropout,
+        help="training only: make a kept behaviour's feedback 'unknown' with this probability",
+    )
     p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument(
+        "--paper-form",
+        action="store_true",
+        help="train the paper form itself (slower; the default trains its training-speed form)",
+    )
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
     p.add_argument("--mlp-activation", choices=["dice", "prelu", "relu"], default="dice")
     p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
-    p.add_argument("--dien-pooling", choices=["sum", "attention"], default="sum",
-                   help="DIEN: sum of behaviours (paper) or attention-weighted, beside the final interest")  # fmt: skip
-    p.add_argument("--history-feedback", action="store_true",
-                   help="each history behaviour carries its own label (liked or not) as an embedding")  # fmt: skip
+    p.add_argument(
+        "--dien-pooling",
+        choices=["sum", "attention"],
+        default="sum",
+        help="DIEN: sum of behaviours (paper) or attention-weighted, beside the final interest",
+    )
+    p.add_argument(
+        "--history-feedback",
+        action="store_true",
+        help="each history behaviour carries its own label (liked or not) as an embedding",
+    )
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
     p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
     p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
@@ -377,6 +404,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         aux_weight=args.aux_weight,
         history_dropout=args.history_dropout,
         feedback_dropout=args.feedback_dropout,
+        paper_form=args.paper_form,
         patience=args.patience,
         threads=args.threads,
         cache_dir=args.cache_dir or None,

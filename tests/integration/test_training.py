@@ -71,3 +71,27 @@ def test_ml100k_pipeline_end_to_end(tmp_path: Path) -> None:
     assert set(vocab["user_features"]) == {"gender", "age", "occupation"}
     assert vocab["item_category"]["1"] == "Animation"  # Toy Story: first genre flag set
     assert np.isfinite(m["gauc"])
+
+
+@pytest.mark.parametrize("kind", ["din", "dien"])
+def test_the_paper_form_trains_to_the_same_model(kind: str, tmp_path: Path) -> None:
+    """--paper-form changes the speed of training, not its result: the training-speed forms compute the
+    same values and gradients (up to rounding), so an epoch with history dropout ends at the same metrics."""
+    cfg = SyntheticConfig(n_users=200, n_items=100, n_categories=8, min_events=20, max_events=30, seed=3)
+    data = prepare(generate_synthetic(cfg), "din-movielens", max_len=20, seed=0)
+    runs = {}
+    for paper_form in (False, True):
+        out = str(tmp_path / str(paper_form))
+        run = TrainConfig(
+            model=kind,
+            out=out,
+            epochs=1,
+            max_len=20,
+            progress=False,
+            lr=3e-3,
+            history_dropout=0.5,
+            paper_form=paper_form,
+        )
+        runs[paper_form] = train(run, data).metrics
+    assert runs[True]["auc"] == pytest.approx(runs[False]["auc"], abs=1e-3)
+    assert runs[True]["logloss"] == pytest.approx(runs[False]["logloss"], abs=1e-3)

@@ -8,8 +8,16 @@ from models.config import FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
 from models.layers import Dice
 from models.serving import FoldedDice, NaiveServing, fold_dice, serving_module
 
-CFG = ModelConfig(n_items=40, n_categories=6, user_feature_cardinalities=(5,), item_dim=8, category_dim=4,
-                  mlp_hidden=(12, 6), attention_hidden=(10, 5), aux_hidden=(8,))  # fmt: skip
+CFG = ModelConfig(
+    n_items=40,
+    n_categories=6,
+    user_feature_cardinalities=(5,),
+    item_dim=8,
+    category_dim=4,
+    mlp_hidden=(12, 6),
+    attention_hidden=(10, 5),
+    aux_hidden=(8,),
+)
 
 
 def test_folded_dice_equals_dice_in_eval() -> None:
@@ -34,8 +42,15 @@ def _trained_and_a_batch(model: torch.nn.Module, feedback: bool = False) -> tupl
         mask = torch.rand(16, 9) > 0.3
         extra = {"hist_feedback": torch.randint(2, 4, (16, 9)) * mask} if feedback else {}
         items, cats = torch.randint(2, 40, (16, 9)) * mask, torch.randint(2, 6, (16, 9)) * mask
-        model(items, cats, mask, torch.randint(2, 40, (16,)), torch.randint(2, 6, (16,)),
-              torch.randint(1, 5, (16, 1)), **extra)  # fmt: skip
+        model(
+            items,
+            cats,
+            mask,
+            torch.randint(2, 40, (16,)),
+            torch.randint(2, 6, (16,)),
+            torch.randint(1, 5, (16, 1)),
+            **extra,
+        )
     model.eval()
     lengths = torch.tensor([0, 9, 4])
     mask = torch.arange(9) < lengths[:, None]
@@ -132,3 +147,27 @@ def test_history_feedback_in_the_serving_form(kind: str) -> None:
         torch.testing.assert_close(p_unknown, p_none)
         with_history = feed["cand_user"] != 0
         assert (p_liked[with_history] - p_none[with_history]).abs().min() > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("base", {}), ("din", {}), ("dien", {}), ("dien", {"evolution": "aigru"}), ("dien", {"history_feedback": True})],
+)
+def test_a_masked_behaviour_is_absent_in_the_serving_form_too(kind: str, options: dict[str, object]) -> None:
+    """A hole in a history's mask means the same in the serving graph as in the paper form: the behaviour
+    is not there (the service sends right-padded histories; a caller of the graph may not)."""
+    model = build_model(kind, ModelConfig(**{**CFG.to_dict(), **options}))
+    feedback = bool(options.get("history_feedback"))
+    feed, mask = _trained_and_a_batch(model, feedback=feedback)
+    holes = mask & (
+        torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1, 1, 1]]) > 0
+    )
+    feed["hist_mask"] = holes
+    if feedback:
+        feed["hist_feedback"] = torch.randint(1, 4, (3, 9)) * holes
+    with torch.no_grad():
+        p, a = serving_module(model)(**feed)
+        p_ref, a_ref = NaiveServing(model)(**feed)
+    torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    assert (a[~holes[feed["cand_user"]]] == 0).all()
