@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # the embedded store, as for a newcomer
+    cmd = ["make", "demo", f"PORT={port}", f"RUN_DIR={tmp_path / 'run'}", f"REPOSITORY={tmp_path / 'repo'}"]
+    # a session of its own: make, the demo script and the server it starts are stopped together
     proc = subprocess.Popen(
-        ["make", "demo", f"PORT={port}", f"RUN_DIR={tmp_path / 'run'}", f"REPOSITORY={tmp_path / 'repo'}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -49,6 +50,10 @@ def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
         assert re.search(r"published .*/repo/din/1", "".join(lines))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()

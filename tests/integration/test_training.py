@@ -38,8 +38,8 @@ def test_each_model_learns_in_one_epoch(kind: str, min_auc: float, planted: Prep
 
 
 def test_din_attends_to_the_planted_relevant_behaviours(planted: PreparedData, tmp_path: Path) -> None:
-    train(TrainConfig(model="din", out=str(tmp_path), epochs=1, max_len=20, progress=False, lr=3e-3, batch_size=64),
-          data=planted)  # fmt: skip
+    config = TrainConfig(model="din", out=str(tmp_path), epochs=1, max_len=20, progress=False, lr=3e-3, batch_size=64)
+    train(config, data=planted)
     model, _ = load_checkpoint(tmp_path)
     test = TensorSamples(planted.test, 20)
     x = test.inputs(torch.arange(min(3000, test.n)))
@@ -59,8 +59,8 @@ def test_training_is_reproducible(planted: PreparedData, tmp_path: Path) -> None
 
 @pytest.mark.skipif(not (ML100K_DIR / "u.data").exists(), reason="ml-100k is not in ../shared/data")
 def test_ml100k_pipeline_end_to_end(tmp_path: Path) -> None:
-    cfg = TrainConfig(dataset="ml-100k", data_dir=str(ML100K_DIR), model="din", out=str(tmp_path / "run"),
-                      epochs=1, progress=False, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data = {"dataset": "ml-100k", "data_dir": str(ML100K_DIR), "cache_dir": str(tmp_path / "cache")}
+    cfg = TrainConfig(**data, model="din", out=str(tmp_path / "run"), epochs=1, progress=False)
     m = train(cfg).metrics
     assert m["samples"]["train"] + m["samples"]["valid"] + m["samples"]["test"] == 100_000 - 943
     assert m["data"]["protocol"] == "din-movielens"
