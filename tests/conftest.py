@@ -320,7 +320,25 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     try:
         return (yield)
     finally:
-        item.stash[_STARTED] = [p for p in _running_children() if p.pid not in before]
+        item.stash[_STARTED] = _started_since(before)
+
+
+def _started_since(before: set[int]) -> list[psutil.Process]:
+    """Children started since ``before`` by this process or by those new children; not the ones a running
+    server started meanwhile (a supervisor replacing a worker belongs to the fixture that owns it)."""
+    new: dict[int, psutil.Process] = {p.pid: p for p in _running_children() if p.pid not in before}
+    parents: dict[int, int] = {}
+    for pid, p in new.items():
+        with suppress(psutil.NoSuchProcess):
+            parents[pid] = p.ppid()
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        while pid in parents:
+            pid = parents[pid]
+        return pid == me
+
+    return [p for pid, p in new.items() if ours(pid)]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -346,6 +364,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def _kill(procs: list[psutil.Process]) -> str:
     """Kill and reap ``procs``; returns what they were. Their Popen objects are marked reaped too: an
     unreaped Popen warns "still running" when collected, which fails whichever later test is running then."""
+    for p in list(procs):  # and what they started since, which killing them would orphan
+        with suppress(psutil.NoSuchProcess):
+            procs += [c for c in p.children(recursive=True) if c.pid not in {q.pid for q in procs}]
     what = _describe(procs)
     for p in procs:
         with suppress(psutil.NoSuchProcess):
