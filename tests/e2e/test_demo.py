@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -49,11 +50,19 @@ def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
         assert all(0 < p < 1 for p in probs) and len(probs) == 4
         assert re.search(r"published .*/repo/din/1", "".join(lines))
     finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to make and everything it started; SIGKILL to whatever is left of the group after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            proc.poll()  # reap make, the group's leader, so its pid stops counting as a member
+            os.killpg(proc.pid, 0)  # ProcessLookupError once no member is left
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
