@@ -12,12 +12,16 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# slow: `make demo` trains three epochs before it serves; the timeout allows that on a loaded two-core machine
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # the embedded store, as for a newcomer

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from tests.conftest import START_TIMEOUT_S, free_port, run_command, service, service_env, stop_process, wait_for
@@ -51,6 +52,9 @@ def _api(prom: str, path: str, **params: str) -> Any:
     return httpx.get(f"{prom}/api/v1/{path}", params=params, timeout=5).json()["data"]
 
 
+# slow: the trainer script trains a model before the stack starts
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_trainer_scorer_and_prometheus(tmp_path: Path, redis_url: str) -> None:
     models = tmp_path / "models"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the trainer script calls `python`

@@ -9,6 +9,9 @@ from training.compare import main as compare_main
 from training.metrics import rela_impr
 
 
+# slow: eight trainings (two models, two splits, two epochs)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_compare_writes_the_paper_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = [
         "--dataset",
