@@ -119,27 +119,45 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: `make tools` locates or installs it")
         self.binary, self.workdir, self.port, self.durable = binary, workdir, free_port(), durable
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start on the server's port; the first start moves to another free port if this one was taken
+        meanwhile (free_port() only finds one that was free a moment ago), a restart keeps its port."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except ProcessExited:
+                if self.started or attempt == 2:
+                    raise
+                self.port = free_port()
+
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = ["--save", "", "--appendonly", "yes" if self.durable else "no", "--appendfsync", "always"]
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir), *persistence]
         self.proc = subprocess.Popen([self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             with redis.Redis(port=self.port, socket_timeout=5) as client:
-                wait_for(lambda: self._alive() and client.ping(), "redis-server to answer PING", START_TIMEOUT_S)
+                wait_for(self._answering(client), "redis-server to answer", START_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
+        self.started = True
 
-    def _alive(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ProcessExited(f"redis-server exited with status {self.proc.returncode} (port {self.port} taken?)")
-        return True
+    def _answering(self, client: redis.Redis) -> Callable[[], bool]:
+        def check() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise ProcessExited(f"redis-server exited with status {self.proc.returncode} (port {self.port} taken?)")
+            # this server, not another one that holds the port (ours then fails to bind and exits)
+            return bool(client.info("server")["process_id"] == self.proc.pid)
+
+        return check
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -190,6 +208,17 @@ def service_env(repository: Path, redis_url: str | None, **extra: str) -> dict[s
 def start_service(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
     """`python -m app` on a free port; returns the process and its URL once /readyz answers 200. The caller
     stops it (stop_process) in a finally or a fixture's teardown; prefer the ``service`` context manager."""
+    for attempt in range(3):
+        try:
+            return _start_service(env, cwd)
+        except ProcessExited as e:
+            # free_port() only finds a port that was free a moment ago: another suite may have taken it
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise AssertionError(str(e)) from None
+    raise AssertionError("unreachable")
+
+
+def _start_service(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
     import httpx
 
     port = free_port()
