@@ -54,7 +54,10 @@ def test_din_attends_to_the_planted_relevant_behaviours(planted: PreparedData, t
 def test_training_is_reproducible(planted: PreparedData, tmp_path: Path) -> None:
     a = train(TrainConfig(model="din", out=str(tmp_path / "a"), epochs=1, max_len=20, progress=False), planted)
     b = train(TrainConfig(model="din", out=str(tmp_path / "b"), epochs=1, max_len=20, progress=False), planted)
-    assert a.metrics["auc"] == b.metrics["auc"] and a.metrics["logloss"] == b.metrics["logloss"]
+    # the seed fixes every random draw (a missed one moves AUC by 1e-3 or more); what is left is the summation
+    # order of two-thread reductions, seen once as 1e-7 in AUC on a loaded machine
+    assert a.metrics["auc"] == pytest.approx(b.metrics["auc"], rel=1e-4, abs=0)
+    assert a.metrics["logloss"] == pytest.approx(b.metrics["logloss"], rel=1e-4, abs=0)
 
 
 @pytest.mark.skipif(not (ML100K_DIR / "u.data").exists(), reason="ml-100k is not in ../shared/data")
