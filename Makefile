@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test test-all lint compare-ml100k clean
+.PHONY: install tools demo test test-all lint compare-ml100k clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# the system tools the tests run for real (redis-server, prometheus/promtool, docker-compose, hadolint):
+# located, or installed when missing (see the script's header)
+tools: $(STAMP)
+	scripts/ensure_tools.sh $(VENV)
+
+# the default suite; `make test-all` adds the tests marked slow
+test: tools
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: tools
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -32,19 +32,12 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args()
     env = {**os.environ, "MODEL_REPOSITORY": str(args.repository), "DEFAULT_MODEL": args.model}
-    server = subprocess.Popen([sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)],
-                              cwd=ROOT, env=env)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app", "--host", args.host, "--port", str(args.port)], cwd=ROOT, env=env
+    )
     url = f"http://{args.host}:{args.port}"
     try:
-        for _ in range(600):
-            if server.poll() is not None:
-                sys.exit(f"the service exited with status {server.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        _wait_until_ready(server, url, timeout=120)
         folder = latest_version(args.repository, args.model)
         version = folder.name
         vocab = json.loads((folder / "vocab.json").read_text())
@@ -52,8 +45,11 @@ def main() -> None:
         for item, cat in vocab["item_category"].items():
             by_cat.setdefault(cat, []).append(item)
         cats = sorted(by_cat, key=lambda c: -len(by_cat[c]))[:3]
-        events = [{"user_id": f"demo-{u}", "item_id": item, "category_id": cat, "timestamp": 1_700_000_000 + t}
-                  for u, cat in enumerate(cats) for t, item in enumerate(by_cat[cat][:20])]  # fmt: skip
+        events = [
+            {"user_id": f"demo-{u}", "item_id": item, "category_id": cat, "timestamp": 1_700_000_000 + t}
+            for u, cat in enumerate(cats)
+            for t, item in enumerate(by_cat[cat][:20])
+        ]
         stored = httpx.post(f"{url}/events", json={"events": events}, timeout=10).json()["stored"]
         candidates = [{"item_id": by_cat[c][-1]} for c in cats] + [{"item_id": by_cat[cats[0]][-2]}]
         body = json.dumps({"user_id": "demo-0", "candidates": candidates, "return_attention": True})
@@ -68,7 +64,25 @@ def main() -> None:
         pass
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _wait_until_ready(server: subprocess.Popen[bytes], url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"the service exited with status {server.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"the service at {url} was not ready after {timeout:.0f} s")
 
 
 if __name__ == "__main__":

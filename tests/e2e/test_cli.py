@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import run_command
+
 
 def _run(*args: str, cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = run_command([sys.executable, "-m", *args], timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -17,9 +18,19 @@ def _run(*args: str, cwd: Path) -> str:
 def test_train_export_benchmark(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     run, repo = tmp_path / "run", tmp_path / "repo"
-    out = _run("training.train", "--dataset", "synthetic", "--synthetic-users", "300", "--model", "dien",
-               "--epochs", "1", "--max-len", "20", "--out", str(run), "--no-progress",
-               "--cache-dir", str(tmp_path / "cache"), cwd=root)  # fmt: skip
+    data = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-users",
+        "300",
+        "--max-len",
+        "20",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    out = _run(
+        "training.train", *data, "--model", "dien", "--epochs", "1", "--out", str(run), "--no-progress", cwd=root
+    )
     assert "test AUC" in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["model_config"]["evolution"] == "augru" and metrics["train_samples_per_second"] > 0
@@ -31,8 +42,8 @@ def test_train_export_benchmark(tmp_path: Path) -> None:
 
     bench_json = tmp_path / "inprocess.json"
     bench_args = ["--repository", str(repo), "--name", "dien", "--candidates", "50", "--history", "20"]
-    out = _run("bench.inprocess", *bench_args, "--min-seconds", "0.2", "--min-runs", "5", "--out", str(bench_json),
-               cwd=root)  # fmt: skip
+    bench_args += ["--min-seconds", "0.2", "--min-runs", "5", "--out", str(bench_json)]
+    out = _run("bench.inprocess", *bench_args, cwd=root)
     assert "speedup" in out and "CPUExecutionProvider" in out
     report = json.loads(bench_json.read_text())
     (model,) = report["models"]

@@ -12,13 +12,13 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
 
-from tests.conftest import RedisServer, service_env, start_service, stop_process
+from tests.conftest import RedisServer, service, service_env, wait_for
 from training.export import export_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +32,7 @@ class Load:
         self.url, self.stop = url, threading.Event()
         self.score_codes: Counter[int] = Counter()
         self.degraded = 0
+        self.healthy = 0  # scores answered 200 from the store (not degraded)
         self.versions: Counter[str] = Counter()
         self.event_codes: Counter[int] = Counter()
         self.acknowledged: Counter[str] = Counter()  # user → events answered 2xx
@@ -57,8 +58,10 @@ class Load:
                 r = client.post("/score", json={"user_id": f"u{(worker * 7919 + n) % USERS}", "candidates": candidates})
                 self.score_codes[r.status_code] += 1
                 if r.status_code == 200:
-                    self.degraded += r.json()["degraded"]
-                    self.versions[r.json()["version"]] += 1
+                    answer = r.json()
+                    self.degraded += answer["degraded"]
+                    self.healthy += not answer["degraded"]
+                    self.versions[answer["version"]] += 1
                 n += 1
 
     def _events(self) -> None:
@@ -74,45 +77,34 @@ class Load:
                 time.sleep(0.002)
 
 
-def _wait(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out: {what}")
-
-
 def test_redis_restart_new_version_and_corrupt_version_under_load(model_repository: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(model_repository / "repo", repo)
     store = RedisServer(tmp_path / "redis", durable=True)
-    (tmp_path / "redis").mkdir()
-    store.start()
     env = service_env(repo, store.url, MODEL_POLL_INTERVAL_S="0.2", STORE_TIMEOUT_MS="200", REQUEST_TIMEOUT_MS="5000")
-    proc, url = start_service(env, ROOT)
-    try:
+    with store, service(env, ROOT) as url:
 
-        def din() -> dict:  # type: ignore[type-arg]
-            return next(m for m in httpx.get(f"{url}/models").json()["models"] if m["name"] == "din")  # type: ignore[no-any-return]
+        def din() -> dict[str, Any]:
+            models = httpx.get(f"{url}/models", timeout=10).json()["models"]
+            return next(m for m in models if m["name"] == "din")
 
         with Load(url) as load:
-            time.sleep(2)
+            # each phase lasts until the load has seen it, not a fixed time: a loaded machine only slows it
+            wait_for(lambda: load.healthy >= 20 and load.event_codes[200] >= 20, "load on a healthy service")
             store.stop()  # SIGKILL
-            time.sleep(2)
+            wait_for(lambda: load.degraded >= 5 and load.event_codes[503] >= 5, "the outage seen by the load")
+            healthy, acknowledged = load.healthy, load.event_codes[200]
             store.start()  # same port and directory: the append-only file is replayed
-            time.sleep(2)
+            wait_for(lambda: load.healthy >= healthy + 20 and load.event_codes[200] >= acknowledged + 20, "recovery")
             export_run(model_repository / "runs" / "din", repo, name="din")  # v2, picked up by polling
-            _wait(lambda: din()["primary"] == "2", "v2 swapped in")
+            wait_for(lambda: din()["primary"] == "2", "v2 swapped in")
             broken = repo / "din" / ".staging-broken"
             shutil.copytree(repo / "din" / "2", broken)
             (broken / "model.onnx").write_bytes(b"\x08\x07corrupt")
             broken.rename(repo / "din" / "3")
-            _wait(lambda: (din()["last_error"] or {}).get("version") == "3", "v3 refused")
-            time.sleep(2)
+            wait_for(lambda: (din()["last_error"] or {}).get("version") == "3", "v3 refused")
+            on_v2 = load.versions["2"]
+            wait_for(lambda: load.versions["2"] >= on_v2 + 20, "scores on v2 after v3 was refused")
 
         # scoring: only 200s; degraded exactly while Redis was away
         assert set(load.score_codes) == {200}, load.score_codes
@@ -121,8 +113,8 @@ def test_redis_restart_new_version_and_corrupt_version_under_load(model_reposito
         # events: 200 or an explicit 503, and every acknowledged one is in Redis
         assert set(load.event_codes) <= {200, 503}, load.event_codes
         assert load.event_codes[503] > 0 and load.event_codes[200] > 0
-        client = redis.Redis(port=store.port)
-        stored = {u: client.llen(f"ctr:hist:{u}") for u in {*load.acknowledged, *load.refused}}
+        with redis.Redis(port=store.port) as client:
+            stored = {u: client.llen(f"ctr:hist:{u}") for u in {*load.acknowledged, *load.refused}}
         lost = {u: (load.acknowledged[u], n) for u, n in stored.items() if n < load.acknowledged[u]}
         assert not lost, f"acknowledged events missing from Redis (user: (acknowledged, stored)): {lost}"
         assert all(n <= load.acknowledged[u] + load.refused[u] for u, n in stored.items())
@@ -130,8 +122,5 @@ def test_redis_restart_new_version_and_corrupt_version_under_load(model_reposito
         assert httpx.get(f"{url}/readyz").status_code == 200
         status = din()
         assert status["primary"] == "2" and status["last_error"]["version"] == "3"
-        print(f"faults: {sum(load.score_codes.values())} scores ({load.degraded} degraded), "
-              f"events {dict(load.event_codes)}, versions {dict(load.versions)}")  # fmt: skip
-    finally:
-        stop_process(proc)
-        store.stop()
+        scores, events, versions = sum(load.score_codes.values()), dict(load.event_codes), dict(load.versions)
+        print(f"faults: {scores} scores ({load.degraded} degraded), events {events}, versions {versions}")

@@ -4,28 +4,26 @@ its JSON, markdown and PNG (figures themselves are not asserted: these machines 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import redis
 
-from tests.conftest import service_env, start_service, stop_process
+from tests.conftest import run_command, service, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
+SIZES = ["--candidates", "50", "--history", "20", "--users", "20"]
 
 
 def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
-    proc, url = start_service(service_env(model_repository / "repo", redis_url), ROOT)
-    try:
+    with service(service_env(model_repository / "repo", redis_url), ROOT) as url:
         out = tmp_path / "load"
         repo = str(model_repository / "repo")
-        cmd = [sys.executable, "-m", "bench.load", "--url", url, "--repository", repo,
-               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--concurrency", "1,4",
-               "--rates", "40", "--window", "0.5", "--max-windows", "2", "--processes", "2", "--profile",
-               "--out", str(out)]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        steps = ["--concurrency", "1,4", "--rates", "40", "--window", "0.5", "--max-windows", "2", "--processes", "2"]
+        target = ["--url", url, "--repository", repo, "--name", "din"]
+        cmd = [sys.executable, "-m", "bench.load", *target, *SIZES, *steps, "--profile", "--out", str(out)]
+        done = run_command(cmd, timeout=300, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "load.json").read_text())
         assert [(s["mode"], s["level"]) for s in report["steps"]] == [("closed", 1.0), ("closed", 4.0), ("open", 40.0)]
@@ -57,22 +55,19 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         assert "| inference (ONNX Runtime) |" in (out / "load.md").read_text()
         assert "| closed | 4 |" in (out / "load.md").read_text() and "| parse |" in (out / "load.md").read_text()
         assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
-        stored = redis.Redis.from_url(redis_url).llen("ctr:hist:load-3")
-        assert stored == 20  # seeded through /events with the requested history length
-    finally:
-        stop_process(proc)
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.llen("ctr:hist:load-3") == 20  # seeded through /events with the requested history length
 
 
 def test_load_benchmark_spreads_over_replicas(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
     """Two scorer processes sharing one Redis: the load reaches both and the server's view sums them."""
     env = service_env(model_repository / "repo", redis_url)
-    (p1, u1), (p2, u2) = start_service(env, ROOT), start_service(env, ROOT)
-    try:
+    with service(env, ROOT) as u1, service(env, ROOT) as u2:
         out, repo = tmp_path / "load", str(model_repository / "repo")
-        cmd = [sys.executable, "-m", "bench.load", "--url", f"{u1},{u2}", "--repository", repo,
-               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--concurrency", "2",
-               "--window", "0.5", "--max-windows", "2", "--processes", "2", "--out", str(out)]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        steps = ["--concurrency", "2", "--window", "0.5", "--max-windows", "2"]
+        target = ["--url", f"{u1},{u2}", "--repository", repo, "--name", "din"]
+        cmd = [sys.executable, "-m", "bench.load", *target, *SIZES, *steps, "--processes", "2", "--out", str(out)]
+        done = run_command(cmd, timeout=300, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "load.json").read_text())
         (step,) = report["steps"]
@@ -81,9 +76,5 @@ def test_load_benchmark_spreads_over_replicas(model_repository: Path, redis_url:
             metrics = httpx.get(f"{url}/metrics").text
             scored = [line for line in metrics.splitlines() if line.startswith("ctr_scored_requests_total{")]
             assert scored and float(scored[0].split()[-1]) > 0
-        odd = subprocess.run([*cmd[:-2], "--processes", "3", "--out", str(out)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+        odd = run_command([*cmd[:-2], "--processes", "3", "--out", str(out)], timeout=120, cwd=ROOT)
         assert odd.returncode != 0 and "multiple of the 2 replicas" in odd.stderr
-    finally:
-        stop_process(p1)
-        stop_process(p2)

@@ -5,24 +5,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_env
+from tests.conftest import run_command, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_overhead_benchmark_splits_each_apps_cpu(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    cmd = [sys.executable, "-m", "bench.overhead", "--repository", str(model_repository / "repo"), "--name", "din"]
+    repo = model_repository / "repo"
+    cmd = [sys.executable, "-m", "bench.overhead", "--repository", str(repo), "--name", "din"]
     cmd += ["--candidates", "40", "--history", "10", "--users", "5", "--rounds", "2", "--requests", "10"]
     cmd += ["--against", str(ROOT), "--out", str(out)]
-    env = service_env(model_repository / "repo", redis_url)
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_command(cmd, timeout=300, cwd=ROOT, env=service_env(repo, redis_url))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["apps"]) == {"this checkout", str(ROOT)}

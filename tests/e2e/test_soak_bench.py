@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import service_env, start_service, stop_process
+from tests.conftest import run_command, service, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,14 +20,13 @@ def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
     meta = json.loads((repo / "din" / ".staging" / "metadata.json").read_text())
     (repo / "din" / ".staging" / "metadata.json").write_text(json.dumps({**meta, "version": 2}))
     (repo / "din" / ".staging").rename(repo / "din" / "2")
-    proc, url = start_service(service_env(repo, redis_url, API_KEY="k"), ROOT)
-    try:
+    with service(service_env(repo, redis_url, API_KEY="k"), ROOT) as url:
         out = tmp_path / "soak"
-        cmd = [sys.executable, "-m", "bench.soak", "--url", url, "--repository", str(repo),
-               "--name", "din", "--candidates", "50", "--history", "20", "--users", "20", "--minutes", "0.05",
-               "--sample-seconds", "1", "--saturation-concurrency", "4", "--saturation-seconds", "1",
-               "--swap-every", "0.5", "--api-key", "k", "--out", str(out)]  # fmt: skip
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        sizes = ["--candidates", "50", "--history", "20", "--users", "20", "--minutes", "0.05", "--sample-seconds", "1"]
+        saturation = ["--saturation-concurrency", "4", "--saturation-seconds", "1", "--swap-every", "0.5"]
+        target = ["--url", url, "--repository", str(repo), "--name", "din", "--api-key", "k"]
+        cmd = [sys.executable, "-m", "bench.soak", *target, *sizes, *saturation, "--out", str(out)]
+        done = run_command(cmd, timeout=300, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "soak.json").read_text())
         assert len(report["samples"]) == 3 and report["errors"] == 0
@@ -38,5 +36,3 @@ def test_soak_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         assert report["verdict"] in ("memory flat", "memory keeps growing")
         assert "MB/min" in (out / "soak.md").read_text()
         assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
-    finally:
-        stop_process(proc)

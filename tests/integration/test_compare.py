@@ -9,10 +9,23 @@ from training.compare import main as compare_main
 from training.metrics import rela_impr
 
 
+# slow: eight trainings (two models, two splits, two epochs)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_compare_writes_the_paper_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    compare_main(["--dataset", "synthetic", "--synthetic-users", "250", "--models", "base,din", "--epochs", "2",
-                  "--max-len", "10", "--splits", "2", "--out", str(tmp_path), "--no-progress",
-                  "--cache-dir", str(tmp_path / "cache")])  # fmt: skip
+    data = [
+        "--dataset",
+        "synthetic",
+        "--synthetic-users",
+        "250",
+        "--max-len",
+        "10",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    compare_main(
+        [*data, "--models", "base,din", "--epochs", "2", "--splits", "2", "--out", str(tmp_path), "--no-progress"]
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"base", "din"}
     for row in results.values():

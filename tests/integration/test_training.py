@@ -38,8 +38,8 @@ def test_each_model_learns_in_one_epoch(kind: str, min_auc: float, planted: Prep
 
 
 def test_din_attends_to_the_planted_relevant_behaviours(planted: PreparedData, tmp_path: Path) -> None:
-    train(TrainConfig(model="din", out=str(tmp_path), epochs=1, max_len=20, progress=False, lr=3e-3, batch_size=64),
-          data=planted)  # fmt: skip
+    config = TrainConfig(model="din", out=str(tmp_path), epochs=1, max_len=20, progress=False, lr=3e-3, batch_size=64)
+    train(config, data=planted)
     model, _ = load_checkpoint(tmp_path)
     test = TensorSamples(planted.test, 20)
     x = test.inputs(torch.arange(min(3000, test.n)))
@@ -54,13 +54,16 @@ def test_din_attends_to_the_planted_relevant_behaviours(planted: PreparedData, t
 def test_training_is_reproducible(planted: PreparedData, tmp_path: Path) -> None:
     a = train(TrainConfig(model="din", out=str(tmp_path / "a"), epochs=1, max_len=20, progress=False), planted)
     b = train(TrainConfig(model="din", out=str(tmp_path / "b"), epochs=1, max_len=20, progress=False), planted)
-    assert a.metrics["auc"] == b.metrics["auc"] and a.metrics["logloss"] == b.metrics["logloss"]
+    # the seed fixes every random draw (a missed one moves AUC by 1e-3 or more); what is left is the summation
+    # order of two-thread reductions, seen once as 1e-7 in AUC on a loaded machine
+    assert a.metrics["auc"] == pytest.approx(b.metrics["auc"], rel=1e-4, abs=0)
+    assert a.metrics["logloss"] == pytest.approx(b.metrics["logloss"], rel=1e-4, abs=0)
 
 
 @pytest.mark.skipif(not (ML100K_DIR / "u.data").exists(), reason="ml-100k is not in ../shared/data")
 def test_ml100k_pipeline_end_to_end(tmp_path: Path) -> None:
-    cfg = TrainConfig(dataset="ml-100k", data_dir=str(ML100K_DIR), model="din", out=str(tmp_path / "run"),
-                      epochs=1, progress=False, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data = {"dataset": "ml-100k", "data_dir": str(ML100K_DIR), "cache_dir": str(tmp_path / "cache")}
+    cfg = TrainConfig(**data, model="din", out=str(tmp_path / "run"), epochs=1, progress=False)
     m = train(cfg).metrics
     assert m["samples"]["train"] + m["samples"]["valid"] + m["samples"]["test"] == 100_000 - 943
     assert m["data"]["protocol"] == "din-movielens"

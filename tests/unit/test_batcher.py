@@ -17,6 +17,15 @@ def _batcher(run, **kw):  # type: ignore[no-untyped-def]
     return DynamicBatcher(run, **opts)
 
 
+async def _until(condition, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Yield to the loop until ``condition()`` holds: the batcher's worker thread reached a point, not a guess
+    at how long that takes on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
 def test_concurrent_requests_are_merged_while_a_run_is_busy() -> None:
     gate = threading.Event()
     calls: list[list[int]] = []
@@ -24,16 +33,16 @@ def test_concurrent_requests_are_merged_while_a_run_is_busy() -> None:
     def run(items: list[int]) -> list[int]:
         calls.append(list(items))
         if len(calls) == 1:
-            gate.wait(5)  # hold the worker so the next requests queue up
+            gate.wait(10)  # hold the worker so the next requests queue up
         return [i * 10 for i in items]
 
     async def main() -> list[int]:
         b = _batcher(run)
         b.start()
         first = asyncio.create_task(b.submit(0, 1, 5))
-        await asyncio.sleep(0.05)
+        await _until(lambda: calls == [[0]], "the first run to hold the worker")
         rest = [asyncio.create_task(b.submit(i, 1, 5)) for i in range(1, 9)]
-        await asyncio.sleep(0.05)
+        await _until(lambda: b.depth == 8, "eight requests queued")
         gate.set()
         out = await asyncio.gather(first, *rest)
         await b.stop()
@@ -76,15 +85,20 @@ def test_batches_close_at_max_candidates() -> None:
 
 
 def test_a_full_queue_refuses_at_once() -> None:
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        started.set()
+        gate.wait(10)
+        return items
 
     async def main() -> None:
-        b = _batcher(lambda items: [gate.wait(5) and i for i in items], queue_limit=2, max_delay_s=0)
+        b = _batcher(run, queue_limit=2, max_delay_s=0)
         b.start()
         running = asyncio.create_task(b.submit(0, 1, 5))
-        await asyncio.sleep(0.05)  # now running, holding the only worker
+        await _until(started.is_set, "the first run to hold the only worker")
         queued = [asyncio.create_task(b.submit(i, 1, 5)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await _until(lambda: b.depth == 2, "the queue to fill")
         with pytest.raises(QueueFull):
             await b.submit(3, 1, 5)
         gate.set()
@@ -100,14 +114,14 @@ def test_a_request_past_its_deadline_gets_an_error_and_is_not_run() -> None:
 
     def run(items: list[int]) -> list[int]:
         seen.extend(items)
-        gate.wait(5)
+        gate.wait(10)
         return items
 
     async def main() -> None:
         b = _batcher(run, max_delay_s=0)
         b.start()
         blocker = asyncio.create_task(b.submit(0, 1, 5))
-        await asyncio.sleep(0.05)
+        await _until(lambda: seen == [0], "the blocker to hold the only worker")
         with pytest.raises(DeadlineExceeded):
             await b.submit(1, 1, 0.05)
         gate.set()
@@ -138,14 +152,19 @@ def test_a_failing_run_fails_only_its_own_requests() -> None:
 
 def test_queue_depth_is_reported_on_every_change() -> None:
     """on_depth follows the queue: up as requests wait, down as a batch takes them or their callers give up."""
-    gate = threading.Event()
+    started, gate = threading.Event(), threading.Event()
     depths: list[int] = []
 
+    def run(items: list[int]) -> list[int]:
+        started.set()
+        gate.wait(10)
+        return items
+
     async def main() -> None:
-        b = _batcher(lambda items: [gate.wait(5) and i for i in items], max_delay_s=0, on_depth=depths.append)
+        b = _batcher(run, max_delay_s=0, on_depth=depths.append)
         b.start()
         running = asyncio.create_task(b.submit(0, 1, 5))
-        await asyncio.sleep(0.05)  # now running, holding the only worker: the next ones wait
+        await _until(started.is_set, "the first run to hold the only worker")  # the next ones wait
         queued = [asyncio.create_task(b.submit(i, 1, 5)) for i in (1, 2)]
         with pytest.raises(DeadlineExceeded):
             await b.submit(3, 1, 0.02)  # gives up while queued; dropped when the next batch forms
@@ -201,8 +220,8 @@ def test_requests_that_expire_behind_a_long_run_are_not_run(workers: int) -> Non
     async def main() -> list[object]:
         b = _batcher(run, workers=workers, max_candidates=1, max_delay_s=0.0)
         b.start()
-        out = await asyncio.gather(b.submit("A", 1, 5), b.submit("B", 1, 0.1), b.submit("C", 1, 0.1),
-                                   return_exceptions=True)  # fmt: skip
+        submitted = (b.submit("A", 1, 5), b.submit("B", 1, 0.1), b.submit("C", 1, 0.1))
+        out = await asyncio.gather(*submitted, return_exceptions=True)
         await b.stop()
         return out
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    assert found, f"{name} is not installed (.ci/run installs it)"
+    assert found, f"{name} is not installed: `make tools` locates or installs it"
     return found
 
 
@@ -49,8 +49,10 @@ def test_prometheus_config_scrapes_the_scorer() -> None:
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["scorer:8000"] and job["metrics_path"] == "/metrics"
-    proc = subprocess.run([_tool("promtool"), "check", "config", "deploy/prometheus.yml"], cwd=ROOT,
-                          capture_output=True, text=True)  # fmt: skip
+    promtool = _tool("promtool")
+    proc = subprocess.run(
+        [promtool, "check", "config", "deploy/prometheus.yml"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
