@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
-    p.add_argument("--keep-alive", type=float, default=75.0,
-                   help="seconds an idle connection stays open; longer than clients' pool expiry, so a client "
-                   "never reuses a connection the server is closing")  # fmt: skip
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=75.0,
+        help="seconds an idle connection stays open; longer than clients' pool expiry, so a client "
+        "never reuses a connection the server is closing",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
@@ -53,8 +57,14 @@ def main(argv: list[str] | None = None) -> None:
         log.error("cannot start: %s", e)
         sys.exit(2)
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=False, timeout_keep_alive=args.keep_alive)  # fmt: skip
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            timeout_keep_alive=args.keep_alive,
+        )
     else:
         supervise(settings, args)
 
@@ -64,11 +74,24 @@ def supervise(settings: Settings, args: argparse.Namespace) -> None:
     stops then and exits 0, and a service that never served must not look like one that was stopped."""
     metrics_dir, temporary = _metrics_dir()
     threads = session_threads(settings.intra_op_threads, settings.workers)
-    log.info("%d workers, %d ONNX Runtime intra-op thread(s) each%s; metrics in %s", settings.workers, threads,
-             "" if settings.intra_op_threads else f" ({os.cpu_count()} cores / WORKERS)", metrics_dir)  # fmt: skip
-    config = uvicorn.Config("app.main:create_app", factory=True, workers=settings.workers, host=args.host,
-                            port=args.port, log_level=args.log_level, log_config=_worker_logging(args.log_level),
-                            access_log=False, timeout_keep_alive=args.keep_alive)  # fmt: skip
+    log.info(
+        "%d workers, %d ONNX Runtime intra-op thread(s) each%s; metrics in %s",
+        settings.workers,
+        threads,
+        "" if settings.intra_op_threads else f" ({os.cpu_count()} cores / WORKERS)",
+        metrics_dir,
+    )
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        workers=settings.workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        log_config=_worker_logging(args.log_level),
+        access_log=False,
+        timeout_keep_alive=args.keep_alive,
+    )
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         try:

@@ -51,9 +51,23 @@ def available() -> bool:
 def record(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen[bytes]:
     """Start sampling ``pid`` and its child processes (a WORKERS supervisor's workers), every thread, without
     pausing them, for ``seconds`` into ``out``."""
-    cmd = [_binary() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, math.ceil(seconds))),
-           "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking", "--subprocesses",
-           "--output", str(out)]  # fmt: skip
+    cmd = [
+        _binary() or "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, math.ceil(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--threads",
+        "--nonblocking",
+        "--subprocesses",
+        "--output",
+        str(out),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

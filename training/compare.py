@@ -71,8 +71,14 @@ def plot_valid_gauc(histories: dict[str, list[list[dict[str, float]]]], path: Pa
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in histories.items():
         for i, hist in enumerate(runs):
-            ax.plot([h["epoch"] for h in hist], [h["valid_gauc"] for h in hist], marker="o",
-                    label=name if i == 0 else None, color=f"C{list(histories).index(name)}", alpha=0.8)  # fmt: skip
+            ax.plot(
+                [h["epoch"] for h in hist],
+                [h["valid_gauc"] for h in hist],
+                marker="o",
+                label=name if i == 0 else None,
+                color=f"C{list(histories).index(name)}",
+                alpha=0.8,
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation GAUC")
     ax.grid(alpha=0.3)

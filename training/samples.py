@@ -231,8 +231,10 @@ def prepare_din_movielens(
     n_test = round(test_fraction * len(perm))
     n_valid = max(1, round(valid_fraction * (len(perm) - n_test)))
     test_u, valid_u, train_u = perm[:n_test], perm[n_test : n_test + n_valid], perm[n_test + n_valid :]
-    parts = {name: events[events["user_id"].isin(u)] for name, u in
-             (("train", train_u), ("valid", valid_u), ("test", test_u))}  # fmt: skip
+    parts = {
+        name: events[events["user_id"].isin(u)]
+        for name, u in (("train", train_u), ("valid", valid_u), ("test", test_u))
+    }
     vocab = Vocabulary.build(parts["train"], log_.users)
     sets = {k: _split_samples(v.reset_index(drop=True), log_.users, vocab, max_len) for k, v in parts.items()}
     info: dict[str, object] = {"users": {"train": len(train_u), "valid": len(valid_u), "test": len(test_u)}}

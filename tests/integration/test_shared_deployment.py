@@ -21,8 +21,13 @@ SYNC = 0.05
 
 
 def _app(repo: Path, redis_url: str, **overrides: object) -> TestClient:
-    settings = Settings(model_repository=repo, default_model="din", redis_url=redis_url,  # type: ignore[arg-type]
-                        deployment_sync_interval_s=SYNC, **overrides)  # fmt: skip
+    settings = Settings(
+        model_repository=repo,
+        default_model="din",
+        redis_url=redis_url,  # type: ignore[arg-type]
+        deployment_sync_interval_s=SYNC,
+        **overrides,
+    )
     return TestClient(create_app(settings))
 
 

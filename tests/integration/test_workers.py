@@ -123,11 +123,15 @@ def service(
     metrics_dir = tmp_path_factory.mktemp("metrics")
     # a previous run's counters in the operator's directory: the supervisor must wipe them
     stale = MmapedDict(str(metrics_dir / "counter_4194000.db"))
-    stale.write_value(mmap_key("ctr_scored_requests", "ctr_scored_requests_total", ("model", "version"),
-                               ("din", "1"), "stale"), 1000.0, 0.0)  # fmt: skip
+    stale.write_value(
+        mmap_key("ctr_scored_requests", "ctr_scored_requests_total", ("model", "version"), ("din", "1"), "stale"),
+        1000.0,
+        0.0,
+    )
     stale.close()
-    env = service_env(model_repository / "repo", redis_server.url, WORKERS="2",
-                      PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))  # fmt: skip
+    env = service_env(
+        model_repository / "repo", redis_server.url, WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+    )
     proc, url = start_service(env, ROOT)
     try:
         _wait_for_workers(url, 2)
@@ -196,8 +200,14 @@ def test_a_killed_worker_is_replaced_and_its_live_gauges_swept(service: Service)
 
 def test_workers_without_redis_refuse_to_start(model_repository: Path) -> None:
     env = service_env(model_repository / "repo", None, WORKERS="2")
-    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "WORKERS=2 needs REDIS_URL" in proc.stderr
 
@@ -207,16 +217,27 @@ def test_a_worker_that_cannot_start_stops_the_service(model_repository: Path, re
     shutil.copytree(model_repository / "repo" / "din", repo / "din")
     (repo / "din" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")  # passes the pre-flight check
     env = service_env(repo, redis_url, WORKERS="2")
-    proc = subprocess.run([sys.executable, "-m", "app", "--port", str(free_port())], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3  # uvicorn's start-up failure, as with one process
     assert "cannot load the model" in proc.stderr
 
 
 def test_an_admin_rollback_sent_to_one_worker_reaches_the_other(repo: Path, redis_url: str, tmp_path: Path) -> None:
     publish(repo, "din", 2)
-    env = service_env(repo, redis_url, WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
-                      DEPLOYMENT_SYNC_INTERVAL_S="0.1")  # fmt: skip
+    env = service_env(
+        repo,
+        redis_url,
+        WORKERS="2",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        DEPLOYMENT_SYNC_INTERVAL_S="0.1",
+    )
     (tmp_path / "metrics").mkdir()
     proc, url = start_service(env, ROOT)
     try:

@@ -37,8 +37,11 @@ def test_reset_empties_an_earlier_runs_metric_files(tmp_path: Path) -> None:
 
 def test_sweep_drops_the_live_gauges_of_dead_processes_only(tmp_path: Path) -> None:
     dead, alive = _dead_pid(), os.getpid()
-    names = [f"{kind}_{pid}.db" for pid in (dead, alive)
-             for kind in ("counter", "histogram", "gauge_livesum", "gauge_livemax")]  # fmt: skip
+    names = [
+        f"{kind}_{pid}.db"
+        for pid in (dead, alive)
+        for kind in ("counter", "histogram", "gauge_livesum", "gauge_livemax")
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     assert sweep_dead_processes(tmp_path) == [dead]
