@@ -83,7 +83,7 @@ def test_admin_load_swaps_without_failing_in_flight_requests(repo: Path) -> None
         retired = c.app.state.components.registry.models["din"].deployments["1"]  # type: ignore[attr-defined]
         with ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(_score, c, f"f{i}") for i in range(4)]
-            time.sleep(0.1)  # the four are queued on v1 when the swap happens
+            _wait(lambda: retired.leases == 4, "the four requests hold leases on v1 when the swap happens")
             r = c.post("/admin/models/din/load", json={})
             assert r.status_code == 200, r.text
             assert r.json()["primary"] == "2"
