@@ -19,8 +19,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# slow: `make demo` trains three epochs before it serves; the timeout allows that on a loaded two-core machine
-@pytest.mark.slow
+# `make demo` trains three epochs before it serves (≈ 35 s idle): the timeout allows that on a loaded two-core machine
 @pytest.mark.timeout(900)
 def test_make_demo_serves_what_it_trained(tmp_path: Path) -> None:
     port = free_port()

@@ -52,8 +52,7 @@ def _api(prom: str, path: str, **params: str) -> Any:
     return httpx.get(f"{prom}/api/v1/{path}", params=params, timeout=5).json()["data"]
 
 
-# slow: the trainer script trains a model before the stack starts
-@pytest.mark.slow
+# the trainer script trains a model before the stack starts: a long timeout for a loaded two-core machine
 @pytest.mark.timeout(900)
 def test_trainer_scorer_and_prometheus(tmp_path: Path, redis_url: str) -> None:
     models = tmp_path / "models"

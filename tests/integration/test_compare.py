@@ -9,8 +9,7 @@ from training.compare import main as compare_main
 from training.metrics import rela_impr
 
 
-# slow: eight trainings (two models, two splits, two epochs)
-@pytest.mark.slow
+# eight trainings (two models, two splits, two epochs): a long timeout for a loaded two-core machine
 @pytest.mark.timeout(900)
 def test_compare_writes_the_paper_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = [
