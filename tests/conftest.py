@@ -409,3 +409,10 @@ def _kill(procs: list[psutil.Process]) -> str:
 
 
 _STARTED = pytest.StashKey[list[psutil.Process]]()
+
+
+def failed_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m app` run to its end with settings that must stop the start (its status and output)."""
+    cmd = [sys.executable, "-m", "app", "--port", str(free_port())]
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, service_env, start_service, stop_process
+from tests.conftest import failed_start, service_env, start_service, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,14 +47,7 @@ def test_concurrent_requests_are_merged_into_fewer_runs(server: str) -> None:
 
 
 def test_start_up_fails_loudly_on_an_empty_repository(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "--port", str(free_port())],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=service_env(tmp_path, None),
-    )
+    proc = failed_start(service_env(tmp_path, None))
     assert proc.returncode != 0
     assert "not found in repository" in proc.stderr or "not in repository" in proc.stderr
 
@@ -67,14 +58,7 @@ def test_start_up_fails_loudly_on_a_corrupt_model(model_repository: Path, tmp_pa
     repo = tmp_path / "repo"
     shutil.copytree(model_repository / "repo" / "din", repo / "din")
     (repo / "din" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "--port", str(free_port())],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=service_env(repo, None),
-    )
+    proc = failed_start(service_env(repo, None))
     assert proc.returncode != 0
     assert "cannot load the model" in proc.stderr
 

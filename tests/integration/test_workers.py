@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +22,7 @@ import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from tests.conftest import RedisServer, free_port, service_env, start_service, stop_process
+from tests.conftest import RedisServer, failed_start, service_env, start_service, stop_process
 from tests.integration.test_lifecycle import publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,14 +198,7 @@ def test_a_killed_worker_is_replaced_and_its_live_gauges_swept(service: Service)
 
 def test_workers_without_redis_refuse_to_start(model_repository: Path) -> None:
     env = service_env(model_repository / "repo", None, WORKERS="2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "--port", str(free_port())],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = failed_start(env)
     assert proc.returncode == 2
     assert "WORKERS=2 needs REDIS_URL" in proc.stderr
 
@@ -217,14 +208,7 @@ def test_a_worker_that_cannot_start_stops_the_service(model_repository: Path, re
     shutil.copytree(model_repository / "repo" / "din", repo / "din")
     (repo / "din" / "1" / "model.onnx").write_bytes(b"this is not an onnx graph")  # passes the pre-flight check
     env = service_env(repo, redis_url, WORKERS="2")
-    proc = subprocess.run(
-        [sys.executable, "-m", "app", "--port", str(free_port())],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = failed_start(env)
     assert proc.returncode == 3  # uvicorn's start-up failure, as with one process
     assert "cannot load the model" in proc.stderr
 
