@@ -17,18 +17,7 @@ from models.fast_training import (
     training_form,
 )
 from models.layers import InterestEvolution
-
-CFG = ModelConfig(
-    n_items=50,
-    n_categories=7,
-    user_feature_cardinalities=(4, 6),
-    item_dim=8,
-    category_dim=4,
-    user_dim=3,
-    mlp_hidden=(16, 8),
-    attention_hidden=(12, 6),
-    aux_hidden=(10, 5),
-)
+from tests.unit.test_models import CFG  # the same small model config
 
 
 def _batch(holes: bool, b: int = 5, length: int = 9) -> dict[str, torch.Tensor]:
