@@ -20,16 +20,9 @@ import torch.nn.functional as F
 
 from models import CTRModel, build_model
 from models.fast_training import training_form
-from training.train import (
-    Batch,
-    TensorSamples,
-    TrainConfig,
-    _regularisers,
-    drop_history,
-    keep_freed_memory,
-    load_data,
-    model_config,
-)
+from training.batches import Batch, TensorSamples, add_negatives, drop_history
+from training.config import TrainConfig, model_config
+from training.train import _regularisers, keep_freed_memory, load_data
 
 
 def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch], list[torch.Tensor], list]:
@@ -48,8 +41,7 @@ def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch
         batch = train_t.inputs(rows)
         drop_history(batch, cfg, gen)
         if model.uses_negatives:
-            neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
-            batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
+            add_negatives(batch, mcfg.n_items, item_category, gen)
         batches.append(batch)
         labels.append(train_t.label[rows])
     return model, batches, labels, regs

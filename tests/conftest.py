@@ -86,8 +86,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with `din` and `dien`, trained for one epoch on a small synthetic log, exported."""
+    from training.config import TrainConfig
     from training.export import export_run
-    from training.train import TrainConfig, train
+    from training.train import train
 
     root = tmp_path_factory.mktemp("service-models")
     for kind in ("din", "dien"):

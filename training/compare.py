@@ -22,8 +22,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from training.config import TrainConfig, add_train_arguments, config_from_args
 from training.metrics import rela_impr
-from training.train import TrainConfig, add_train_arguments, config_from_args, load_data, train
+from training.train import load_data, train
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "logloss")

@@ -227,8 +227,9 @@ def time_session(session: ort.InferenceSession, feed: dict[str, np.ndarray], run
 
 def _test_auc(session: ort.InferenceSession, ckpt: dict[str, Any]) -> float:
     """Test AUC of a graph on the run's own test split (each sample as its own user)."""
+    from training.config import TrainConfig
     from training.metrics import auc
-    from training.train import TrainConfig, load_data
+    from training.train import load_data
 
     cfg = TrainConfig.from_dict(ckpt["train_config"])
     test = load_data(cfg).test

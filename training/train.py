@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
-from models.config import FEEDBACK_UNKNOWN
 from models.fast_training import training_form
+from training.batches import Batch, TensorSamples, add_negatives, drop_history
+from training.config import TrainConfig, add_train_arguments, config_from_args, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
 from training.regularization import MiniBatchAwareL2, occurrence_counts
-from training.samples import PAD, PreparedData, SampleSet, prepare
+from training.samples import PreparedData, SampleSet, prepare
 
 log = logging.getLogger(__name__)
 
@@ -41,114 +42,10 @@ METRICS_NAME = "metrics.json"
 
 
 @dataclass
-class TrainConfig:
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    download: bool = False
-    protocol: str | None = None  # None: din-movielens for labelled logs, implicit otherwise
-    user_features: tuple[str, ...] | None = None  # None: every user feature the log has
-    model: str = "din"
-    out: str = "runs/din"
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    max_len: int = 50
-    seed: int = 0
-    mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
-    aux_weight: float = 1.0  # DIEN auxiliary loss weight
-    history_dropout: float = 0.0  # drop each history position with this probability while training
-    feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
-    paper_form: bool = False  # train the paper form itself, not its training-speed form (models/fast_training.py)
-    patience: int = 2  # epochs without a better validation GAUC before stopping
-    eval_batch_size: int = 4096
-    threads: int | None = None
-    cache_dir: str | None = ".cache/prepared"
-    progress: bool = True
-    model_options: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
-    synthetic: dict[str, Any] = field(default_factory=dict)  # overrides of SyntheticConfig fields
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        if d.get("user_features") is not None:
-            d["user_features"] = tuple(d["user_features"])
-        return cls(**d)
-
-
-@dataclass
 class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, float]]
     run_dir: Path
-
-
-class TensorSamples:
-    """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering."""
-
-    def __init__(self, s: SampleSet, max_len: int) -> None:
-        self.event_item = torch.as_tensor(s.event_item)
-        self.event_cat = torch.as_tensor(s.event_cat)
-        self.event_feedback = torch.as_tensor(s.event_feedback)
-        self.end = torch.as_tensor(s.end)
-        self.length = torch.as_tensor(s.length)
-        self.cand_item = torch.as_tensor(s.cand_item)
-        self.cand_cat = torch.as_tensor(s.cand_cat)
-        self.label = torch.as_tensor(s.label)
-        self.user_feats = torch.as_tensor(s.user_feats)
-        self.offsets = torch.arange(max_len)
-        self.n = len(s)
-
-    def without_feedback(self) -> TensorSamples:
-        """The same split with every behaviour's feedback unknown (as served to a caller sending no labels)."""
-        blind = copy.copy(self)
-        blind.event_feedback = torch.full_like(self.event_feedback, FEEDBACK_UNKNOWN)
-        return blind
-
-    def inputs(self, rows: Tensor) -> dict[str, Tensor]:
-        length = self.length[rows]  # (B,)
-        mask = self.offsets < length[:, None]  # (B, L)
-        idx = torch.where(mask, self.end[rows, None] - length[:, None] + self.offsets, 0)  # (B, L)
-        return {
-            "hist_items": torch.where(mask, self.event_item[idx], PAD),
-            "hist_cats": torch.where(mask, self.event_cat[idx], PAD),
-            "hist_feedback": torch.where(mask, self.event_feedback[idx], PAD),
-            "hist_mask": mask,
-            "cand_item": self.cand_item[rows],
-            "cand_cat": self.cand_cat[rows],
-            "user_feats": self.user_feats[rows],
-        }
-
-
-def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(
-        n_items=data.vocab.n_items,
-        n_categories=data.vocab.n_categories,
-        user_feature_cardinalities=data.vocab.feature_cardinalities,
-        **options,
-    )
-
-
-Batch = dict[str, Tensor]
-
-
-def drop_feedback(feedback: Tensor, mask: Tensor, p: float, gen: torch.Generator) -> Tensor:
-    """feedback (B, L) FEEDBACK_*, mask (B, L) → the feedback with each valid position's replaced by
-    FEEDBACK_UNKNOWN with probability p; padding keeps FEEDBACK_PAD."""
-    unknown = mask & (torch.rand(mask.shape, generator=gen) < p)  # (B, L)
-    return feedback.masked_fill(unknown, FEEDBACK_UNKNOWN)
-
-
-def drop_history(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> None:
-    """Training's noise on a batch's history, in place. History dropout hides each behaviour with probability
-    cfg.history_dropout, so a sample's history stops being a fingerprint of its user. Feedback dropout makes
-    a kept behaviour's feedback "unknown" with probability cfg.feedback_dropout: a serving caller that sends
-    no labels sends "unknown" everywhere, a value that a log with every outcome known never shows in
-    training. Draws from ``gen`` only for a dropout that is on."""
-    if cfg.history_dropout > 0:
-        kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout  # (B, L)
-        batch["hist_mask"] = batch["hist_mask"] & kept
-    if cfg.feedback_dropout > 0:
-        batch["hist_feedback"] = drop_feedback(batch["hist_feedback"], batch["hist_mask"], cfg.feedback_dropout, gen)
 
 
 def _regularisers(
@@ -250,7 +147,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
 
     history: list[dict[str, float]] = []
     best_gauc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
-    train_seconds, train_samples = 0.0, 0
+    train_seconds, train_samples, steps = 0.0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         perm = torch.randperm(train_t.n, generator=gen)
@@ -258,11 +155,14 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch}", disable=not cfg.progress, leave=False)
         running, t0 = 0.0, time.perf_counter()
         for step, rows in enumerate(bar, start=1):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+            steps += 1
+            train_samples += len(rows)
             batch = train_t.inputs(rows)
             drop_history(batch, cfg, gen)
             if model.uses_negatives:
-                neg = torch.randint(2, mcfg.n_items, batch["hist_items"].shape, generator=gen)
-                batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
+                add_negatives(batch, mcfg.n_items, item_category, gen)
             out = forward(**batch)
             loss = F.binary_cross_entropy_with_logits(out.logits, train_t.label[rows])
             running += (loss.item() - running) / min(step, 100)
@@ -276,13 +176,14 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
         train_seconds += time.perf_counter() - t0
-        train_samples += train_t.n
         valid = _evaluate(model, valid_t, data.valid, cfg.eval_batch_size)
         history.append({"epoch": epoch, "train_loss": running, **{f"valid_{k}": v for k, v in valid.items()}})
         log.info("%s epoch %d: loss %.4f valid %s", cfg.model, epoch, running, valid)
         if valid["gauc"] > best_gauc:
             best_gauc, best_epoch, best_state = valid["gauc"], epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
+            break
+        if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
 
     model.load_state_dict(best_state)
@@ -292,6 +193,7 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
         "best_epoch": best_epoch,
         "valid_gauc": best_gauc,
         "train_samples_per_second": train_samples / train_seconds,
+        "train_steps": steps,
         "samples": {k: len(getattr(data, k)) for k in ("train", "valid", "test")},
         "data": data.info,
         "config": asdict(cfg),
@@ -325,102 +227,6 @@ def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--dataset", choices=["ml-100k", "ml-latest", "events", "synthetic"], default=d.dataset)
-    p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
-    p.add_argument("--download", action="store_true", help="fetch ml-100k from GroupLens into --data-dir")
-    p.add_argument("--protocol", choices=["din-movielens", "implicit"], default=None)
-    p.add_argument(
-        "--user-features",
-        default=None,
-        help="comma-separated user features to use (default: all the log has; '' for none)",
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--max-len", type=int, default=d.max_len)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="mini-batch aware L2; 0 = off")
-    p.add_argument("--aux-weight", type=float, default=d.aux_weight)
-    p.add_argument(
-        "--history-dropout",
-        type=float,
-        default=d.history_dropout,
-        help="training only: drop each history position with this probability",
-    )
-    p.add_argument(
-        "--feedback-dropout",
-        type=float,
-        default=d.feedback_dropout,
-        help="training only: make a kept behaviour's feedback 'unknown' with this probability",
-    )
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument(
-        "--paper-form",
-        action="store_true",
-        help="train the paper form itself (slower; the default trains its training-speed form)",
-    )
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
-    p.add_argument("--mlp-activation", choices=["dice", "prelu", "relu"], default="dice")
-    p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
-    p.add_argument(
-        "--dien-pooling",
-        choices=["sum", "attention"],
-        default="sum",
-        help="DIEN: sum of behaviours (paper) or attention-weighted, beside the final interest",
-    )
-    p.add_argument(
-        "--history-feedback",
-        action="store_true",
-        help="each history behaviour carries its own label (liked or not) as an embedding",
-    )
-    p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
-    p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
-    p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="prepared-data cache ('' to disable)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
-    return TrainConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        download=args.download,
-        protocol=args.protocol,
-        user_features=None if args.user_features is None else tuple(f for f in args.user_features.split(",") if f),
-        model=model,
-        out=out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        max_len=args.max_len,
-        seed=args.seed,
-        mba_lambda=args.mba_lambda,
-        aux_weight=args.aux_weight,
-        history_dropout=args.history_dropout,
-        feedback_dropout=args.feedback_dropout,
-        paper_form=args.paper_form,
-        patience=args.patience,
-        threads=args.threads,
-        cache_dir=args.cache_dir or None,
-        progress=not args.no_progress,
-        synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
-        model_options={
-            "dropout": args.dropout,
-            "attention_softmax": args.attention_softmax,
-            "mlp_activation": args.mlp_activation,
-            "evolution": args.evolution,
-            "dien_pooling": args.dien_pooling,
-            "history_feedback": args.history_feedback,
-            "item_dim": args.item_dim,
-            "category_dim": args.category_dim,
-        },
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import training.export as export
+from training.config import TrainConfig
 from training.export import ExportError, GraphSpec, export_run, random_inputs, torch_reference
-from training.train import TrainConfig, load_checkpoint, train
+from training.train import load_checkpoint, train
 
 SMALL = {"n_users": 300, "n_items": 150, "n_categories": 8, "min_events": 15, "max_events": 30, "seed": 2}
 

@@ -302,8 +302,9 @@ def test_a_broken_extra_model_is_skipped_and_the_rest_served(model_repository: P
 def feedback_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository whose `din` was trained with history feedback (each behaviour's label)."""
     from tests.conftest import SERVICE_SYNTHETIC
+    from training.config import TrainConfig
     from training.export import export_run
-    from training.train import TrainConfig, train
+    from training.train import train
 
     root = tmp_path_factory.mktemp("feedback-models")
     cfg = TrainConfig(

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import ML100K_DIR
+from training.batches import TensorSamples
+from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.samples import PreparedData, prepare
-from training.train import TensorSamples, TrainConfig, load_checkpoint, train
+from training.train import load_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,12 @@ def test_the_paper_form_trains_to_the_same_model(kind: str, tmp_path: Path) -> N
         runs[paper_form] = train(run, data).metrics
     assert runs[True]["auc"] == pytest.approx(runs[False]["auc"], abs=1e-3)
     assert runs[True]["logloss"] == pytest.approx(runs[False]["logloss"], abs=1e-3)
+
+
+def test_max_steps_stops_training_after_that_many_steps_and_still_tests(planted: PreparedData, tmp_path: Path) -> None:
+    cfg = TrainConfig(model="din", out=str(tmp_path), epochs=5, max_len=20, progress=False, batch_size=64, max_steps=7)
+    m = train(cfg, data=planted).metrics
+    assert m["train_steps"] == 7
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["train_steps"] == 7 and len(saved["history"]) == 1  # one (partial) epoch, then validation
+    assert 0 < saved["auc"] < 1 and saved["train_samples_per_second"] > 0

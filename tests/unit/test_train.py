@@ -3,7 +3,8 @@ from __future__ import annotations
 import torch
 
 from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
-from training.train import TrainConfig, drop_history
+from training.batches import drop_history
+from training.config import TrainConfig
 
 
 def _batch() -> dict[str, torch.Tensor]:

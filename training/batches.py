@@ -1,0 +1,80 @@
+"""Training batches: a split held as tensors, gathered into fixed-shape [B, L] batches with masks, and the
+noise training adds to a batch (history and feedback dropout, DIEN's sampled negatives)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from models.config import FEEDBACK_UNKNOWN
+from training.config import TrainConfig
+from training.samples import PAD, SampleSet
+
+
+class TensorSamples:
+    """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering."""
+
+    def __init__(self, s: SampleSet, max_len: int) -> None:
+        self.event_item = torch.as_tensor(s.event_item)
+        self.event_cat = torch.as_tensor(s.event_cat)
+        self.event_feedback = torch.as_tensor(s.event_feedback)
+        self.end = torch.as_tensor(s.end)
+        self.length = torch.as_tensor(s.length)
+        self.cand_item = torch.as_tensor(s.cand_item)
+        self.cand_cat = torch.as_tensor(s.cand_cat)
+        self.label = torch.as_tensor(s.label)
+        self.user_feats = torch.as_tensor(s.user_feats)
+        self.offsets = torch.arange(max_len)
+        self.n = len(s)
+
+    def without_feedback(self) -> TensorSamples:
+        """The same split with every behaviour's feedback unknown (as served to a caller sending no labels)."""
+        blind = copy.copy(self)
+        blind.event_feedback = torch.full_like(self.event_feedback, FEEDBACK_UNKNOWN)
+        return blind
+
+    def inputs(self, rows: Tensor) -> dict[str, Tensor]:
+        length = self.length[rows]  # (B,)
+        mask = self.offsets < length[:, None]  # (B, L)
+        idx = torch.where(mask, self.end[rows, None] - length[:, None] + self.offsets, 0)  # (B, L)
+        return {
+            "hist_items": torch.where(mask, self.event_item[idx], PAD),
+            "hist_cats": torch.where(mask, self.event_cat[idx], PAD),
+            "hist_feedback": torch.where(mask, self.event_feedback[idx], PAD),
+            "hist_mask": mask,
+            "cand_item": self.cand_item[rows],
+            "cand_cat": self.cand_cat[rows],
+            "user_feats": self.user_feats[rows],
+        }
+
+
+Batch = dict[str, Tensor]
+
+
+def drop_feedback(feedback: Tensor, mask: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    """feedback (B, L) FEEDBACK_*, mask (B, L) → the feedback with each valid position's replaced by
+    FEEDBACK_UNKNOWN with probability p; padding keeps FEEDBACK_PAD."""
+    unknown = mask & (torch.rand(mask.shape, generator=gen) < p)  # (B, L)
+    return feedback.masked_fill(unknown, FEEDBACK_UNKNOWN)
+
+
+def drop_history(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> None:
+    """Training's noise on a batch's history, in place. History dropout hides each behaviour with probability
+    cfg.history_dropout, so a sample's history stops being a fingerprint of its user. Feedback dropout makes
+    a kept behaviour's feedback "unknown" with probability cfg.feedback_dropout: a serving caller that sends
+    no labels sends "unknown" everywhere, a value that a log with every outcome known never shows in
+    training. Draws from ``gen`` only for a dropout that is on."""
+    if cfg.history_dropout > 0:
+        kept = torch.rand(batch["hist_mask"].shape, generator=gen) >= cfg.history_dropout  # (B, L)
+        batch["hist_mask"] = batch["hist_mask"] & kept
+    if cfg.feedback_dropout > 0:
+        batch["hist_feedback"] = drop_feedback(batch["hist_feedback"], batch["hist_mask"], cfg.feedback_dropout, gen)
+
+
+def add_negatives(batch: Batch, n_items: int, item_category: Tensor, gen: torch.Generator) -> None:
+    """DIEN's auxiliary loss: one item drawn uniformly per history position (never PAD or OOV), with its
+    category, added to the batch in place."""
+    neg = torch.randint(2, n_items, batch["hist_items"].shape, generator=gen)  # (B, L)
+    batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]
