@@ -22,7 +22,8 @@ from models import CTRModel, build_model
 from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
 from training.config import TrainConfig, model_config
-from training.train import _regularisers, keep_freed_memory, load_data
+from training.regularization import mba_terms
+from training.train import keep_freed_memory, load_data
 
 
 def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch], list[torch.Tensor], list]:
@@ -31,7 +32,7 @@ def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch
     data = load_data(cfg)
     mcfg = model_config(data, cfg.model_options)
     model = build_model(cfg.model, mcfg)
-    regs = _regularisers(model, data.train, cfg.max_len, cfg.mba_lambda)
+    regs = mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)
     item_category = torch.as_tensor(data.vocab.item_category_table())
     train_t = TensorSamples(data.train, cfg.max_len)
     gen = torch.Generator().manual_seed(cfg.seed)

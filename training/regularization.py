@@ -3,9 +3,16 @@ the mini-batch are penalised, each scaled by 1 / n_j, its number of occurrences 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from models import CTRModel
+from training.samples import SampleSet
+
+Batch = dict[str, Tensor]
 
 
 def occurrence_counts(index_arrays: list[np.ndarray], size: int) -> np.ndarray:
@@ -35,3 +42,35 @@ class MiniBatchAwareL2(nn.Module):
         # dense over the table but zero-weighted outside the batch: same cost as Adam's dense step,
         # and cheaper than torch.unique's sort; gradients reach only the present rows
         return self.lam * (present / self.counts * self.table.weight.pow(2).sum(-1)).sum()
+
+
+def mba_terms(
+    model: CTRModel, train: SampleSet, max_len: int, lam: float
+) -> list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]:
+    """One MBA term per embedding table (n_j counted over the training samples), each paired with
+    the batch indices that select its rows."""
+    if lam <= 0:
+        return []
+    hist_items, hist_cats = [], []
+    for chunk in np.array_split(np.arange(len(train)), max(1, len(train) // 20000)):
+        items, cats, _ = train.history(chunk, max_len)
+        hist_items.append(items)
+        hist_cats.append(cats)
+    emb = model.embedding
+    item_counts = occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings)
+    cat_counts = occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings)
+    regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]] = [
+        (MiniBatchAwareL2(emb.item, item_counts, lam), lambda b: (b["hist_items"], b["cand_item"])),
+        (MiniBatchAwareL2(emb.category, cat_counts, lam), lambda b: (b["hist_cats"], b["cand_cat"])),
+    ]
+    if emb.item_bias is not None and emb.category_bias is not None:
+        regs.append((MiniBatchAwareL2(emb.item_bias, item_counts, lam), lambda b: (b["cand_item"],)))
+        regs.append((MiniBatchAwareL2(emb.category_bias, cat_counts, lam), lambda b: (b["cand_cat"],)))
+    for i, table in enumerate(emb.user_features):
+        counts = occurrence_counts([train.user_feats[:, i]], table.num_embeddings)
+        regs.append((MiniBatchAwareL2(table, counts, lam), _feature_column(i)))
+    return regs
+
+
+def _feature_column(i: int) -> Callable[[Batch], tuple[Tensor, ...]]:
+    return lambda b: (b["user_feats"][:, i],)

@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
 from models.fast_training import training_form
-from training.batches import Batch, TensorSamples, add_negatives, drop_history
+from training.batches import TensorSamples, add_negatives, drop_history
 from training.config import TrainConfig, add_train_arguments, config_from_args, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
-from training.regularization import MiniBatchAwareL2, occurrence_counts
+from training.optim import build_optimisers
+from training.regularization import mba_terms
 from training.samples import PreparedData, SampleSet, prepare
 
 log = logging.getLogger(__name__)
@@ -46,38 +46,6 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, float]]
     run_dir: Path
-
-
-def _regularisers(
-    model: CTRModel, train: SampleSet, max_len: int, lam: float
-) -> list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]:
-    """One MBA term per embedding table (n_j counted over the training samples), each paired with
-    the batch indices that select its rows."""
-    if lam <= 0:
-        return []
-    hist_items, hist_cats = [], []
-    for chunk in np.array_split(np.arange(len(train)), max(1, len(train) // 20000)):
-        items, cats, _ = train.history(chunk, max_len)
-        hist_items.append(items)
-        hist_cats.append(cats)
-    emb = model.embedding
-    item_counts = occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings)
-    cat_counts = occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings)
-    regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]] = [
-        (MiniBatchAwareL2(emb.item, item_counts, lam), lambda b: (b["hist_items"], b["cand_item"])),
-        (MiniBatchAwareL2(emb.category, cat_counts, lam), lambda b: (b["hist_cats"], b["cand_cat"])),
-    ]
-    if emb.item_bias is not None and emb.category_bias is not None:
-        regs.append((MiniBatchAwareL2(emb.item_bias, item_counts, lam), lambda b: (b["cand_item"],)))
-        regs.append((MiniBatchAwareL2(emb.category_bias, cat_counts, lam), lambda b: (b["cand_cat"],)))
-    for i, table in enumerate(emb.user_features):
-        counts = occurrence_counts([train.user_feats[:, i]], table.num_embeddings)
-        regs.append((MiniBatchAwareL2(table, counts, lam), _feature_column(i)))
-    return regs
-
-
-def _feature_column(i: int) -> Callable[[Batch], tuple[Tensor, ...]]:
-    return lambda b: (b["user_feats"][:, i],)
 
 
 @torch.no_grad()
@@ -139,8 +107,8 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
     model = build_model(cfg.model, mcfg)
     # the same parameters, values and gradients; evaluation and the checkpoint use ``model``, the paper form
     forward = model if cfg.paper_form else training_form(model)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    regs = _regularisers(model, data.train, cfg.max_len, cfg.mba_lambda)
+    optimisers = build_optimisers(model, cfg)
+    regs = mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)
     item_category = torch.as_tensor(data.vocab.item_category_table())
     train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -170,9 +138,11 @@ def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
                 loss = loss + cfg.aux_weight * out.aux_loss
             for reg, rows_of in regs:
                 loss = loss + reg(*rows_of(batch))
-            optimiser.zero_grad(set_to_none=True)
+            for opt in optimisers:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            for opt in optimisers:
+                opt.step()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running:.4f}")
         train_seconds += time.perf_counter() - t0
