@@ -41,15 +41,13 @@ PORT ?= 8000
 # repository (parity-checked), serve it (Redis when REDIS_URL is set, else the embedded store), seed
 # a few users and print a ready-to-paste curl. Ctrl-C stops the service.
 demo: $(STAMP)
-	$(PY) -m training.train --dataset synthetic --model din --epochs 3 --out $(RUN_DIR)
+	$(PY) -m training.train --recipe demo --out $(RUN_DIR)
 	$(PY) -m training.export --run $(RUN_DIR) --repository $(REPOSITORY) --name din
 	$(PY) scripts/demo.py --repository $(REPOSITORY) --model din --port $(PORT)
 
-# The ml-100k recipe (see README: why no user features, history dropout, normalised attention and history feedback)
+# The README's ml-100k table: the recipe and why each of its values is in training/recipes/ml-100k.toml
 compare-ml100k: $(STAMP)
-	$(PY) -m training.compare --dataset ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
-		--models base,din,dien --user-features '' --history-dropout 0.7 --attention-softmax \
-		--dien-pooling attention --history-feedback --feedback-dropout 0.2 --lr 3e-3 --splits 3 \
+	$(PY) -m training.compare --recipe ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
 		--out runs/compare-ml100k
 
 clean:

@@ -2,6 +2,7 @@
 
     python -m training.compare --dataset ml-100k --data-dir ../shared/data/ml-100k \
         --models base,din,dien --out runs/compare [--repeats 3]
+    python -m training.compare --recipe ml-100k --data-dir ../shared/data/ml-100k --out runs/compare-ml100k
 
 Writes DIR/results.json ({"din": {"auc", "gauc", "logloss", "relaimpr", ...}}), DIR/results.md and
 DIR/valid_gauc.png (validation GAUC per epoch), plus one run directory per model (and repeat).
@@ -22,8 +23,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.config import TrainConfig, add_train_arguments, config_from_args
+from training.config import CompareConfig, TrainConfig, add_train_arguments, config_from_args, given_flags
 from training.metrics import rela_impr
+from training.recipes import apply_recipe, recipe_from_args, resolve_compare
 from training.train import load_data, train
 
 log = logging.getLogger(__name__)
@@ -132,17 +134,27 @@ def compare(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    p.add_argument("--models", default="base,din,dien", help="comma-separated, from base, din, dien")
-    p.add_argument("--repeats", type=int, default=1, help="training seeds per model, on the same split")
-    p.add_argument("--splits", type=int, default=1, help="user splits (seeds --seed, --seed+1, ...) to average over")
-    p.add_argument("--out", required=True)
+    d = CompareConfig()
+    p.add_argument("--models", default=",".join(d.models), help="comma-separated, from base, din, dien")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="training seeds per model, on the same split")
+    p.add_argument(
+        "--splits", type=int, default=d.splits, help="user splits (seeds --seed, --seed+1, ...) to average over"
+    )
+    p.add_argument("--out", help="output folder (here or in the recipe)")
     args = p.parse_args(argv)
+    flags = CompareConfig(tuple(m for m in args.models.split(",") if m), args.repeats, args.splits)
+    cfg = config_from_args(args, flags.models[0] if flags.models else "din", args.out or "")
+    recipe = recipe_from_args(p, args)
+    if recipe is not None:
+        given = given_flags(p, argv)
+        cfg, flags = apply_recipe(cfg, recipe, given), resolve_compare(flags, recipe, given)
+    if not cfg.out:
+        p.error("--out is required (or `out` in the recipe)")
+    unknown = sorted(set(flags.models) - {"base", "din", "dien"})
+    if unknown or not flags.models:
+        p.error(f"unknown models {unknown}" if unknown else "no models to compare")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - {"base", "din", "dien"})
-    if unknown:
-        p.error(f"unknown models {unknown}")
-    results = compare(config_from_args(args, models[0], args.out), models, Path(args.out), args.repeats, args.splits)
+    results = compare(cfg, list(flags.models), Path(cfg.out), flags.repeats, flags.splits)
     print(markdown_table(results))
 
 

@@ -1,10 +1,14 @@
 """A training run's configuration: the TrainConfig dataclass, its command-line flags (shared by
-``training.train`` and ``training.compare``), and the model configuration a run derives from its data."""
+``training.train`` and ``training.compare``), and the model configuration a run derives from its data.
+
+A recipe file (training/recipes.py) sets the same fields; a flag given on the command line overrides it. For
+that, each flag's ``dest`` names the field it sets: a TrainConfig field of that name, else a ModelConfig field
+(``model_options``), else the field ``FLAG_FIELDS`` gives."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from models import ModelConfig
@@ -39,6 +43,8 @@ class TrainConfig:
     progress: bool = True
     model_options: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
     synthetic: dict[str, Any] = field(default_factory=dict)  # overrides of SyntheticConfig fields
+    # where the settings came from: the recipe's name, path and sha256 (empty: flags only); not a setting
+    recipe: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -46,6 +52,42 @@ class TrainConfig:
         if d.get("user_features") is not None:
             d["user_features"] = tuple(d["user_features"])
         return cls(**d)
+
+
+@dataclass
+class CompareConfig:
+    """``training.compare``'s own settings (a recipe's ``[compare]`` table, or its flags)."""
+
+    models: tuple[str, ...] = ("base", "din", "dien")
+    repeats: int = 1  # training seeds per model, on the same split
+    splits: int = 1  # user splits (seeds seed, seed+1, ...) to average over
+
+
+# flags whose dest is not the name of the field they set
+FLAG_FIELDS = {"no_progress": "progress", "synthetic_users": "synthetic.n_users"}
+
+
+def field_of_flag(dest: str) -> str | None:
+    """The TrainConfig field (``table.key`` inside model_options or synthetic) a flag sets; None for flags
+    that set none (``--recipe``, or training.compare's own)."""
+    if dest in FLAG_FIELDS:
+        return FLAG_FIELDS[dest]
+    if dest in {f.name for f in fields(TrainConfig)}:
+        return dest
+    if dest in {f.name for f in fields(ModelConfig)}:
+        return f"model_options.{dest}"
+    return None
+
+
+_UNSET = object()
+
+
+def given_flags(p: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The dests of the flags given on the command line, told apart from defaults: argparse fills in a
+    default only where the namespace it parses into lacks the attribute, so every dest starts as a marker."""
+    dests = vars(p.parse_args(argv))
+    parsed = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+    return {dest for dest, value in vars(parsed).items() if value is not _UNSET}
 
 
 def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
@@ -59,6 +101,10 @@ def model_config(data: PreparedData, options: dict[str, Any]) -> ModelConfig:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
+    p.add_argument(
+        "--recipe",
+        help="a TOML recipe: a file, or the name of one in training/recipes/ (e.g. ml-100k); flags given override it",
+    )
     p.add_argument("--dataset", choices=["ml-100k", "ml-latest", "events", "synthetic"], default=d.dataset)
     p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
     p.add_argument("--download", action="store_true", help="fetch ml-100k from GroupLens into --data-dir")

@@ -2,6 +2,7 @@
 
 python -m training.train --dataset synthetic --model din --out runs/din
 python -m training.train --dataset ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
+python -m training.train --recipe ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from tqdm import tqdm
 from models import CTRModel, ModelConfig, build_model
 from models.fast_training import training_form
 from training.batches import TensorSamples, add_negatives, drop_history
-from training.config import TrainConfig, add_train_arguments, config_from_args, model_config
+from training.config import TrainConfig, add_train_arguments, config_from_args, given_flags, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.metrics import evaluate
 from training.optim import build_optimisers
+from training.recipes import apply_recipe, recipe_from_args
 from training.regularization import mba_terms
 from training.samples import PreparedData, SampleSet, prepare
 
@@ -203,14 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.add_argument("--model", choices=["base", "din", "dien"], default="din")
-    p.add_argument("--out", required=True, help="run directory for metrics.json and the checkpoint")
+    p.add_argument("--out", help="run directory for metrics.json and the checkpoint (here or in the recipe)")
     args = p.parse_args(argv)
+    cfg = config_from_args(args, args.model, args.out or "")
+    recipe = recipe_from_args(p, args)
+    if recipe is not None:
+        cfg = apply_recipe(cfg, recipe, given_flags(p, argv))
+    if not cfg.out:
+        p.error("--out is required (or `out` in the recipe)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
-    result = train(config_from_args(args, args.model, args.out))
+    result = train(cfg)
     m = result.metrics
     print(
-        f"{args.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}  "
+        f"{cfg.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}  "
         f"best epoch {m['best_epoch']}  {m['train_samples_per_second']:.0f} train samples/s  → {result.run_dir}"
     )
 

@@ -38,3 +38,21 @@ def test_compare_writes_the_paper_table(tmp_path: Path, capsys: pytest.CaptureFi
     assert (tmp_path / "valid_gauc.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "din" / "split-1" / "checkpoint.pt").exists()
     assert "| base |" in capsys.readouterr().out
+
+
+def test_compare_with_a_recipe_file_and_a_flag_over_it(tmp_path: Path) -> None:
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(
+        'dataset = "synthetic"\nmax_len = 10\nepochs = 1\nlr = 0.01\n'
+        "[synthetic]\nn_users = 250\n[model_options]\nattention_softmax = true\n"
+        '[compare]\nmodels = ["base", "din"]\nsplits = 2\n'
+    )
+    out = tmp_path / "out"
+    argv = ["--recipe", str(recipe), "--splits", "1", "--lr", "0.002", "--max-steps", "5"]
+    compare_main([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"base", "din"} and results["din"]["runs"] == 1  # --splits 1 over the recipe's 2
+    config = json.loads((out / "din" / "metrics.json").read_text())["config"]
+    assert (config["lr"], config["max_len"], config["synthetic"]) == (0.002, 10, {"n_users": 250})
+    assert config["model_options"]["attention_softmax"] is True
+    assert config["recipe"]["name"] == "small" and config["recipe"]["path"] == str(recipe.resolve())

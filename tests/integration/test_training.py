@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.samples import PreparedData, prepare
 from training.train import load_checkpoint, train
+from training.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,23 @@ def test_max_steps_stops_training_after_that_many_steps_and_still_tests(planted:
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["train_steps"] == 7 and len(saved["history"]) == 1  # one (partial) epoch, then validation
     assert 0 < saved["auc"] < 1 and saved["train_samples_per_second"] > 0
+
+
+def test_a_run_from_a_recipe_records_the_resolved_config_and_the_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("max_len = 10\nbatch_size = 64\n[synthetic]\nn_users = 200\n[model_options]\nitem_dim = 8\n")
+    out = tmp_path / "run"
+    argv = ["--recipe", str(recipe), "--batch-size", "32", "--max-steps", "3", "--out", str(out), "--no-progress"]
+    train_main([*argv, "--cache-dir", ""])
+    saved = json.loads((out / "metrics.json").read_text())
+    config = saved["config"]
+    assert (config["batch_size"], config["max_len"], config["max_steps"]) == (32, 10, 3)
+    assert config["model_options"]["item_dim"] == 8 and saved["model_config"]["item_dim"] == 8
+    assert config["synthetic"] == {"n_users": 200} and saved["samples"]["train"] < 20_000
+    assert config["recipe"] == {
+        "name": "tiny",
+        "path": str(recipe.resolve()),
+        "sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+    }
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert TrainConfig.from_dict(ckpt["train_config"]) == TrainConfig.from_dict(config)  # export reads it back
