@@ -59,7 +59,11 @@ def run_ours(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "training.train", *data_flags(args), "--model", "din", "--epochs", "1"]
     _run([*cmd, "--out", str(out), "--no-progress"], dict(os.environ))
     m = json.loads((out / "metrics.json").read_text())
-    return {"samples_per_second": m["train_samples_per_second"], "steps": m["train_steps"]}
+    return {
+        "samples_per_second": m["train_samples_per_second"],
+        "steps": m["train_steps"],
+        "split": m["samples"]["train"],
+    }
 
 
 def run_peer(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
@@ -136,7 +140,7 @@ def peer_child(args: argparse.Namespace) -> None:
     model.fit(x, train.label[rows], batch_size=args.batch_size, epochs=1, verbose=0)
     seconds = time.perf_counter() - t0
     steps = -(-len(rows) // args.batch_size)
-    result = {"samples_per_second": len(rows) / seconds, "steps": steps, "seconds": seconds}
+    result = {"samples_per_second": len(rows) / seconds, "steps": steps, "split": len(train), "seconds": seconds}
     Path(args.peer_child).write_text(json.dumps(result))
 
 
@@ -150,6 +154,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             if r % 2:
                 sides.reverse()
             row: dict[str, Any] = {name: run(args, work, str(r)) for name, run in sides}
+            if (row["ours"]["split"], row["ours"]["steps"]) != (row[PEER]["split"], row[PEER]["steps"]):
+                raise SystemExit(f"bench.peers: the two sides did not train on the same samples: {row}")
             row["ratio"] = row["ours"]["samples_per_second"] / row[PEER]["samples_per_second"]
             print(
                 f"round {r + 1}/{args.rounds}: ours {row['ours']['samples_per_second']:,.0f}  "

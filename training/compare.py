@@ -122,11 +122,13 @@ def compare(
         ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(
+    header = (
         f"Dataset `{base_cfg.dataset}`, protocol `{protocol}`, max_len {base_cfg.max_len}, {splits} user split(s) "
-        f"from seed {base_cfg.seed}, {repeats} training seed(s) each; test-set figures, mean ± std over runs.\n\n"
-        + markdown_table(results)
+        f"from seed {base_cfg.seed}, {repeats} training seed(s) each; test-set figures, mean ± std over runs."
     )
+    if base_cfg.recipe:
+        header = f"Recipe `{base_cfg.recipe['name']}` (sha256 {base_cfg.recipe['sha256'][:12]}) and flags. {header}"
+    (out / "results.md").write_text(f"{header}\n\n{markdown_table(results)}")
     plot_valid_gauc(histories, out / "valid_gauc.png")
     return results
 

@@ -56,3 +56,4 @@ def test_compare_with_a_recipe_file_and_a_flag_over_it(tmp_path: Path) -> None:
     assert (config["lr"], config["max_len"], config["synthetic"]) == (0.002, 10, {"n_users": 250})
     assert config["model_options"]["attention_softmax"] is True
     assert config["recipe"]["name"] == "small" and config["recipe"]["path"] == str(recipe.resolve())
+    assert (out / "results.md").read_text().startswith("Recipe `small` (sha256 ")
