@@ -107,7 +107,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset", choices=["ml-100k", "ml-latest", "events", "synthetic"], default=d.dataset)
     p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
-    p.add_argument("--download", action="store_true", help="fetch ml-100k from GroupLens into --data-dir")
+    # on/off flags take --no-X too, so a command line can turn off what a recipe turns on
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--download", action=on_off, default=False, help="fetch ml-100k from GroupLens into --data-dir")
     p.add_argument("--protocol", choices=["din-movielens", "implicit"], default=None)
     p.add_argument(
         "--user-features",
@@ -142,11 +144,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--paper-form",
-        action="store_true",
+        action=on_off,
+        default=False,
         help="train the paper form itself (slower; the default trains its training-speed form)",
     )
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--attention-softmax", action="store_true", help="DIN: normalise attention weights")
+    p.add_argument("--attention-softmax", action=on_off, default=False, help="DIN: normalise attention weights")
     p.add_argument("--mlp-activation", choices=["dice", "prelu", "relu"], default="dice")
     p.add_argument("--evolution", choices=["augru", "agru", "aigru"], default="augru")
     p.add_argument(
@@ -157,7 +160,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--history-feedback",
-        action="store_true",
+        action=on_off,
+        default=False,
         help="each history behaviour carries its own label (liked or not) as an embedding",
     )
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)

@@ -71,6 +71,7 @@ def test_flags_given_override_the_recipe_and_defaults_fill_the_rest(tmp_path: Pa
     assert cfg.model_options["attention_softmax"] is True and cfg.model_options["mlp_hidden"] == (16, 8)
     assert (cfg.batch_size, cfg.mba_lambda) == (TrainConfig.batch_size, TrainConfig.mba_lambda)  # defaults
     assert cfg.synthetic == {}  # the synthetic log's settings do not follow a run on ml-100k
+    assert _resolve(recipe, ["--no-attention-softmax"]).model_options["attention_softmax"] is False
 
 
 def test_the_synthetic_table_and_its_flag(tmp_path: Path) -> None:
