@@ -144,27 +144,38 @@ def peer_child(args: argparse.Namespace) -> None:
     Path(args.peer_child).write_text(json.dumps(result))
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """``args.rounds`` alternated rounds; medians of each side and of the per-round ratios."""
-    rounds = []
+def compare(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``args.rounds`` alternated rounds; medians of each side and of the per-round ratios, written to ``out``
+    after every round (a run cut short keeps what it measured)."""
+    rounds: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         work = Path(tmp)
         for r in range(args.rounds):
             sides = [("ours", run_ours), (PEER, run_peer)]
             if r % 2:
                 sides.reverse()
+            load_before = os.getloadavg()[0]
             row: dict[str, Any] = {name: run(args, work, str(r)) for name, run in sides}
             if (row["ours"]["split"], row["ours"]["steps"]) != (row[PEER]["split"], row[PEER]["steps"]):
                 raise SystemExit(f"bench.peers: the two sides did not train on the same samples: {row}")
             row["ratio"] = row["ours"]["samples_per_second"] / row[PEER]["samples_per_second"]
+            # the machine's 1-minute load average around the round: with more runnable threads than cores,
+            # multi-threaded steps wait on preempted threads and the figures say more about the load
+            row["load_average"] = [load_before, os.getloadavg()[0]]
             print(
                 f"round {r + 1}/{args.rounds}: ours {row['ours']['samples_per_second']:,.0f}  "
-                f"{PEER} {row[PEER]['samples_per_second']:,.0f} samples/s  ×{row['ratio']:.2f}",
+                f"{PEER} {row[PEER]['samples_per_second']:,.0f} samples/s  ×{row['ratio']:.2f}  "
+                f"(load {load_before:.1f} → {row['load_average'][1]:.1f})",
                 flush=True,
             )
             rounds.append(row)
-    ours = statistics.median(r["ours"]["samples_per_second"] for r in rounds)
-    peer = statistics.median(r[PEER]["samples_per_second"] for r in rounds)
+            result = summary(args, rounds)
+            out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summary(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "dataset": args.dataset,
         "batch_size": args.batch_size,
@@ -172,10 +183,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "max_len": args.max_len,
         "max_steps": args.max_steps,
         "steps": rounds[0]["ours"]["steps"],
+        "cores": os.cpu_count(),
         "peer_version": _version("deepctr-torch"),
         "torch_version": _version("torch"),
-        "ours_samples_per_second": ours,
-        "peer_samples_per_second": peer,
+        "ours_samples_per_second": statistics.median(r["ours"]["samples_per_second"] for r in rounds),
+        "peer_samples_per_second": statistics.median(r[PEER]["samples_per_second"] for r in rounds),
         "ratio": statistics.median(r["ratio"] for r in rounds),
         "rounds": rounds,
     }
@@ -190,7 +202,7 @@ def _version(dist: str) -> str:
 def table(result: dict[str, Any]) -> str:
     return (
         f"DIN training on {result['dataset']}, batch {result['batch_size']}, {result['threads']} threads, "
-        f"{result['steps']} steps, median of {len(result['rounds'])} alternated rounds\n"
+        f"{result['steps']} steps, median of {len(result['rounds'])} alternated rounds on {result['cores']} cores\n"
         "| implementation | train samples/s |\n| --- | --- |\n"
         f"| ours (training.train) | {result['ours_samples_per_second']:,.0f} |\n"
         f"| DeepCTR-Torch {result['peer_version']} | {result['peer_samples_per_second']:,.0f} |\n"
@@ -216,11 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.peer_child:
         peer_child(args)
         return
-    result = compare(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(table(result) + f"→ {out}")
+    print(table(compare(args, out)) + f"→ {out}")
 
 
 if __name__ == "__main__":
