@@ -57,7 +57,10 @@ def data_flags(args: argparse.Namespace) -> list[str]:
 def run_ours(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
     out = work / f"ours-{tag}"
     cmd = [sys.executable, "-m", "training.train", *data_flags(args), "--model", "din", "--epochs", "1"]
-    _run([*cmd, "--out", str(out), "--no-progress"], dict(os.environ))
+    env = dict(os.environ)
+    if args.checkout:  # another checkout's training.train (``-m`` imports from the working directory first)
+        env["PYTHONPATH"] = args.checkout
+    _run([*cmd, "--out", str(out), "--no-progress"], env, cwd=args.checkout)
     m = json.loads((out / "metrics.json").read_text())
     return {
         "samples_per_second": m["train_samples_per_second"],
@@ -77,8 +80,8 @@ def run_peer(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
     return out
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def _run(cmd: list[str], env: dict[str, str], cwd: str | None = None) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode != 0:
         raise SystemExit(f"bench.peers: {' '.join(cmd[1:4])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -183,6 +186,7 @@ def summary(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str,
         "max_len": args.max_len,
         "max_steps": args.max_steps,
         "steps": rounds[0]["ours"]["steps"],
+        "ours_checkout": args.checkout or "this one",
         "cores": os.cpu_count(),
         "peer_version": _version("deepctr-torch"),
         "torch_version": _version("torch"),
@@ -221,9 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="both sides: this many steps, not one epoch")
     p.add_argument("--rounds", type=int, default=3, help="alternated rounds (each: one run of each side)")
     p.add_argument("--cache-dir", default=".cache/prepared", help="prepared-data cache both sides read")
+    p.add_argument(
+        "--checkout",
+        default=None,
+        help="time another checkout's training.train as ours (a branch extracted with git archive); its "
+        "relative paths are its own",
+    )
     p.add_argument("--out", default="runs/peers.json")
     p.add_argument("--peer-child", help=argparse.SUPPRESS)  # internal: run the peer, write its result here
     args = p.parse_args(argv)
+    if args.data_dir:  # the same log whichever directory a side runs in
+        args.data_dir = str(Path(args.data_dir).resolve())
     require_peer()
     if args.peer_child:
         peer_child(args)

@@ -20,7 +20,8 @@ def test_peers_benchmark_runs_both_sides_on_the_same_samples(tmp_path: Path) -> 
     out = tmp_path / "peers.json"
     cmd = [sys.executable, "-m", "bench.peers", "--dataset", "synthetic", "--synthetic-users", "200"]
     cmd += ["--max-len", "10", "--max-steps", "3", "--rounds", "2", "--threads", "1", "--batch-size", "64"]
-    cmd += ["--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    # --checkout: ours from a checkout's own directory (here this one), the peer from this one
+    cmd += ["--cache-dir", str(tmp_path / "cache"), "--checkout", str(ROOT), "--out", str(out)]
     done = run_command(cmd, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -32,7 +33,7 @@ def test_peers_benchmark_runs_both_sides_on_the_same_samples(tmp_path: Path) -> 
         ours, peer = row["ours"]["samples_per_second"], row["deepctr-torch"]["samples_per_second"]
         assert row["ratio"] == pytest.approx(ours / peer) and len(row["load_average"]) == 2
     assert report["ours_samples_per_second"] > 0 and report["peer_samples_per_second"] > 0
-    assert (report["batch_size"], report["threads"]) == (64, 1)
+    assert (report["batch_size"], report["threads"], report["ours_checkout"]) == (64, 1, str(ROOT))
     assert "DeepCTR-Torch" in done.stdout and "ratio" in done.stdout
 
 
