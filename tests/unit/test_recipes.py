@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from training.config import (
     field_of_flag,
     given_flags,
 )
+from training.datasets import SyntheticConfig
 from training.recipes import RECIPES_DIR, RecipeError, apply_recipe, load_recipe, resolve_compare
 
 
@@ -56,6 +57,14 @@ def test_the_ml100k_recipe_is_the_flags_the_makefile_spelled_out() -> None:
     assert by_recipe == TrainConfig.from_dict({**asdict(by_flags), "recipe": recipe.source()})
     assert by_recipe.user_features == ()
     assert recipe.compare == {"models": ("base", "din", "dien"), "splits": 3}
+
+
+def test_the_demo_recipe_trains_what_make_demo_trained_from_flags() -> None:
+    p = _parser()
+    by_flags = config_from_args(p.parse_args(["--dataset", "synthetic", "--epochs", "3"]), "din", "runs/demo")
+    by_recipe = _resolve("demo", ["--out", "runs/demo"])
+    assert SyntheticConfig(**by_recipe.synthetic) == SyntheticConfig(**by_flags.synthetic)  # the same log
+    assert replace(by_recipe, synthetic=by_flags.synthetic, recipe={}) == by_flags
 
 
 def test_flags_given_override_the_recipe_and_defaults_fill_the_rest(tmp_path: Path) -> None:
