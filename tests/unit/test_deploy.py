@@ -19,7 +19,7 @@ from tests.conftest import nginx_binary, nginx_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     assert found, f"{name} is not installed: `make tools` locates or installs it"
     return found
@@ -28,7 +28,7 @@ def _tool(name: str) -> str:
 def test_compose_files_parse_with_docker_compose() -> None:
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
         args = [a for f in files for a in ("-f", f)]
-        proc = subprocess.run([_tool("docker-compose"), *args, "config"], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([tool("docker-compose"), *args, "config"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         config = yaml.safe_load(proc.stdout)
         assert {"redis", "trainer", "scorer", "lb", "prometheus", "grafana"} <= set(config["services"])
@@ -74,7 +74,7 @@ def test_load_balancer_retries_only_what_is_safe_and_keeps_connections_alive() -
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    proc = subprocess.run([_tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert "HEALTHCHECK" in text and "USER 10001" in text and "nvidia/cuda" in text
@@ -88,7 +88,7 @@ def test_prometheus_config_scrapes_every_scorer_replica() -> None:
     # each replica by its own address (the service name's A records), never the load balancer
     assert job["dns_sd_configs"] == [{"names": ["scorer"], "type": "A", "port": 8000, "refresh_interval": "10s"}]
     assert job["metrics_path"] == "/metrics"
-    promtool = _tool("promtool")
+    promtool = tool("promtool")
     proc = subprocess.run(
         [promtool, "check", "config", "deploy/prometheus.yml"], cwd=ROOT, capture_output=True, text=True
     )
@@ -98,19 +98,19 @@ def test_prometheus_config_scrapes_every_scorer_replica() -> None:
 def test_alert_rules_are_valid_and_fire_on_what_they_are_written_for() -> None:
     """promtool checks the rules and runs deploy/alerts_test.yml: each alert fires on its failure, none on a
     healthy service; and every series an alert reads is one the service exports."""
-    promtool = _tool("promtool")
+    promtool = tool("promtool")
     for args in (["check", "rules", "deploy/alerts.yml"], ["test", "rules", "deploy/alerts_test.yml"]):
         proc = subprocess.run([promtool, *args], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     rules = [r for g in yaml.safe_load((ROOT / "deploy" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     used = {m for r in rules for m in re.findall(r"\b(ctr_[a-z_]+)\b", r["expr"])}
-    assert used and not used - _exported_series(), used - _exported_series()
+    assert used and not used - exported_series(), used - exported_series()
     tested = (ROOT / "deploy" / "alerts_test.yml").read_text()
     for rule in rules:  # every alert has a firing case in the test file
         assert re.search(rf"alertname: {rule['alert']}\n\s+exp_alerts:\n\s+- exp_labels", tested), rule["alert"]
 
 
-def _exported_series() -> set[str]:
+def exported_series() -> set[str]:
     """Series names the service's registry can expose (labelled families have no samples until used)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {f.name + s for f in Metrics().registry.collect() for s in suffixes.get(f.type, ("",))}
@@ -121,7 +121,7 @@ def test_every_dashboard_query_uses_metrics_the_service_exports() -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 12
     used = {m for e in exprs for m in re.findall(r"\b(ctr_[a-z_]+)\b", e)}
-    exported = _exported_series()
+    exported = exported_series()
     missing = used - exported
     assert not missing, f"dashboard queries series the service does not export: {missing}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
