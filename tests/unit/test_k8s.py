@@ -224,7 +224,11 @@ def test_the_redis_cluster_has_three_masters_with_a_replica_each() -> None:
     for line in ("cluster-enabled yes", "appendonly yes", "appendfsync always"):
         assert line in config.splitlines()
     (container,) = statefulset["spec"]["template"]["spec"]["containers"]
-    assert container["command"][:2] == ["redis-server", "/etc/redis/redis.conf"]
+    command = container["command"]
+    assert command[:2] == ["redis-server", "/etc/redis/redis.conf"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert command[command.index("--dir") + 1] == mounts["data"]  # nodes.conf and the append-only file persist
+    assert Path(command[1]).parent == Path(mounts["config"])
     # the Job names every pod of the StatefulSet through the headless Service, 1 replica per master
     (job,) = one(docs, "Job", "redis-cluster-create")["spec"]["template"]["spec"]["containers"]
     script = job["command"][-1]
