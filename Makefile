@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the system tools the tests run for real (redis-server, prometheus/promtool, docker-compose, hadolint):
+# the system tools the tests run for real (redis-server, prometheus/promtool, docker-compose, nginx, kubectl;
+# hadolint and kubernetes-validate from the dev extra):
 # located, or installed when missing (see the script's header)
 tools: $(STAMP)
 	scripts/ensure_tools.sh $(VENV)

@@ -1,5 +1,6 @@
 #!/bin/sh
 # One-shot trainer: when the model repository holds no version of MODEL_NAME yet, train it and export it.
+# RETRAIN=1 (the Kubernetes CronJob) trains and publishes the next version even when one exists.
 # The same commands run natively in tests/e2e/test_stack.py.
 set -eu
 : "${MODEL_REPOSITORY:=/models}"
@@ -7,7 +8,7 @@ set -eu
 : "${DATASET:=synthetic}"
 : "${EPOCHS:=3}"
 RUN_DIR="${RUN_DIR:-$(mktemp -d)}"
-if ls "$MODEL_REPOSITORY/$MODEL_NAME" 2>/dev/null | grep -qE '^[0-9]+$'; then
+if [ "${RETRAIN:-0}" != 1 ] && ls "$MODEL_REPOSITORY/$MODEL_NAME" 2>/dev/null | grep -qE '^[0-9]+$'; then
     echo "trainer: $MODEL_REPOSITORY/$MODEL_NAME already has a version; nothing to do"
     exit 0
 fi

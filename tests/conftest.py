@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import shutil
 import signal
 import socket
@@ -417,3 +418,39 @@ def failed_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "app", "--port", str(free_port())]
     root = Path(__file__).resolve().parents[1]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
+
+
+# --- the load balancer: deploy/nginx/nginx.conf run by a real nginx on loopback ---------------------------
+
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
+# the compose service's one DNS name, re-resolved (`resolve`): here a server line per replica instead
+_UPSTREAM_SERVER = re.compile(r"^(\s*)server scorer:8000 resolve( [^;]*);$", re.MULTILINE)
+
+
+def nginx_binary() -> str:
+    """Debian's nginx lives in /usr/sbin, which a user's PATH may lack."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError("nginx is not installed: `make tools` locates or installs it")
+    return found
+
+
+def nginx_config(workdir: Path, upstreams: Sequence[str], port: int) -> Path:
+    """A copy of the repository's nginx.conf that runs here: the replicas at ``upstreams`` (host:port) instead
+    of compose's `scorer` name, listening on 127.0.0.1:``port``, its pid and temporary files in ``workdir``.
+    Everything else (retries, keep-alive, timeouts, locations) is the file as deployed."""
+    text = NGINX_CONF.read_text()
+    (indent, params), *more = _UPSTREAM_SERVER.findall(text)
+    assert not more, "one upstream server line expected"
+    servers = "".join(f"{indent}server {u}{params};\n" for u in upstreams).rstrip("\n")
+    text = _UPSTREAM_SERVER.sub(lambda _: servers, text)
+    assert text.count("listen 80;") == 1
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # each module's default is under /var/lib/nginx
+    temp = "".join(f"    {kind}_temp_path {workdir / kind};\n" for kind in kinds)
+    text = text.replace("http {\n", "http {\n" + temp, 1)
+    text = f"pid {workdir / 'nginx.pid'};\n" + text
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "nginx.conf"
+    path.write_text(text)
+    return path

@@ -29,7 +29,10 @@ def prometheus(workdir: Path, target: str) -> Iterator[str]:
     assert binary, "prometheus is not installed: `make tools` locates or installs it"
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
-    config["scrape_configs"][0]["static_configs"][0]["targets"] = [target.removeprefix("http://")]
+    # the one scorer here in place of the replicas compose's DNS would name
+    job = config["scrape_configs"][0]
+    del job["dns_sd_configs"]
+    job["static_configs"] = [{"targets": [target.removeprefix("http://")]}]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     shutil.copy(ROOT / "deploy" / "alerts.yml", workdir / "alerts.yml")  # rule_files is relative to the config
     port = free_port()
