@@ -115,6 +115,25 @@ def gather_shards(values: Tensor, n: int, ranks: Ranks) -> Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
+def gather_concat(parts: list[Tensor], ranks: Ranks) -> list[Tensor]:
+    """1-D tensors of any lengths, the same number on every rank → for each one, its concatenation over the
+    ranks, on every rank. Two collectives whatever the number of parts: their lengths, then all of them
+    in one padded buffer."""
+    if not ranks.distributed or not parts:
+        return parts
+    flat = torch.cat(parts)
+    lengths = torch.tensor([len(part) for part in parts], device=flat.device)
+    all_lengths = [torch.empty_like(lengths) for _ in range(ranks.world)]
+    dist.all_gather(all_lengths, lengths)
+    longest = max(int(n.sum()) for n in all_lengths)
+    padded = flat.new_zeros(longest)
+    padded[: len(flat)] = flat
+    buffers = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(buffers, padded)
+    pieces = [buf[: int(n.sum())].split(n.tolist()) for buf, n in zip(buffers, all_lengths, strict=True)]
+    return [torch.cat([rank_pieces[i] for rank_pieces in pieces]) for i in range(len(parts))]
+
+
 def gather_objects(obj: Any, ranks: Ranks) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not ranks.distributed:

@@ -323,8 +323,7 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
     ranks are then the mean over all m rows, exactly what one process computes on the whole batch. DIEN's
     auxiliary loss (a mean over a micro-batch) is weighted by the micro-batch's share of the m rows. The
     mini-batch aware L2 term is computed once, on the last micro-batch, over the rows of all of the rank's
-    micro-batches: with accumulation it is the term of the whole batch; across ranks DDP averages the ranks'
-    terms (each over its own rows)."""
+    micro-batches and of every rank's (gathered): the term of the whole global batch, the same on every rank."""
     cfg, ranks, forward = p.cfg, p.ranks, p.forward
     mine = distributed.rank_rows(step_rows, ranks)
     n_micro = -(-(len(step_rows) // ranks.world) // cfg.batch_size)  # ≥ 1; every rank's share has ≥ n_micro rows
@@ -353,8 +352,7 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
                 loss = loss + cfg.aux_weight * out.aux_loss.float() * (weight * len(rows))
             reg_indices.append([rows_of(batch) for _, rows_of in p.regs])
             if last:
-                for j, (reg, _) in enumerate(p.regs):
-                    loss = loss + reg(*(idx for micro in reg_indices for idx in micro[j]))
+                loss = loss + _regularisation(p, reg_indices)
             loss.backward()
         click_loss += losses.detach()
     for opt in p.optimisers:
@@ -362,6 +360,17 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
     for sched in p.schedulers:
         sched.step()
     return click_loss.item() / len(mine)
+
+
+def _regularisation(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]]) -> Tensor:
+    """The mini-batch aware L2 terms of a global batch: each table's rows that occur in any micro-batch of any
+    rank. micro_indices: per micro-batch, per term, the batch's index tensors of that term's table."""
+    rows = [torch.cat([idx.reshape(-1) for micro in micro_indices for idx in micro[j]]) for j in range(len(p.regs))]
+    rows = distributed.gather_concat(rows, p.ranks)
+    total = torch.zeros((), device=p.device)
+    for (reg, _), table_rows in zip(p.regs, rows, strict=True):
+        total = total + reg(table_rows)
+    return total
 
 
 def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:

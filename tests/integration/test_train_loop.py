@@ -104,8 +104,9 @@ def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(tiny: Prepare
 
 
 def test_two_gloo_ranks_end_where_one_process_ends_at_the_doubled_batch(tmp_path: Path) -> None:
-    """torchrun with two CPU ranks at batch 24 each = one process at batch 48: the same parameters, one
-    metrics.json (rank 0's), a checkpoint load_checkpoint (and so the export) reads."""
+    """torchrun with two CPU ranks at batch 24 each = one process at batch 48: the same parameters (the
+    mini-batch aware L2 term over both ranks' rows), one metrics.json (rank 0's), a checkpoint load_checkpoint
+    (and so the export) reads."""
     flags = {
         "--dataset": "synthetic",
         "--synthetic-users": "120",
@@ -113,7 +114,7 @@ def test_two_gloo_ranks_end_where_one_process_ends_at_the_doubled_batch(tmp_path
         "--user-features": "",
         "--optimiser": "sgd",
         "--lr": "0.5",
-        "--mba-lambda": "0",
+        "--mba-lambda": "0.05",
         "--mlp-activation": "relu",
         "--max-len": "12",
         "--epochs": "2",
@@ -131,7 +132,7 @@ def test_two_gloo_ranks_end_where_one_process_ends_at_the_doubled_batch(tmp_path
     )
     one = train(
         TrainConfig(
-            **{**EXACT, "max_len": 12, "epochs": 2, "mba_lambda": 0.0, "batch_size": 48},
+            **{**EXACT, "max_len": 12, "epochs": 2, "mba_lambda": 0.05, "batch_size": 48},
             dataset="synthetic",
             synthetic={"n_users": 120},
             user_features=(),
