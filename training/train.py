@@ -153,6 +153,8 @@ def _train(
     device: torch.device,
     on_step: Callable[[int], None] | None,
 ) -> TrainResult:
+    if cfg.accumulate < 1 or cfg.batch_size < 1 or (cfg.checkpoint_every is not None and cfg.checkpoint_every < 1):
+        raise ValueError("--batch-size, --accumulate and --checkpoint-every must be at least 1")
     torch.manual_seed(cfg.seed)  # the initial parameters: the same on every rank
     if data is None:
         data = load_data(cfg)
@@ -178,24 +180,23 @@ def _train(
 
     run_dir = Path(cfg.out)
     progress, best_state = Progress(), copy.deepcopy(model.state_dict())
-    if cfg.resume:
-        state = run_state.load_state(run_dir)
-        if state is None:
-            log.info("%s: no %s yet, starting from the beginning", run_dir, STATE_NAME)
-        else:
-            if state["world"] != ranks.world:
-                raise ValueError(
-                    f"{run_dir}: saved by {state['world']} processes, resumed by {ranks.world}: the steps' rows and "
-                    "the ranks' random streams would differ; resume with the same --nproc-per-node × --nnodes"
-                )
-            model.load_state_dict(state["model"])
-            for opt, opt_state in zip(optimisers, state["optimisers"], strict=True):
-                opt.load_state_dict(opt_state)
-            for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
-                sched.load_state_dict(sched_state)
-            progress, best_state = Progress(**state["progress"]), state["best_state"]
-            run_state.set_rng_state(state["rng"][ranks.rank], noise, device)
-            log.info("resumed %s at epoch %d, step %d", run_dir, progress.epoch, progress.steps)
+    state = run_state.load_state(run_dir) if cfg.resume else None
+    if state is not None:
+        if state["world"] != ranks.world:
+            raise ValueError(
+                f"{run_dir}: saved by {state['world']} processes, resumed by {ranks.world}: the steps' rows and "
+                "the ranks' random streams would differ; resume with the same --nproc-per-node × --nnodes"
+            )
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimisers, state["optimisers"], strict=True):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(sched_state)
+        progress, best_state = Progress(**state["progress"]), state["best_state"]
+        run_state.set_rng_state(state["rng"][ranks.rank], noise, device)
+        log.info("resumed %s at epoch %d, step %d", run_dir, progress.epoch, progress.steps)
+    elif cfg.resume:
+        log.info("%s: no %s yet, starting from the beginning", run_dir, STATE_NAME)
 
     def save_state() -> None:
         """Every rank takes part (its random streams travel to rank 0); rank 0 writes."""

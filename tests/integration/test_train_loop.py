@@ -16,7 +16,7 @@ from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.run_state import STATE_NAME
 from training.samples import PreparedData, prepare
-from training.train import load_checkpoint, train
+from training.train import load_checkpoint, resume_config, train
 
 TINY = {"n_users": 80, "n_items": 60, "n_categories": 6, "min_events": 10, "max_events": 16, "seed": 2}
 # SGD (its update is linear in the gradient), no dropout, no Dice (its batch statistics are a micro-batch's,
@@ -94,6 +94,7 @@ def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(tiny: Prepare
     with pytest.raises(Killed):
         train(TrainConfig(**cfg, out=str(run)), tiny, on_step=kill)
     assert (run / STATE_NAME).is_file() and not (run / "metrics.json").exists()
+    assert resume_config(run) == TrainConfig(**cfg, out=str(run), resume=True)  # what --resume RUN_DIR runs
     resumed = train(TrainConfig(**cfg, out=str(run), resume=True), tiny)
 
     assert resumed.metrics["train_steps"] == whole.metrics["train_steps"]
