@@ -340,8 +340,8 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
         drop_history(batch, cfg, p.noise)
         if p.item_category is not None:
             add_negatives(batch, len(p.item_category), p.item_category, p.noise)
-        batch = to_device(batch, p.device)
-        label = p.train.label[rows].to(p.device, non_blocking=True)
+        batch = to_device({**batch, "label": p.train.label[rows]}, p.device)
+        label = batch.pop("label")
         # DDP: accumulate the gradients locally, all-reduce once with the last micro-batch's backward
         accumulate = not last and isinstance(forward, DistributedDataParallel)
         with forward.no_sync() if accumulate else contextlib.nullcontext():  # type: ignore[operator]
