@@ -54,7 +54,7 @@ def valid_position_scores(unit: ActivationUnit, query: Tensor, keys: Tensor, mas
     k = keys[rows, cols]  # (M, D)
     z = q_part[rows] + k @ w_key.T + (query[rows] * k) @ w_prod.T  # (M, H)
     valid = unit.rest(unit.first_activation(z)).squeeze(-1)  # (M,)
-    return keys.new_zeros(mask.shape).index_put((rows, cols), valid)  # (B, L)
+    return valid.new_zeros(mask.shape).index_put((rows, cols), valid)  # (B, L)
 
 
 class ValidPositionsDIN(nn.Module):
@@ -158,7 +158,7 @@ def interest_evolution(evolution: InterestEvolution, interests: Tensor, attentio
     gate = mask.to(interests.dtype) if evolution.kind == "aigru" else attention  # (S, B), zero where ~mask
     x_proj = evolution.input_proj(inputs)  # (S, B, 3H)
     weight = evolution.hidden_proj.weight  # (3H, H)
-    states: Tensor = GatedGRUSequence.apply(x_proj, gate.unsqueeze(-1), weight, None, evolution.kind != "agru")
+    states = fused_recurrence(x_proj, gate.unsqueeze(-1), weight, None, evolution.kind != "agru")  # (S, B, H)
     return states[-1]  # (B, H)
 
 
@@ -175,7 +175,19 @@ def gru_states(gru: nn.GRU, x: Tensor) -> Tensor:
     b_in = torch.cat([-(b_ih[hd : 2 * hd] + b_hh[hd : 2 * hd]), b_ih[:hd] + b_hh[:hd], b_ih[2 * hd :]])  # (3H,)
     x_proj = F.linear(x, w_in, b_in)  # (L, B, 3H)
     ones = x.new_ones(x.shape[0], x.shape[1], 1)  # (L, B, 1)
-    states: Tensor = GatedGRUSequence.apply(x_proj, ones, w_rec, b_hh[2 * hd :], True)  # (L, B, H)
+    return fused_recurrence(x_proj, ones, w_rec, b_hh[2 * hd :], True)  # (L, B, H)
+
+
+def fused_recurrence(
+    x_proj: Tensor, gate: Tensor, weight: Tensor, candidate_bias: Tensor | None, scale_update: bool
+) -> Tensor:
+    """``GatedGRUSequence`` in the weights' precision, also under autocast (bf16 training): its steps write
+    into preallocated buffers (``out=``), which autocast does not cast, so bf16 inputs would meet fp32
+    weights; its small sequential steps gain little from bf16 anyway."""
+    with torch.autocast(x_proj.device.type, enabled=False):
+        states: Tensor = GatedGRUSequence.apply(
+            x_proj.to(weight.dtype), gate.to(weight.dtype), weight, candidate_bias, scale_update
+        )
     return states
 
 

@@ -53,6 +53,14 @@ class TensorSamples:
 Batch = dict[str, Tensor]
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A batch gathered on the CPU, on ``device``: through pinned memory with non-blocking copies on a GPU, so
+    the copy overlaps the work already queued there."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def drop_feedback(feedback: Tensor, mask: Tensor, p: float, gen: torch.Generator) -> Tensor:
     """feedback (B, L) FEEDBACK_*, mask (B, L) → the feedback with each valid position's replaced by
     FEEDBACK_UNKNOWN with probability p; padding keeps FEEDBACK_PAD."""

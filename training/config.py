@@ -45,6 +45,15 @@ class TrainConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)  # overrides of SyntheticConfig fields
     # where the settings came from: the recipe's name, path and sha256 (empty: flags only); not a setting
     recipe: dict[str, str] = field(default_factory=dict)
+    # --- the loop at scale (issue 16): schedule, accumulation, resumable runs, device ---------------------
+    optimiser: str = "adam"  # "sgd": plain SGD, for the exact-equivalence tests of DDP and accumulation
+    warmup_steps: int = 0  # the lr rises linearly over this many optimiser steps
+    lr_decay: str = "none"  # then "none", "cosine" or "linear" to 0 at the run's last step (epochs × steps/epoch)
+    accumulate: int = 1  # micro-batches of batch_size per optimiser step (per rank)
+    checkpoint_every: int | None = None  # also save the resume state every N optimiser steps (always each epoch)
+    resume: bool = False  # continue the run in ``out`` from its resume state
+    device: str = "cpu"  # "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or "auto"
+    precision: str = "fp32"  # "bf16": forward under bf16 autocast
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -170,6 +179,29 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="prepared-data cache ('' to disable)")
     p.add_argument("--no-progress", action="store_true")
+    # --- the loop at scale (issue 16) ----------------------------------------------------------------------
+    p.add_argument("--optimiser", choices=["adam", "sgd"], default=d.optimiser)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear lr warm-up, optimiser steps")
+    p.add_argument(
+        "--lr-decay",
+        choices=["none", "cosine", "linear"],
+        default=d.lr_decay,
+        help="after the warm-up, decay the lr to 0 at the run's last step (epochs × steps per epoch)",
+    )
+    p.add_argument(
+        "--accumulate",
+        type=int,
+        default=d.accumulate,
+        help="micro-batches of --batch-size per optimiser step: the step's batch is N × batch size",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=d.checkpoint_every,
+        help="save the resume state every N optimiser steps too (it is always saved at each epoch's end)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d.device)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="bf16: autocast forward")
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -196,6 +228,13 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         threads=args.threads,
         cache_dir=args.cache_dir or None,
         progress=not args.no_progress,
+        optimiser=args.optimiser,
+        warmup_steps=args.warmup_steps,
+        lr_decay=args.lr_decay,
+        accumulate=args.accumulate,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        precision=args.precision,
         synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,

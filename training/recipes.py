@@ -32,7 +32,7 @@ TABLES: dict[str, tuple[type, frozenset[str]]] = {
     "synthetic": (SyntheticConfig, frozenset()),
     "compare": (CompareConfig, frozenset()),
 }
-NOT_SETTINGS = frozenset({"recipe"})  # TrainConfig fields a recipe cannot set (provenance)
+NOT_SETTINGS = frozenset({"recipe", "resume"})  # TrainConfig fields a recipe cannot set (provenance; --resume)
 
 
 class RecipeError(ValueError):

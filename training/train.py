@@ -3,11 +3,14 @@
 python -m training.train --dataset synthetic --model din --out runs/din
 python -m training.train --dataset ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
 python -m training.train --recipe ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
+torchrun --standalone --nproc-per-node=2 -m training.train --dataset synthetic --model din --out runs/din
+python -m training.train --resume runs/din    # continue a killed run from its last saved state
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -16,6 +19,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
 from models.fast_training import training_form
-from training.batches import TensorSamples, add_negatives, drop_history
+from training import distributed, run_state
+from training.batches import TensorSamples, add_negatives, drop_history, to_device
 from training.config import TrainConfig, add_train_arguments, config_from_args, given_flags, model_config
 from training.datasets import SyntheticConfig, load_dataset
+from training.distributed import Ranks
 from training.metrics import evaluate
 from training.optim import build_optimisers
 from training.recipes import apply_recipe, recipe_from_args
-from training.regularization import mba_terms
+from training.regularization import Batch, MiniBatchAwareL2, mba_terms
+from training.run_state import STATE_NAME, Progress
 from training.samples import PreparedData, SampleSet, prepare
+from training.schedule import build_schedulers
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +59,45 @@ class TrainResult:
     run_dir: Path
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward's precision: bf16 autocast (matrix products in bf16, reductions and the loss in fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def predict(model: nn.Module, data: TensorSamples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Click probabilities (N,) and the labels (N,) of a split."""
+def predict_rows(
+    model: nn.Module,
+    data: TensorSamples,
+    rows: range,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> Tensor:
+    """Click probabilities (len(rows),), float32 on ``device``, of a contiguous range of a split's rows."""
     model.eval()
-    probs = []
-    for start in range(0, data.n, batch_size):
-        rows = torch.arange(start, min(start + batch_size, data.n))
-        out = model(**data.inputs(rows))
-        probs.append(torch.sigmoid(out.logits))
-    return torch.cat(probs).numpy(), data.label.numpy()
+    probs = [torch.empty(0, device=device)]
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = to_device(data.inputs(torch.arange(start, min(start + batch_size, rows.stop))), device)
+        with autocast(device, precision):
+            out = model(**batch)
+        probs.append(torch.sigmoid(out.logits.float()))
+    return torch.cat(probs)
 
 
-def _evaluate(model: nn.Module, data: TensorSamples, split: SampleSet, batch_size: int) -> dict[str, float]:
-    probs, labels = predict(model, data, batch_size)
-    return evaluate(split.user, labels, probs)
+def predict(model: nn.Module, data: TensorSamples, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Click probabilities (N,) and the labels (N,) of a split, on the CPU."""
+    probs = predict_rows(model, data, range(data.n), batch_size, torch.device("cpu"))
+    return probs.numpy(), data.label.numpy()
+
+
+def _evaluate(
+    model: nn.Module, data: TensorSamples, split: SampleSet, cfg: TrainConfig, ranks: Ranks, device: torch.device
+) -> dict[str, float]:
+    """The split's metrics, the same on every rank: each rank predicts its own slice of the rows, and the
+    slices, gathered in row order, hold every sample exactly once."""
+    mine = predict_rows(model, data, distributed.shard(data.n, ranks), cfg.eval_batch_size, device, cfg.precision)
+    probs = distributed.gather_shards(mine, data.n, ranks).cpu().numpy()
+    return evaluate(split.user, data.label.numpy(), probs)
 
 
 def load_data(cfg: TrainConfig) -> PreparedData:
@@ -97,99 +130,250 @@ def keep_freed_memory() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
-def train(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
-    """Train with Adam and early stopping on validation GAUC; test the best epoch; save the run."""
+def train(
+    cfg: TrainConfig, data: PreparedData | None = None, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    """Train with early stopping on validation GAUC; test the best epoch; save the run (rank 0).
+
+    Under torchrun each rank trains on its share of every optimiser step's rows (DDP averages the gradients);
+    ``on_step(steps)`` is called after each optimiser step and its checkpoint (tests stop a run there as a
+    kill would)."""
     keep_freed_memory()
-    torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ranks, device = distributed.start(cfg.device)
+    try:
+        return _train(cfg, data, ranks, device, on_step)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(
+    cfg: TrainConfig,
+    data: PreparedData | None,
+    ranks: Ranks,
+    device: torch.device,
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
+    if cfg.accumulate < 1 or cfg.batch_size < 1 or (cfg.checkpoint_every is not None and cfg.checkpoint_every < 1):
+        raise ValueError("--batch-size, --accumulate and --checkpoint-every must be at least 1")
+    torch.manual_seed(cfg.seed)  # the initial parameters: the same on every rank
     if data is None:
         data = load_data(cfg)
     mcfg = model_config(data, cfg.model_options)
-    model = build_model(cfg.model, mcfg)
+    model = build_model(cfg.model, mcfg).to(device)
     # the same parameters, values and gradients; evaluation and the checkpoint use ``model``, the paper form
-    forward = model if cfg.paper_form else training_form(model)
+    forward: nn.Module = model if cfg.paper_form else training_form(model)
+    if ranks.distributed:
+        forward = distributed.wrap(forward, device)
     optimisers = build_optimisers(model, cfg)
-    regs = mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)
-    item_category = torch.as_tensor(data.vocab.item_category_table())
+    regs = [(reg.to(device), rows_of) for reg, rows_of in mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)]
+    item_category = torch.as_tensor(data.vocab.item_category_table()) if model.uses_negatives else None
     train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # one optimiser step = accumulate micro-batches of batch_size on each rank: world × accumulate × batch_size rows
+    step_size = cfg.batch_size * cfg.accumulate * ranks.world
+    steps_per_epoch = -(-train_t.n // step_size)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    schedulers = build_schedulers(optimisers, cfg.warmup_steps, total_steps, cfg.lr_decay)
+    # training's noise (model dropout from torch's global stream; history/feedback dropout and DIEN's negatives
+    # from ``noise``): a stream of its own on each rank, or the ranks would drop the same positions
+    torch.manual_seed(distributed.derived_seed(cfg.seed, 1, ranks.rank))
+    noise = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, 2, ranks.rank))
 
-    history: list[dict[str, float]] = []
-    best_gauc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
-    train_seconds, train_samples, steps = 0.0, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
+    run_dir = Path(cfg.out)
+    progress, best_state = Progress(), copy.deepcopy(model.state_dict())
+    state = run_state.load_state(run_dir) if cfg.resume else None
+    if state is not None:
+        if state["world"] != ranks.world:
+            raise ValueError(
+                f"{run_dir}: saved by {state['world']} processes, resumed by {ranks.world}: the steps' rows and "
+                "the ranks' random streams would differ; resume with the same --nproc-per-node × --nnodes"
+            )
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimisers, state["optimisers"], strict=True):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(sched_state)
+        progress, best_state = Progress(**state["progress"]), state["best_state"]
+        run_state.set_rng_state(state["rng"][ranks.rank], noise, device)
+        log.info("resumed %s at epoch %d, step %d", run_dir, progress.epoch, progress.steps)
+    elif cfg.resume:
+        log.info("%s: no %s yet, starting from the beginning", run_dir, STATE_NAME)
+
+    def save_state() -> None:
+        """Every rank takes part (its random streams travel to rank 0); rank 0 writes."""
+        rngs = distributed.gather_objects(run_state.rng_state(noise, device), ranks)
+        if ranks.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            state = {
+                "model": model.state_dict(),
+                "optimisers": [opt.state_dict() for opt in optimisers],
+                "schedulers": [sched.state_dict() for sched in schedulers],
+                "progress": asdict(progress),
+                "best_state": best_state,
+                "rng": rngs,
+                "world": ranks.world,
+                "train_config": asdict(cfg),
+            }
+            run_state.atomic_save(state, run_dir / STATE_NAME)
+
+    parts = StepParts(forward, optimisers, schedulers, regs, train_t, item_category, noise, cfg, ranks, device)
+
+    def out_of_steps() -> bool:
+        return cfg.max_steps is not None and progress.steps >= cfg.max_steps
+
+    while not progress.stopped and progress.epoch <= cfg.epochs and not out_of_steps():
+        epoch = progress.epoch
         model.train()
-        perm = torch.randperm(train_t.n, generator=gen)
-        batches = perm.split(cfg.batch_size)
-        bar = tqdm(batches, desc=f"{cfg.model} epoch {epoch}", disable=not cfg.progress, leave=False)
-        running, t0 = 0.0, time.perf_counter()
-        for step, rows in enumerate(bar, start=1):
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
+        forward.train()
+        steps = distributed.step_batches(train_t.n, step_size, cfg.seed, epoch)
+        bar = tqdm(
+            total=len(steps),
+            initial=progress.step_in_epoch,
+            desc=f"{cfg.model} epoch {epoch}",
+            disable=not (cfg.progress and ranks.is_main),
+            leave=False,
+        )
+        for step_rows in steps[progress.step_in_epoch :]:
+            if out_of_steps() or len(step_rows) < ranks.world:  # a tail too short to give each rank a row
                 break
-            steps += 1
-            train_samples += len(rows)
-            batch = train_t.inputs(rows)
-            drop_history(batch, cfg, gen)
-            if model.uses_negatives:
-                add_negatives(batch, mcfg.n_items, item_category, gen)
-            out = forward(**batch)
-            loss = F.binary_cross_entropy_with_logits(out.logits, train_t.label[rows])
-            running += (loss.item() - running) / min(step, 100)
-            if out.aux_loss is not None:
-                loss = loss + cfg.aux_weight * out.aux_loss
-            for reg, rows_of in regs:
-                loss = loss + reg(*rows_of(batch))
-            for opt in optimisers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimisers:
-                opt.step()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{running:.4f}")
-        train_seconds += time.perf_counter() - t0
-        valid = _evaluate(model, valid_t, data.valid, cfg.eval_batch_size)
-        history.append({"epoch": epoch, "train_loss": running, **{f"valid_{k}": v for k, v in valid.items()}})
-        log.info("%s epoch %d: loss %.4f valid %s", cfg.model, epoch, running, valid)
-        if valid["gauc"] > best_gauc:
-            best_gauc, best_epoch, best_state = valid["gauc"], epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            break
-        if cfg.max_steps is not None and steps >= cfg.max_steps:
-            break
+            t0 = time.perf_counter()
+            loss = _train_step(step_rows, parts)
+            progress.train_seconds += time.perf_counter() - t0
+            progress.steps += 1
+            progress.step_in_epoch += 1
+            progress.train_samples += len(step_rows)
+            progress.running_loss += (loss - progress.running_loss) / min(progress.step_in_epoch, 100)
+            bar.update()
+            if progress.step_in_epoch % 20 == 0:
+                bar.set_postfix(loss=f"{progress.running_loss:.4f}")
+            if cfg.checkpoint_every and progress.steps % cfg.checkpoint_every == 0:
+                save_state()
+            if on_step is not None:
+                on_step(progress.steps)
+        bar.close()
+        valid = _evaluate(model, valid_t, data.valid, cfg, ranks, device)
+        progress.history.append(
+            {"epoch": epoch, "train_loss": progress.running_loss, **{f"valid_{k}": v for k, v in valid.items()}}
+        )
+        log.info("%s epoch %d: loss %.4f valid %s", cfg.model, epoch, progress.running_loss, valid)
+        # every rank evaluated the same predictions: they all take the same decision here
+        if valid["gauc"] > progress.best_gauc:
+            progress.best_gauc, progress.best_epoch = valid["gauc"], epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - progress.best_epoch >= cfg.patience:
+            progress.stopped = True
+        progress.epoch, progress.step_in_epoch, progress.running_loss = epoch + 1, 0, 0.0
+        save_state()
 
     model.load_state_dict(best_state)
-    test = _evaluate(model, test_t, data.test, cfg.eval_batch_size)
+    test = _evaluate(model, test_t, data.test, cfg, ranks, device)
     metrics: dict[str, Any] = {
         **test,
-        "best_epoch": best_epoch,
-        "valid_gauc": best_gauc,
-        "train_samples_per_second": train_samples / train_seconds,
-        "train_steps": steps,
+        "best_epoch": progress.best_epoch,
+        "valid_gauc": progress.best_gauc,
+        "train_samples_per_second": progress.train_samples / max(progress.train_seconds, 1e-9),
+        "train_steps": progress.steps,
+        "world_size": ranks.world,
+        "global_batch_size": step_size,
         "samples": {k: len(getattr(data, k)) for k in ("train", "valid", "test")},
         "data": data.info,
         "config": asdict(cfg),
         "model_config": mcfg.to_dict(),
         "threads": torch.get_num_threads(),
+        "device": str(device),
     }
     if mcfg.history_feedback:  # what a caller that sends no labels gets: every behaviour's feedback unknown
-        metrics["without_feedback"] = _evaluate(model, test_t.without_feedback(), data.test, cfg.eval_batch_size)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_NAME).write_text(json.dumps({**metrics, "history": history}, indent=2))
-    torch.save(
-        {
+        metrics["without_feedback"] = _evaluate(model, test_t.without_feedback(), data.test, cfg, ranks, device)
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_metrics = json.dumps({**metrics, "history": progress.history}, indent=2)
+        run_state.atomic_write_text(saved_metrics, run_dir / METRICS_NAME)
+        checkpoint = {
             "model": cfg.model,
             "model_config": mcfg.to_dict(),
-            "state_dict": model.state_dict(),
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "vocab": data.vocab.to_json(),
             "max_len": cfg.max_len,
             "train_config": asdict(cfg),
             "metrics": {k: metrics[k] for k in ("auc", "gauc", "logloss", "best_epoch")},
-        },
-        run_dir / CHECKPOINT_NAME,
-    )
-    return TrainResult(metrics, history, run_dir)
+        }
+        run_state.atomic_save(checkpoint, run_dir / CHECKPOINT_NAME)
+    return TrainResult(metrics, progress.history, run_dir)
+
+
+@dataclass
+class StepParts:
+    """What an optimiser step works with."""
+
+    forward: nn.Module  # the training form, inside DDP under torchrun
+    optimisers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LambdaLR]
+    regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]
+    train: TensorSamples
+    item_category: Tensor | None  # (n_items,): DIEN draws negatives, None for the other models
+    noise: torch.Generator
+    cfg: TrainConfig
+    ranks: Ranks
+    device: torch.device
+
+
+def _train_step(step_rows: Tensor, p: StepParts) -> float:
+    """One optimiser step over a global batch of m rows; returns this rank's mean click loss.
+
+    Each rank runs its share in micro-batches (the same number on every rank, DDP syncing on the last only)
+    and weights each sample's loss by world / m: the gradients summed over micro-batches and averaged over
+    ranks are then the mean over all m rows, exactly what one process computes on the whole batch. DIEN's
+    auxiliary loss (a mean over a micro-batch) is weighted by the micro-batch's share of the m rows. The
+    mini-batch aware L2 term is computed once, on the last micro-batch, over the rows of all of the rank's
+    micro-batches and of every rank's (gathered): the term of the whole global batch, the same on every rank."""
+    cfg, ranks, forward = p.cfg, p.ranks, p.forward
+    mine = distributed.rank_rows(step_rows, ranks)
+    n_micro = -(-(len(step_rows) // ranks.world) // cfg.batch_size)  # ≥ 1; every rank's share has ≥ n_micro rows
+    weight = ranks.world / len(step_rows)
+    for opt in p.optimisers:
+        opt.zero_grad(set_to_none=True)
+    reg_indices: list[list[tuple[Tensor, ...]]] = []
+    click_loss = torch.zeros((), device=p.device)
+    micro_batches = torch.tensor_split(mine, n_micro)
+    for i, rows in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        batch = p.train.inputs(rows)
+        drop_history(batch, cfg, p.noise)
+        if p.item_category is not None:
+            add_negatives(batch, len(p.item_category), p.item_category, p.noise)
+        batch = to_device({**batch, "label": p.train.label[rows]}, p.device)
+        label = batch.pop("label")
+        # DDP: accumulate the gradients locally, all-reduce once with the last micro-batch's backward
+        accumulate = not last and isinstance(forward, DistributedDataParallel)
+        with forward.no_sync() if accumulate else contextlib.nullcontext():  # type: ignore[operator]
+            with autocast(p.device, cfg.precision):
+                out = forward(**batch)
+            losses = F.binary_cross_entropy_with_logits(out.logits.float(), label, reduction="sum")
+            loss = losses * weight
+            if out.aux_loss is not None:
+                loss = loss + cfg.aux_weight * out.aux_loss.float() * (weight * len(rows))
+            reg_indices.append([rows_of(batch) for _, rows_of in p.regs])
+            if last:
+                loss = loss + _regularisation(p, reg_indices)
+            loss.backward()
+        click_loss += losses.detach()
+    for opt in p.optimisers:
+        opt.step()
+    for sched in p.schedulers:
+        sched.step()
+    return click_loss.item() / len(mine)
+
+
+def _regularisation(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]]) -> Tensor:
+    """The mini-batch aware L2 terms of a global batch: each table's rows that occur in any micro-batch of any
+    rank. micro_indices: per micro-batch, per term, the batch's index tensors of that term's table."""
+    rows = [torch.cat([idx.reshape(-1) for micro in micro_indices for idx in micro[j]]) for j in range(len(p.regs))]
+    rows = distributed.gather_concat(rows, p.ranks)
+    total = torch.zeros((), device=p.device)
+    for (reg, _), table_rows in zip(p.regs, rows, strict=True):
+        total = total + reg(table_rows)
+    return total
 
 
 def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
@@ -206,21 +390,47 @@ def main(argv: list[str] | None = None) -> None:
     add_train_arguments(p)
     p.add_argument("--model", choices=["base", "din", "dien"], default="din")
     p.add_argument("--out", help="run directory for metrics.json and the checkpoint (here or in the recipe)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last saved state, with the configuration it was started with "
+        "(the other flags are ignored)",
+    )
     args = p.parse_args(argv)
-    cfg = config_from_args(args, args.model, args.out or "")
-    recipe = recipe_from_args(p, args)
-    if recipe is not None:
-        cfg = apply_recipe(cfg, recipe, given_flags(p, argv))
-    if not cfg.out:
-        p.error("--out is required (or `out` in the recipe)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: only rank 0 logs progress
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s %(name)s{f' [rank {rank}]' if rank else ''}: %(message)s",
+    )
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    if args.resume:
+        cfg = resume_config(Path(args.resume))
+    else:
+        cfg = config_from_args(args, args.model, args.out or "")
+        recipe = recipe_from_args(p, args)
+        if recipe is not None:
+            cfg = apply_recipe(cfg, recipe, given_flags(p, argv))
+        if not cfg.out:
+            p.error("--out RUN_DIR is required (or `out` in the recipe, or --resume RUN_DIR)")
     result = train(cfg)
     m = result.metrics
-    print(
-        f"{cfg.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}  "
-        f"best epoch {m['best_epoch']}  {m['train_samples_per_second']:.0f} train samples/s  → {result.run_dir}"
-    )
+    if rank == 0:
+        print(
+            f"{cfg.model}: test AUC {m['auc']:.4f}  GAUC {m['gauc']:.4f}  logloss {m['logloss']:.4f}  "
+            f"best epoch {m['best_epoch']}  {m['train_samples_per_second']:.0f} train samples/s  → {result.run_dir}"
+        )
+
+
+def resume_config(run_dir: Path) -> TrainConfig:
+    """The configuration a run was started with (from its resume state), set to resume in ``run_dir``."""
+    state_path = run_dir / STATE_NAME
+    if not state_path.is_file():
+        raise SystemExit(
+            f"{run_dir}: no {STATE_NAME} to resume from (a run saves it after --checkpoint-every "
+            "steps and at each epoch's end)"
+        )
+    state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    return TrainConfig.from_dict({**state["train_config"], "out": str(run_dir), "resume": True})
 
 
 if __name__ == "__main__":

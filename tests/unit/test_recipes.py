@@ -93,7 +93,7 @@ def test_the_synthetic_table_and_its_flag(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("epoch = 3\n", "unknown key 'epoch'; valid keys: aux_weight, batch_size,"),
+        ("epoch = 3\n", "unknown key 'epoch'; valid keys: accumulate, aux_weight, batch_size,"),
         ("[model_options]\nhidden = [1]\n", "in [model_options]; valid keys: attention_activation, attention_hidden,"),
         ("[model_options]\nn_items = 5\n", "unknown key 'n_items' in [model_options]"),  # from the data, not a recipe
         ("[synthetic]\nusers = 5\n", "unknown key 'users' in [synthetic]; valid keys: interests_per_user,"),
