@@ -51,15 +51,18 @@ def valid_position_scores(unit: ActivationUnit, query: Tensor, keys: Tensor, row
     there, rows (M,) the batch row of each. Every activation must be element-wise."""
     w_query, w_key, w_prod = unit.split_weights()  # (H, D) each
     q_part = F.linear(query, w_query, unit.first.bias)  # (B, H): once per row
-    q = query[rows]  # (M, D)
-    z = q_part[rows] + keys @ w_key.T + (q * keys) @ w_prod.T  # (M, H)
+    q = query.index_select(0, rows)  # (M, D)
+    # the key and product parts in one product: [k, q ⊙ k]·[W_k; W_p]ᵀ
+    kp = torch.cat([keys, q * keys], dim=-1) @ torch.cat([w_key, w_prod], dim=1).T  # (M, H)
+    z = q_part.index_select(0, rows) + kp  # (M, H)
     return unit.rest(unit.first_activation(z)).squeeze(-1)  # (M,)
 
 
 class ValidPositionsDIN(nn.Module):
     """DIN computed at the valid positions only: the behaviours are looked up, scored and pooled there, so
     padding and history dropout's holes (most of (B, L)) cost nothing, and a sparse embedding gradient
-    holds the batch's valid behaviours only."""
+    holds the batch's valid behaviours only. Positions are flat indices into (B·L) and every gather is an
+    ``index_select`` (its backward an ``index_add``, far cheaper on CPU than advanced indexing's)."""
 
     def __init__(self, model: DIN) -> None:
         super().__init__()
@@ -76,14 +79,19 @@ class ValidPositionsDIN(nn.Module):
         hist_feedback: Tensor | None = None,  # (B, L)
     ) -> ModelOutput:
         m = self.model
-        rows, cols = hist_mask.nonzero(as_tuple=True)  # (M,) each
-        feedback = None if hist_feedback is None else hist_feedback[rows, cols]  # (M,)
-        keys = m.embedding.history(hist_items[rows, cols], hist_cats[rows, cols], feedback)  # (M, D)
+        flat = hist_mask.flatten().nonzero().squeeze(1)  # (M,) valid positions in (B·L)
+        rows = flat.div(hist_mask.shape[1], rounding_mode="floor")  # (M,) their batch rows
+
+        def at_valid(x: Tensor) -> Tensor:
+            return x.flatten().index_select(0, flat)  # (B, L) → (M,)
+
+        feedback = None if hist_feedback is None else at_valid(hist_feedback)  # (M,)
+        keys = m.embedding.history(at_valid(hist_items), at_valid(hist_cats), feedback)  # (M, D)
         query = m.embedding.behaviours(cand_item, cand_cat)  # (B, D)
         valid = valid_position_scores(m.activation_unit, query, keys, rows)  # (M,)
-        scores = query.new_zeros(hist_mask.shape).index_put((rows, cols), valid)  # (B, L), masked below
+        scores = query.new_zeros(hist_mask.numel()).index_copy(0, flat, valid).view(hist_mask.shape)  # (B, L)
         weights = m.attention_weights(scores, hist_mask)  # (B, L)
-        weighted = weights[rows, cols].unsqueeze(-1) * keys  # (M, D)
+        weighted = at_valid(weights).unsqueeze(-1) * keys  # (M, D)
         interest = query.new_zeros(query.shape).index_add(0, rows, weighted)  # (B, D)
         logits = m.click_logit(m.embedding.user(user_feats), query, cand_item, cand_cat, interest)  # (B,)
         return ModelOutput(logits, weights)
