@@ -11,7 +11,7 @@ from models import ModelConfig
 from training.datasets import SyntheticConfig
 from training.samples import PreparedData
 
-EMBEDDING_OPTIMISERS = ("sparse-adam", "adam")  # training.optim builds them
+EMBEDDING_OPTIMISERS = ("auto", "sparse-adam", "adam")  # training.optim builds them
 
 
 @dataclass
@@ -29,7 +29,7 @@ class TrainConfig:
     max_len: int = 50
     seed: int = 0
     mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
-    embedding_optimiser: str = "sparse-adam"  # vocabulary tables: sparse-adam (batch rows only) or adam (dense)
+    embedding_optimiser: str = "auto"  # vocabulary tables: sparse-adam (batch rows only), adam (dense), auto (by size)
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
     history_dropout: float = 0.0  # drop each history position with this probability while training
     feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
@@ -82,7 +82,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         choices=EMBEDDING_OPTIMISERS,
         default=d.embedding_optimiser,
         help="embedding tables: sparse-adam updates only the batch's rows (cost follows the batch); "
-        "adam is one dense Adam over every parameter (cost follows the table sizes)",
+        "adam is one dense Adam over every parameter (cost follows the table sizes); auto: sparse for the "
+        "tables with more rows than a batch looks up, dense for the others",
     )
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument(

@@ -1,4 +1,4 @@
-"""training.optim: sparse gradients and SparseAdam for the vocabulary tables, dense Adam for the rest."""
+"""training.optim: sparse gradients and lazy row-wise Adam for the vocabulary tables, dense Adam for the rest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from models import build_model
 from models.fast_training import training_form
 from training.batches import TensorSamples
 from training.config import TrainConfig, model_config
-from training.optim import build_optimisers, vocabulary_tables
+from training.optim import RowSparseAdam, build_optimisers, vocabulary_tables
 from training.regularization import mba_terms
 from training.samples import PreparedData
 
@@ -43,7 +43,7 @@ def test_adam_is_one_dense_optimiser_over_every_parameter(small_data: PreparedDa
 def test_sparse_adam_owns_the_vocabulary_tables_and_adam_the_rest(small_data: PreparedData) -> None:
     model, optimisers, _, _ = _setup(small_data, "sparse-adam")
     dense, sparse = optimisers
-    assert isinstance(dense, torch.optim.Adam) and isinstance(sparse, torch.optim.SparseAdam)
+    assert isinstance(dense, torch.optim.Adam) and isinstance(sparse, RowSparseAdam)
     tables = vocabulary_tables(model)  # type: ignore[arg-type]
     assert all(t.sparse for t in tables)
     owned = [id(p) for o in optimisers for g in o.param_groups for p in g["params"]]
@@ -93,3 +93,32 @@ def test_a_sparse_step_moves_only_the_batchs_rows(small_data: PreparedData) -> N
 def test_an_unknown_embedding_optimiser_is_refused(small_data: PreparedData) -> None:
     with pytest.raises(ValueError, match="unknown embedding optimiser"):
         build_optimisers(build_model("din", model_config(small_data, {})), TrainConfig(embedding_optimiser="sgd"))
+
+
+def test_row_sparse_adam_makes_torch_sparse_adams_updates() -> None:
+    """Several steps of sparse gradients with repeated and unseen rows: the parameters SparseAdam reaches."""
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(40, 6, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    ours = RowSparseAdam([tables[0].weight], lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    ref = torch.optim.SparseAdam([tables[1].weight], lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    for step in range(6):
+        idx = torch.randint(0, 40 if step % 2 else 10, (30,))  # rows repeat within a step and across steps
+        target = torch.randn(30, 6)
+        for table, opt in ((tables[0], ours), (tables[1], ref)):
+            opt.zero_grad()
+            ((table(idx) - target) ** 2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(tables[0].weight, tables[1].weight)
+
+
+def test_auto_updates_sparsely_only_the_tables_larger_than_a_batchs_lookups(small_data: PreparedData) -> None:
+    model = build_model("din", model_config(small_data, {}))
+    cfg = TrainConfig(embedding_optimiser="auto", batch_size=2, max_len=20)  # 42 lookups per batch
+    expected = [t for t in vocabulary_tables(model) if t.num_embeddings > 42]
+    assert model.embedding.item.num_embeddings > 42 > model.embedding.category.num_embeddings
+    _, sparse = build_optimisers(model, cfg)
+    assert {id(p) for p in sparse.param_groups[0]["params"]} == {id(t.weight) for t in expected}
+    assert model.embedding.item.sparse and not model.embedding.category.sparse
+    small = build_model("din", model_config(small_data, {}))
+    assert len(build_optimisers(small, TrainConfig(embedding_optimiser="auto"))) == 1  # 256 × 51 lookups
