@@ -10,9 +10,10 @@ per step (median and quartiles over the timed steps) and the matching samples/s;
 torch.profiler table. The step runs the model's training-speed form (models/fast_training.py), as training
 does; ``--paper-form`` times the paper form.
 
-``--table-rows`` sizes the item table (0: the data's own vocabulary): ml-100k's items are spread over a
-table of that many rows by a random injective map (the MBA counts and DIEN's negatives follow), so the
-batches, and the work a batch needs, are the same and only the table grows. Every (rows, optimiser) pair is
+``--table-rows`` sizes the item table (0: the data's own vocabulary): ml-100k's items stay at its front,
+as a frequency-ordered vocabulary keeps a Zipf log's busy rows, or with ``--spread-items`` go to random
+rows (the MBA counts and DIEN's negatives follow), so the batches, and the work a batch needs, are the
+same and only the table grows. Every (rows, optimiser) pair is
 built first and timed in alternating blocks of steps in one process; ``--out`` gets every figure as JSON.
 """
 
@@ -43,15 +44,18 @@ from training.train import keep_freed_memory, load_data
 DEFAULT_OUT = Path("bench/results/train_step.json")
 
 
-def widen_item_table(data: PreparedData, rows: int, seed: int) -> tuple[PreparedData, np.ndarray]:
-    """The training split with its item indices spread over a table of ``rows`` rows (PAD and OOV kept),
-    and the (rows,) item → category table to match (OOV for the rows no item maps to)."""
+def widen_item_table(data: PreparedData, rows: int, seed: int, spread: bool) -> tuple[PreparedData, np.ndarray]:
+    """The training split in an item table of ``rows`` rows, and the (rows,) item → category table to match
+    (OOV for the rows no item maps to). ``spread``: the items at random rows (PAD and OOV kept), every
+    batch row far from the others; otherwise where they are, at the front (a vocabulary ordered by
+    frequency, as ``Vocabulary.build`` orders it, keeps a Zipf log's busy rows together like this)."""
     n_items = data.vocab.n_items
     if rows < n_items:
         raise ValueError(f"--table-rows {rows} is smaller than the data's {n_items} items")
     rng = np.random.default_rng(seed)
     new_index = np.arange(n_items)
-    new_index[FIRST_INDEX:] = FIRST_INDEX + rng.choice(rows - FIRST_INDEX, n_items - FIRST_INDEX, replace=False)
+    if spread:
+        new_index[FIRST_INDEX:] = FIRST_INDEX + rng.choice(rows - FIRST_INDEX, n_items - FIRST_INDEX, replace=False)
     train = dataclasses.replace(
         data.train, event_item=new_index[data.train.event_item], cand_item=new_index[data.train.cand_item]
     )
@@ -61,14 +65,14 @@ def widen_item_table(data: PreparedData, rows: int, seed: int) -> tuple[Prepared
 
 
 def make_batches(
-    cfg: TrainConfig, n_batches: int, data: PreparedData, table_rows: int = 0
+    cfg: TrainConfig, n_batches: int, data: PreparedData, table_rows: int = 0, spread: bool = False
 ) -> tuple[CTRModel, list[Batch], list[torch.Tensor], list]:
     """The model (its item table ``table_rows`` rows, 0 = the data's), n fixed training batches with their
     labels, and the regularisers."""
     torch.manual_seed(cfg.seed)
     item_category_np = data.vocab.item_category_table()
     if table_rows:
-        data, item_category_np = widen_item_table(data, table_rows, cfg.seed)
+        data, item_category_np = widen_item_table(data, table_rows, cfg.seed, spread)
     mcfg = dataclasses.replace(model_config(data, cfg.model_options), n_items=len(item_category_np))
     model = build_model(cfg.model, mcfg)
     regs = mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)
@@ -112,9 +116,9 @@ def step(
 class Setup:
     """One configuration ready to step: its training module, optimisers, fixed batches and regularisers."""
 
-    def __init__(self, cfg: TrainConfig, data: PreparedData, table_rows: int, paper_form: bool) -> None:
-        self.cfg, self.paper_form = cfg, paper_form
-        self.model, self.batches, self.labels, self.regs = make_batches(cfg, 20, data, table_rows)
+    def __init__(self, cfg: TrainConfig, data: PreparedData, table_rows: int, spread: bool, paper_form: bool) -> None:
+        self.cfg, self.paper_form, self.spread = cfg, paper_form, spread
+        self.model, self.batches, self.labels, self.regs = make_batches(cfg, 20, data, table_rows, spread)
         self.model.train()
         self.optimisers = build_optimisers(self.model, cfg)
         self.forward = self.model if paper_form else training_form(self.model)
@@ -139,6 +143,7 @@ class Setup:
             "form": "paper" if self.paper_form else "training",
             "embedding_optimiser": cfg.embedding_optimiser,
             "item_rows": self.model.embedding.item.num_embeddings,
+            "items_spread": self.spread,
             "batch_size": cfg.batch_size,
             "history_dropout": cfg.history_dropout,
             "threads": torch.get_num_threads(),
@@ -183,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help=f"comma-separated, each one of {', '.join(EMBEDDING_OPTIMISERS)}",
     )
+    p.add_argument(
+        "--spread-items",
+        action="store_true",
+        help="with --table-rows: put the items at random rows of the table (the worst memory locality) "
+        "instead of at its front (a frequency-ordered vocabulary's)",
+    )
     p.add_argument("--paper-form", action="store_true", help="time the paper form instead of the training form")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 10 steps (of each)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are")
@@ -204,7 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     data = load_data(base)
     setups = [
-        Setup(dataclasses.replace(base, embedding_optimiser=name), data, int(float(rows)), args.paper_form)
+        Setup(
+            dataclasses.replace(base, embedding_optimiser=name),
+            data,
+            int(float(rows)),
+            args.spread_items,
+            args.paper_form,
+        )
         for rows in args.table_rows.split(",")
         for name in args.embedding_optimiser.split(",")
     ]
