@@ -1,39 +1,82 @@
-"""One training step timed in isolation: forward + backward + Adam on fixed batches of real data.
+"""One training step timed in isolation: forward + backward + the optimisers on fixed batches of real data.
 
     python -m bench.train_step --data-dir ../shared/data/ml-100k --model dien --steps 60
+    python -m bench.train_step --model din --table-rows 0,1e7 --embedding-optimiser auto,adam --threads 1
 
 The batches are built exactly as ``training.train`` builds them (history and feedback dropout, one
-sampled negative per position for DIEN, the mini-batch aware L2 terms), gathered once up front and
-cycled, so the figure is the model's step and not the data pipeline. Prints ms per step (median and quartiles over
-the timed steps) and the matching samples/s; ``--profile`` adds a torch.profiler table. The step runs the
-model's training-speed form (models/fast_training.py), as training does; ``--paper-form`` times the paper form.
+sampled negative per position for DIEN, the mini-batch aware L2 terms, ``training.optim``'s optimisers),
+gathered once up front and cycled, so the figure is the model's step and not the data pipeline. Prints ms
+per step (median and quartiles over the timed steps) and the matching samples/s; ``--profile`` adds a
+torch.profiler table. The step runs the model's training-speed form (models/fast_training.py), as training
+does; ``--paper-form`` times the paper form.
+
+``--table-rows`` sizes the item table (0: the data's own vocabulary): ml-100k's items stay at its front,
+as a frequency-ordered vocabulary keeps a Zipf log's busy rows, or with ``--spread-items`` go to random
+rows (the MBA counts and DIEN's negatives follow), so the batches, and the work a batch needs, are the
+same and only the table grows. Every (rows, optimiser) pair is
+built first and timed in alternating blocks of steps in one process; ``--out`` gets every figure as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contract import FIRST_INDEX, OOV
 from models import CTRModel, build_model
 from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
-from training.config import TrainConfig, model_config
+from training.config import EMBEDDING_OPTIMISERS, TrainConfig, model_config
+from training.optim import build_optimisers
 from training.regularization import mba_terms
+from training.samples import PreparedData
 from training.train import keep_freed_memory, load_data
 
+DEFAULT_OUT = Path("bench/results/train_step.json")
 
-def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch], list[torch.Tensor], list]:
-    """The model, n fixed training batches with their labels, and the regularisers."""
+
+def widen_item_table(data: PreparedData, rows: int, seed: int, spread: bool) -> tuple[PreparedData, np.ndarray]:
+    """The training split in an item table of ``rows`` rows, and the (rows,) item → category table to match
+    (OOV for the rows no item maps to). ``spread``: the items at random rows (PAD and OOV kept), every
+    batch row far from the others; otherwise where they are, at the front (a vocabulary ordered by
+    frequency, as ``Vocabulary.build`` orders it, keeps a Zipf log's busy rows together like this)."""
+    n_items = data.vocab.n_items
+    if rows < n_items:
+        raise ValueError(f"--table-rows {rows} is smaller than the data's {n_items} items")
+    rng = np.random.default_rng(seed)
+    new_index = np.arange(n_items)
+    if spread:
+        new_index[FIRST_INDEX:] = FIRST_INDEX + rng.choice(rows - FIRST_INDEX, n_items - FIRST_INDEX, replace=False)
+    train = dataclasses.replace(
+        data.train, event_item=new_index[data.train.event_item], cand_item=new_index[data.train.cand_item]
+    )
+    item_category = np.full(rows, OOV, dtype=np.int64)
+    item_category[new_index] = data.vocab.item_category_table()
+    return dataclasses.replace(data, train=train), item_category
+
+
+def make_batches(
+    cfg: TrainConfig, n_batches: int, data: PreparedData, table_rows: int = 0, spread: bool = False
+) -> tuple[CTRModel, list[Batch], list[torch.Tensor], list]:
+    """The model (its item table ``table_rows`` rows, 0 = the data's), n fixed training batches with their
+    labels, and the regularisers."""
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
-    mcfg = model_config(data, cfg.model_options)
+    item_category_np = data.vocab.item_category_table()
+    if table_rows:
+        data, item_category_np = widen_item_table(data, table_rows, cfg.seed, spread)
+    mcfg = dataclasses.replace(model_config(data, cfg.model_options), n_items=len(item_category_np))
     model = build_model(cfg.model, mcfg)
     regs = mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)
-    item_category = torch.as_tensor(data.vocab.item_category_table())
+    item_category = torch.as_tensor(item_category_np)
     train_t = TensorSamples(data.train, cfg.max_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(train_t.n, generator=gen)
@@ -50,7 +93,7 @@ def make_batches(cfg: TrainConfig, n_batches: int) -> tuple[CTRModel, list[Batch
 
 def step(
     model: torch.nn.Module,
-    optimiser: torch.optim.Optimizer,
+    optimisers: list[torch.optim.Optimizer],
     batch: Batch,
     label: torch.Tensor,
     regs: list,
@@ -63,9 +106,68 @@ def step(
         loss = loss + aux_weight * out.aux_loss
     for reg, rows_of in regs:
         loss = loss + reg(*rows_of(batch))
-    optimiser.zero_grad(set_to_none=True)
+    for opt in optimisers:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    optimiser.step()
+    for opt in optimisers:
+        opt.step()
+
+
+class Setup:
+    """One configuration ready to step: its training module, optimisers, fixed batches and regularisers."""
+
+    def __init__(self, cfg: TrainConfig, data: PreparedData, table_rows: int, spread: bool, paper_form: bool) -> None:
+        self.cfg, self.paper_form, self.spread = cfg, paper_form, spread
+        self.model, self.batches, self.labels, self.regs = make_batches(cfg, 20, data, table_rows, spread)
+        self.model.train()
+        self.optimisers = build_optimisers(self.model, cfg)
+        self.forward = self.model if paper_form else training_form(self.model)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.i = 0
+
+    def step(self) -> tuple[float, float]:
+        """Wall and CPU seconds of one step (the CPU time of this thread: with --threads 1 that is all of
+        the step's work, and other processes on the machine do not inflate it)."""
+        i = self.i % len(self.batches)
+        self.i += 1
+        t0, c0 = time.perf_counter(), time.thread_time()
+        step(self.forward, self.optimisers, self.batches[i], self.labels[i], self.regs, self.cfg.aux_weight)
+        return time.perf_counter() - t0, time.thread_time() - c0
+
+    def figures(self) -> dict[str, Any]:
+        q1, med, q3 = statistics.quantiles(self.times, n=4)
+        cfg = self.cfg
+        return {
+            "model": cfg.model,
+            "form": "paper" if self.paper_form else "training",
+            "embedding_optimiser": cfg.embedding_optimiser,
+            "item_rows": self.model.embedding.item.num_embeddings,
+            "items_spread": self.spread,
+            "batch_size": cfg.batch_size,
+            "history_dropout": cfg.history_dropout,
+            "threads": torch.get_num_threads(),
+            "steps": len(self.times),
+            "step_ms_median": 1e3 * med,
+            "step_ms_min": 1e3 * min(self.times),  # the least disturbed step on a shared machine
+            "step_cpu_ms_median": 1e3 * statistics.median(self.cpu_times),  # this thread's CPU time
+            "step_ms_quartiles": [1e3 * q1, 1e3 * q3],
+            "samples_per_second": cfg.batch_size / med,
+        }
+
+
+def time_round_robin(setups: list[Setup], steps: int, block: int = 10) -> None:
+    """10 warm-up steps each, then blocks of ``block`` timed steps taken in turn until each has ``steps``:
+    on a shared machine every configuration sees the same background load."""
+    for s in setups:
+        for _ in range(10):
+            s.step()
+    while any(len(s.times) < steps for s in setups):
+        for s in setups:
+            for _ in range(min(block, steps - len(s.times))):
+                wall, cpu = s.step()
+                s.times.append(wall)
+                s.cpu_times.append(cpu)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,46 +177,84 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=60, help="timed steps (after 10 warm-up steps)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--history-dropout", type=float, default=0.7, help="as the ml-100k recipe trains")
+    p.add_argument(
+        "--table-rows",
+        default="0",
+        help="comma-separated item-table sizes to time (e.g. 0,1e7); 0 = the data's own vocabulary",
+    )
+    p.add_argument(
+        "--embedding-optimiser",
+        default="auto",
+        help=f"comma-separated, each one of {', '.join(EMBEDDING_OPTIMISERS)}",
+    )
+    p.add_argument(
+        "--spread-items",
+        action="store_true",
+        help="with --table-rows: put the items at random rows of the table (the worst memory locality) "
+        "instead of at its front (a frequency-ordered vocabulary's)",
+    )
     p.add_argument("--paper-form", action="store_true", help="time the paper form instead of the training form")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 10 steps")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 10 steps (of each)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON of the figures (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
     if not args.default_malloc:
         keep_freed_memory()  # as training.train does
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
+    base = TrainConfig(
         dataset="ml-100k",
         data_dir=args.data_dir,
         user_features=(),
         model=args.model,
         batch_size=args.batch_size,
-        history_dropout=0.7,
+        history_dropout=args.history_dropout,
         lr=3e-3,
         model_options={"attention_softmax": True, "dien_pooling": "attention"},
     )
-    model, batches, labels, regs = make_batches(cfg, 20)
-    model.train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    forward = model if args.paper_form else training_form(model)
-    for i in range(10):
-        step(forward, optimiser, batches[i % len(batches)], labels[i % len(batches)], regs, cfg.aux_weight)
-    times = []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        step(forward, optimiser, batches[i % len(batches)], labels[i % len(batches)], regs, cfg.aux_weight)
-        times.append(time.perf_counter() - t0)
-    q1, med, q3 = statistics.quantiles(times, n=4)
-    form = "paper" if args.paper_form else "training"
-    print(
-        f"{args.model} ({form} form): step {1e3 * med:.1f} ms (quartiles {1e3 * q1:.1f}–{1e3 * q3:.1f}), "
-        f"{args.batch_size / med:.0f} samples/s, threads {torch.get_num_threads()}"
-    )
-    if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for i in range(10):
-                step(forward, optimiser, batches[i], labels[i], regs, cfg.aux_weight)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    data = load_data(base)
+    setups = [
+        Setup(
+            dataclasses.replace(base, embedding_optimiser=name),
+            data,
+            int(float(rows)),
+            args.spread_items,
+            args.paper_form,
+        )
+        for rows in args.table_rows.split(",")
+        for name in args.embedding_optimiser.split(",")
+    ]
+    time_round_robin(setups, args.steps)
+    results = []
+    for s in setups:
+        r = s.figures()
+        print(
+            f"{args.model} ({r['form']} form, {r['embedding_optimiser']}, {r['item_rows']:,} item rows): "
+            f"step {r['step_ms_median']:.1f} ms (quartiles {r['step_ms_quartiles'][0]:.1f}–"
+            f"{r['step_ms_quartiles'][1]:.1f}, min {r['step_ms_min']:.1f}), {r['samples_per_second']:.0f} samples/s, "
+            f"CPU {r['step_cpu_ms_median']:.1f} ms (main thread), threads {r['threads']}",
+            flush=True,
+        )
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    s.step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        results.append(r)
+    if len(results) > 1:
+        first = results[0]["samples_per_second"]
+        for r in results[1:]:
+            r["relative_to_first"] = r["samples_per_second"] / first
+            r["relative_to_first_by_min"] = results[0]["step_ms_min"] / r["step_ms_min"]
+            r["relative_to_first_by_cpu"] = results[0]["step_cpu_ms_median"] / r["step_cpu_ms_median"]
+            print(
+                f"{r['item_rows']:,} rows, {r['embedding_optimiser']}: {r['relative_to_first']:.2f}× the first's "
+                f"samples/s (by median step), {r['relative_to_first_by_min']:.2f}× (by fastest step), "
+                f"{r['relative_to_first_by_cpu']:.2f}× (by CPU time)"
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ models/din.py and models/dien.py (tests/unit/test_fast_training.py), computed on
 ``training_form(model)`` is the one switch: ``training.train`` (and ``bench.train_step``) run the returned
 module unless asked for ``--paper-form``; evaluation and export always run the paper form.
 
-- DIN: the activation unit runs on the valid positions only (padding and history dropout leave most of
-  (B, L) empty), with its first layer split so the query part is computed once per row. A unit with Dice
+- DIN: the behaviours are looked up, scored and pooled at the valid positions only (padding and history
+  dropout leave most of (B, L) empty), with the unit's first layer split so the query part is computed once
+  per row. A unit with Dice
   keeps the paper form: Dice's batch statistics over valid positions only would be other statistics.
 - DIEN: each row's valid behaviours are packed to the front, time-major (S, B, ·) with S the longest row's
   valid count, and every stage runs on S steps, not L. The extractor and the interest evolution run
@@ -45,20 +46,23 @@ def training_form(model: CTRModel) -> nn.Module:
     return model
 
 
-def valid_position_scores(unit: ActivationUnit, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-    """The activation unit's scores (B, L) computed at the valid positions of mask (B, L) only, 0 elsewhere
-    (the caller masks them); query (B, D), keys (B, L, D). Every activation must be element-wise."""
-    rows, cols = mask.nonzero(as_tuple=True)  # (M,) each
+def valid_position_scores(unit: ActivationUnit, query: Tensor, keys: Tensor, rows: Tensor) -> Tensor:
+    """The activation unit's scores (M,) at M valid positions: query (B, D), keys (M, D) the behaviours
+    there, rows (M,) the batch row of each. Every activation must be element-wise."""
     w_query, w_key, w_prod = unit.split_weights()  # (H, D) each
     q_part = F.linear(query, w_query, unit.first.bias)  # (B, H): once per row
-    k = keys[rows, cols]  # (M, D)
-    z = q_part[rows] + k @ w_key.T + (query[rows] * k) @ w_prod.T  # (M, H)
-    valid = unit.rest(unit.first_activation(z)).squeeze(-1)  # (M,)
-    return valid.new_zeros(mask.shape).index_put((rows, cols), valid)  # (B, L)
+    q = query.index_select(0, rows)  # (M, D)
+    # the key and product parts in one product: [k, q ⊙ k]·[W_k; W_p]ᵀ
+    kp = torch.cat([keys, q * keys], dim=-1) @ torch.cat([w_key, w_prod], dim=1).T  # (M, H)
+    z = q_part.index_select(0, rows) + kp  # (M, H)
+    return unit.rest(unit.first_activation(z)).squeeze(-1)  # (M,)
 
 
 class ValidPositionsDIN(nn.Module):
-    """DIN whose activation unit skips padded and dropped positions."""
+    """DIN computed at the valid positions only: the behaviours are looked up, scored and pooled there, so
+    padding and history dropout's holes (most of (B, L)) cost nothing, and a sparse embedding gradient
+    holds the batch's valid behaviours only. Positions are flat indices into (B·L) and every gather is an
+    ``index_select`` (its backward an ``index_add``, far cheaper on CPU than advanced indexing's)."""
 
     def __init__(self, model: DIN) -> None:
         super().__init__()
@@ -75,11 +79,21 @@ class ValidPositionsDIN(nn.Module):
         hist_feedback: Tensor | None = None,  # (B, L)
     ) -> ModelOutput:
         m = self.model
-        keys = m.embedding.history(hist_items, hist_cats, hist_feedback)  # (B, L, D)
+        flat = hist_mask.flatten().nonzero().squeeze(1)  # (M,) valid positions in (B·L)
+        rows = flat.div(hist_mask.shape[1], rounding_mode="floor")  # (M,) their batch rows
+
+        def at_valid(x: Tensor) -> Tensor:
+            return x.flatten().index_select(0, flat)  # (B, L) → (M,)
+
+        feedback = None if hist_feedback is None else at_valid(hist_feedback)  # (M,)
+        keys = m.embedding.history(at_valid(hist_items), at_valid(hist_cats), feedback)  # (M, D)
         query = m.embedding.behaviours(cand_item, cand_cat)  # (B, D)
-        scores = valid_position_scores(m.activation_unit, query, keys, hist_mask)  # (B, L)
+        valid = valid_position_scores(m.activation_unit, query, keys, rows)  # (M,)
+        # in the scores' own dtype: bf16 under autocast, while the embeddings stay fp32
+        scores = valid.new_zeros(hist_mask.numel()).index_copy(0, flat, valid).view(hist_mask.shape)  # (B, L)
         weights = m.attention_weights(scores, hist_mask)  # (B, L)
-        interest = torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
+        weighted = at_valid(weights).unsqueeze(-1) * keys  # (M, D)
+        interest = weighted.new_zeros(query.shape).index_add(0, rows, weighted)  # (B, D)
         logits = m.click_logit(m.embedding.user(user_feats), query, cand_item, cand_cat, interest)  # (B,)
         return ModelOutput(logits, weights)
 

@@ -15,6 +15,8 @@ from models import ModelConfig
 from training.datasets import SyntheticConfig
 from training.samples import PreparedData
 
+EMBEDDING_OPTIMISERS = ("auto", "sparse-adam", "adam")  # training.optim builds them
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +33,7 @@ class TrainConfig:
     max_len: int = 50
     seed: int = 0
     mba_lambda: float = 0.01  # mini-batch aware L2 strength; 0 disables it
+    embedding_optimiser: str = "auto"  # vocabulary tables: sparse-adam (batch rows only), adam (dense), auto (by size)
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
     history_dropout: float = 0.0  # drop each history position with this probability while training
     feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
@@ -131,6 +134,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=d.max_len)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="mini-batch aware L2; 0 = off")
+    p.add_argument(
+        "--embedding-optimiser",
+        choices=EMBEDDING_OPTIMISERS,
+        default=d.embedding_optimiser,
+        help="embedding tables: sparse-adam updates only the batch's rows (cost follows the batch); "
+        "adam is one dense Adam over every parameter (cost follows the table sizes); auto: sparse for the "
+        "tables with more rows than a batch looks up, dense for the others",
+    )
     p.add_argument("--aux-weight", type=float, default=d.aux_weight)
     p.add_argument(
         "--history-dropout",
@@ -219,6 +230,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         max_len=args.max_len,
         seed=args.seed,
         mba_lambda=args.mba_lambda,
+        embedding_optimiser=args.embedding_optimiser,
         aux_weight=args.aux_weight,
         history_dropout=args.history_dropout,
         feedback_dropout=args.feedback_dropout,

@@ -1,18 +1,98 @@
-"""The optimisers a run trains with, built from its configuration."""
+"""The optimisers a run trains with, built from its configuration.
+
+With ``embedding_optimiser="sparse-adam"`` the vocabulary-sized tables (items, categories, user features
+and the first-order biases) produce sparse gradients and are updated by lazy Adam (``RowSparseAdam``,
+``torch.optim.SparseAdam``'s update in fewer operations), which touches only the rows a batch used: a step
+costs what the batch costs, whatever the vocabulary. Dense Adam updates every other parameter. ``"auto"``
+(the default) does so for the tables with more rows than a batch looks up and updates the small ones
+densely. ``"adam"`` is the earlier behaviour: one dense Adam over everything, every
+row moved every step (its moments keep moving rows the batch did not use)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from models import CTRModel
-from training.config import TrainConfig
+from training.config import EMBEDDING_OPTIMISERS, TrainConfig
+
+
+def vocabulary_tables(model: CTRModel) -> list[nn.Embedding]:
+    """The embedding tables whose size follows the data's vocabularies (the feedback table does not)."""
+    emb = model.embedding
+    tables = [emb.item, emb.category, *emb.user_features, emb.item_bias, emb.category_bias]
+    return [t for t in tables if t is not None]
+
+
+class RowSparseAdam(torch.optim.Optimizer):
+    """Lazy Adam over rows, for parameters with sparse gradients: ``torch.optim.SparseAdam``'s update
+    (tests/unit/test_optim.py checks it against it), in one gather, the moment updates, one scatter per
+    moment and one index_add per table. SparseAdam builds and adds back a sparse tensor for every moment and
+    the step (≈ 4× the time of this at ml-100k's batch, ≈ 5 ms of a 40 ms DIN step); both touch only the
+    rows the gradient holds. Its state, like SparseAdam's, is a dense moment pair per table."""
+
+    def __init__(
+        self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowSparseAdam needs sparse gradients (nn.Embedding(sparse=True))")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                grad = p.grad.coalesce()  # duplicate rows summed
+                rows, g = grad.indices()[0], grad.values()  # (U,), (U, D)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                m = exp_avg.index_select(0, rows).lerp_(g, 1 - beta1)  # (U, D)
+                v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)  # (U, D)
+                exp_avg.index_copy_(0, rows, m)
+                exp_avg_sq.index_copy_(0, rows, v)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+
+
+def sparse_tables(model: CTRModel, cfg: TrainConfig) -> list[nn.Embedding]:
+    """The tables whose rows are updated sparsely. ``auto``: those with more rows than one batch looks up
+    (batch × (max_len + 1)); a smaller table is cheaper to update densely than to sort the batch's lookups
+    into rows (ml-100k's 1,618 items against 13,056 lookups: bench/README.md, "issue 16")."""
+    tables = vocabulary_tables(model)
+    if cfg.embedding_optimiser == "adam":
+        return []
+    if cfg.embedding_optimiser == "sparse-adam":
+        return tables
+    if cfg.embedding_optimiser == "auto":
+        lookups = cfg.batch_size * (cfg.max_len + 1)
+        return [t for t in tables if t.num_embeddings > lookups]
+    raise ValueError(f"unknown embedding optimiser {cfg.embedding_optimiser!r}: one of {EMBEDDING_OPTIMISERS}")
 
 
 def build_optimisers(model: CTRModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """Adam over every parameter. The loop steps each optimiser of the list, so parameter groups that need
-    another optimiser can have their own. ``cfg.optimiser == "sgd"``: plain SGD over every parameter (the
-    exact-equivalence tests of data parallelism and gradient accumulation: its update is linear in the
+    """The optimisers the loop steps, each over its own parameters: lazy row-wise Adam for the sparse tables
+    (``sparse_tables``), which this switches to sparse gradients (``nn.Embedding.sparse``: a training
+    setting only, the values are the same and a checkpoint rebuilt for export has dense tables), and dense
+    Adam for every other parameter. ``cfg.optimiser == "sgd"``: plain SGD over every parameter, tables dense
+    (the exact-equivalence tests of data parallelism and gradient accumulation: its update is linear in the
     gradient)."""
     if cfg.optimiser == "sgd":
         return [torch.optim.SGD(model.parameters(), lr=cfg.lr)]
-    return [torch.optim.Adam(model.parameters(), lr=cfg.lr)]
+    tables = sparse_tables(model, cfg)
+    if not tables:
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr)]
+    for table in tables:
+        table.sparse = True
+    sparse_ids = {id(t.weight) for t in tables}
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    return [torch.optim.Adam(dense, lr=cfg.lr), RowSparseAdam([t.weight for t in tables], lr=cfg.lr)]

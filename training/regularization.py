@@ -1,5 +1,9 @@
 """Mini-batch aware L2 regularisation (DIN paper §4.1, eq. 4): only the embedding rows that occur in
-the mini-batch are penalised, each scaled by 1 / n_j, its number of occurrences in the training set."""
+the mini-batch are penalised, each scaled by 1 / n_j, its number of occurrences in the training set.
+
+Both halves cost what the batch (or the log) costs, not what the tables cost: the penalty reads and
+differentiates the batch's unique rows only (a sparse gradient when the table has ``sparse=True``), and
+the counts n_j come from one pass over the events and one over the samples."""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contract import PAD
 from models import CTRModel
 from training.samples import SampleSet
 
@@ -23,42 +29,73 @@ def occurrence_counts(index_arrays: list[np.ndarray], size: int) -> np.ndarray:
     return counts
 
 
+def history_coverage(samples: SampleSet, max_len: int) -> np.ndarray:
+    """(E,) how many samples' histories, as ``SampleSet.history(rows, max_len)`` gathers them, hold each
+    event. O(samples + events), for either protocol: a sample's history is the event range
+    [end − length, end − length + min(length, max_len)), so each sample adds 1 at its range's start and
+    −1 at its stop in a difference array, and the running sum is the coverage."""
+    n_events = samples.event_item.shape[0]
+    start = samples.end - samples.length
+    stop = start + np.minimum(samples.length, max_len)
+    diff = np.bincount(start, minlength=n_events + 1) - np.bincount(stop, minlength=n_events + 1)
+    return np.cumsum(diff[:n_events])
+
+
+def history_counts(samples: SampleSet, max_len: int, events: np.ndarray, size: int) -> np.ndarray:
+    """(size,) occurrences of each index of ``events`` (E,) (the event items or categories) over every
+    sample's gathered (max_len,) history, padding (PAD) included: what gathering every history and
+    counting would give, without the O(samples × max_len) gather."""
+    counts = np.bincount(events, weights=history_coverage(samples, max_len), minlength=size)[:size]
+    counts[PAD] += float(np.sum(max_len - np.minimum(samples.length, max_len)))
+    return counts
+
+
 class MiniBatchAwareL2(nn.Module):
-    """λ Σ_{j ∈ batch} ||w_j||² / n_j for one embedding table."""
+    """λ Σ_{j ∈ batch} ||w_j||² / n_j for one embedding table, computed on the batch's unique rows.
+
+    The rows are looked up with the table's own ``sparse`` setting, so a table trained with sparse
+    gradients gets a sparse gradient from its penalty too (a dense one would make every row's update
+    dense again)."""
 
     counts: Tensor
+    slot: Tensor
 
     def __init__(self, table: nn.Embedding, counts: np.ndarray, lam: float) -> None:
         super().__init__()
         self.table = table
         self.lam = lam
         self.register_buffer("counts", torch.as_tensor(np.maximum(counts, 1.0), dtype=torch.float32))
+        # scratch for ``unique_rows``: one int32 per row, never read where it was not written this step
+        self.register_buffer("slot", torch.zeros(table.num_embeddings, dtype=torch.int32), persistent=False)
+
+    def unique_rows(self, indices: Tensor) -> Tensor:
+        """(K,) indices → each distinct index once (order unspecified), in O(K) without a sort: every
+        position writes its number into its index's slot, one write per index survives, and the position
+        that reads back its own number is that index's representative."""
+        pos = torch.arange(indices.numel(), dtype=torch.int32)  # (K,)
+        self.slot[indices] = pos
+        return indices[self.slot[indices] == pos]  # (U,)
 
     def forward(self, *indices: Tensor) -> Tensor:
-        present = torch.zeros_like(self.counts)  # (n,) 1 where the row occurs in the batch
-        for idx in indices:
-            present.index_fill_(0, idx.reshape(-1), 1.0)
-        present[0] = 0.0  # padding is not a feature
-        # dense over the table but zero-weighted outside the batch: same cost as Adam's dense step,
-        # and cheaper than torch.unique's sort; gradients reach only the present rows
-        return self.lam * (present / self.counts * self.table.weight.pow(2).sum(-1)).sum()
+        rows = self.unique_rows(torch.cat([idx.reshape(-1) for idx in indices]))  # (U,)
+        rows = rows[rows != PAD]  # padding is not a feature
+        w = F.embedding(rows, self.table.weight, sparse=self.table.sparse)  # (U, D)
+        return self.lam * (w.pow(2).sum(-1) / self.counts[rows]).sum()
 
 
 def mba_terms(
     model: CTRModel, train: SampleSet, max_len: int, lam: float
 ) -> list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]:
-    """One MBA term per embedding table (n_j counted over the training samples), each paired with
-    the batch indices that select its rows."""
+    """One MBA term per embedding table (n_j counted over the training samples: candidates and gathered
+    histories), each paired with the batch indices that select its rows."""
     if lam <= 0:
         return []
-    hist_items, hist_cats = [], []
-    for chunk in np.array_split(np.arange(len(train)), max(1, len(train) // 20000)):
-        items, cats, _ = train.history(chunk, max_len)
-        hist_items.append(items)
-        hist_cats.append(cats)
     emb = model.embedding
-    item_counts = occurrence_counts([train.cand_item, *hist_items], emb.item.num_embeddings)
-    cat_counts = occurrence_counts([train.cand_cat, *hist_cats], emb.category.num_embeddings)
+    n_items, n_cats = emb.item.num_embeddings, emb.category.num_embeddings
+    item_counts = history_counts(train, max_len, train.event_item, n_items)
+    item_counts += occurrence_counts([train.cand_item], n_items)
+    cat_counts = history_counts(train, max_len, train.event_cat, n_cats)
+    cat_counts += occurrence_counts([train.cand_cat], n_cats)
     regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]] = [
         (MiniBatchAwareL2(emb.item, item_counts, lam), lambda b: (b["hist_items"], b["cand_item"])),
         (MiniBatchAwareL2(emb.category, cat_counts, lam), lambda b: (b["hist_cats"], b["cand_cat"])),

@@ -164,9 +164,10 @@ def _train(
     model = build_model(cfg.model, mcfg).to(device)
     # the same parameters, values and gradients; evaluation and the checkpoint use ``model``, the paper form
     forward: nn.Module = model if cfg.paper_form else training_form(model)
+    # before DDP wraps the model: it reads each table's ``sparse`` (set here) to expect sparse gradients
+    optimisers = build_optimisers(model, cfg)
     if ranks.distributed:
         forward = distributed.wrap(forward, device)
-    optimisers = build_optimisers(model, cfg)
     regs = [(reg.to(device), rows_of) for reg, rows_of in mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)]
     item_category = torch.as_tensor(data.vocab.item_category_table()) if model.uses_negatives else None
     train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))

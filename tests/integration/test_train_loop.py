@@ -62,12 +62,17 @@ class Killed(Exception):
     """Stands for SIGKILL: the run stops where it is, writing nothing more."""
 
 
-def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(tiny: PreparedData, tmp_path: Path) -> None:
+# sparse-adam: the row-wise lazy Adam of the sparse tables (its moments and step counts) is resumed too
+@pytest.mark.parametrize("embedding_optimiser", ["auto", "sparse-adam"])
+def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(
+    tiny: PreparedData, tmp_path: Path, embedding_optimiser: str
+) -> None:
     """Killed mid-epoch 2 steps after its last saved state: the resumed run redoes those steps with the same
     rows and the same noise (model dropout, history dropout), the same Adam moments and lr schedule, and
     ends bit for bit where the uninterrupted run ends."""
     cfg: dict[str, Any] = {
         "model": "din",
+        "embedding_optimiser": embedding_optimiser,
         "epochs": 3,
         "batch_size": 32,
         "lr": 3e-3,

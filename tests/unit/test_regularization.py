@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from training.regularization import MiniBatchAwareL2, occurrence_counts
+from training.datasets import BehaviourLog
+from training.regularization import MiniBatchAwareL2, history_counts, occurrence_counts
+from training.samples import prepare
 
 
 def test_mba_penalises_only_rows_present_in_the_batch_scaled_by_frequency() -> None:
@@ -32,3 +34,59 @@ def test_mba_counts_rows_across_several_index_tensors() -> None:
     both = reg(torch.tensor([1]), torch.tensor([[2, 2]]))
     w = table.weight.detach()
     assert both.item() == pytest.approx((w[1].pow(2).sum() + w[2].pow(2).sum()).item(), rel=1e-6)
+
+
+def _dense_mba(weight: torch.Tensor, counts: torch.Tensor, lam: float, *indices: torch.Tensor) -> torch.Tensor:
+    """The formula as it was first written: a (n,) presence vector over the whole table."""
+    present = torch.zeros_like(counts)
+    for idx in indices:
+        present.index_fill_(0, idx.reshape(-1), 1.0)
+    present[0] = 0.0
+    return lam * (present / counts * weight.pow(2).sum(-1)).sum()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mba_on_unique_rows_equals_the_dense_formula_in_value_and_gradient(sparse: bool) -> None:
+    """Over many random batches (duplicates, padding, reused scratch slots): the same value, the same
+    gradient on the present rows, and none elsewhere; with a sparse table the gradient is sparse."""
+    torch.manual_seed(0)
+    table = nn.Embedding(500, 8, padding_idx=0, sparse=sparse)
+    counts = np.random.default_rng(0).integers(0, 30, 500).astype(np.float64)
+    reg = MiniBatchAwareL2(table, counts, lam=0.3)
+    for _ in range(20):
+        hist = torch.randint(0, 500, (16, 10)) * (torch.rand(16, 10) > 0.3)  # (B, L) with padding
+        cand = torch.randint(2, 500, (16,))
+        loss = reg(hist, cand)
+        (grad,) = torch.autograd.grad(loss, table.weight)
+        weight = table.weight.detach().clone().requires_grad_(True)
+        ref = _dense_mba(weight, reg.counts, 0.3, hist, cand)
+        (grad_ref,) = torch.autograd.grad(ref, weight)
+        torch.testing.assert_close(loss, ref)
+        assert grad.is_sparse == sparse
+        dense = grad.to_dense() if sparse else grad
+        torch.testing.assert_close(dense, grad_ref)
+        present = torch.zeros(500, dtype=torch.bool)
+        present[hist.reshape(-1)] = True
+        present[cand] = True
+        present[0] = False
+        if sparse:  # only the present rows are in the sparse gradient, each once
+            rows = grad.coalesce().indices()[0]
+            assert sorted(rows.tolist()) == present.nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("protocol", ["din-movielens", "implicit"])
+@pytest.mark.parametrize("max_len", [5, 20])
+def test_history_counts_equal_counting_every_gathered_history(
+    small_log: BehaviourLog, protocol: str, max_len: int
+) -> None:
+    """n_j from the events in O(events) equals gathering every sample's (max_len,) history and counting,
+    padding included, for both protocols and a max_len shorter than the prepared one."""
+    train = prepare(small_log, protocol, max_len=20, seed=0).train
+    items, cats, _ = train.history(np.arange(len(train)), max_len)
+    n_items, n_cats = int(train.event_item.max()) + 3, int(train.event_cat.max()) + 3
+    np.testing.assert_array_equal(
+        history_counts(train, max_len, train.event_item, n_items), occurrence_counts([items], n_items)
+    )
+    np.testing.assert_array_equal(
+        history_counts(train, max_len, train.event_cat, n_cats), occurrence_counts([cats], n_cats)
+    )
