@@ -72,6 +72,8 @@ def measure_size(events: int, args: argparse.Namespace, out: Path) -> dict[str, 
         flags += ["--batch-size", str(args.batch_size), "--no-progress"]
         if args.threads:
             flags += ["--threads", str(args.threads)]
+        if args.mba_lambda is not None:
+            flags += ["--mba-lambda", str(args.mba_lambda)]
         measured = run_measured([py, "-m", "training.train", *data_flags, *flags], runs / f"{model}.log")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         row[model] = {**measured, "samples_per_second": metrics["train_samples_per_second"], "auc": metrics["auc"]}
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--eval-users", type=int, default=1000, help="users validated and tested on per run")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mba-lambda", type=float, default=None, help="passed to training (default: its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drop-logs", action="store_true", help="delete each generated log after its runs")
     p.add_argument("--out", required=True)
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure_size(events, args, out))
         print(json.dumps(rows[-1]), flush=True)
         # written after every size: a long run that is stopped keeps what it measured
-        (out / JSON_NAME).write_text(json.dumps({"steps": args.steps, "rows": rows}, indent=2))
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        (out / JSON_NAME).write_text(json.dumps({**settings, "rows": rows}, indent=2))
     (out / MARKDOWN_NAME).write_text(markdown(rows, args.models))
     plot(rows, args.models, out / PNG_NAME)
     print(markdown(rows, args.models))

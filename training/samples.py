@@ -232,6 +232,15 @@ class SampleSet:
         idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
         return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD)
 
+    def history_coverage(self) -> np.ndarray:
+        """(E,) how many samples' histories hold each event. With it, the n_j of the mini-batch aware
+        regulariser is one weighted bincount over the events, in O(E + N) memory, instead of gathering
+        every (N, L) history (≈ 6·10^7 × 50 indices at 10^8 events)."""
+        n = self.event_item.shape[0]
+        end = self.end.astype(np.int64)
+        delta = np.bincount(end - self.length, minlength=n + 1) - np.bincount(end, minlength=n + 1)
+        return np.cumsum(delta[:n])
+
     def restricted_to(self, users: np.ndarray) -> SampleSet:
         """The samples of the given users only (the event arrays are shared, not copied)."""
         rows = np.flatnonzero(np.isin(self.user, users))

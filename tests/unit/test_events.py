@@ -105,3 +105,11 @@ def test_small_generator_is_the_block_generator_in_one_block() -> None:
     block = next(synthetic_blocks(cfg))
     assert one["item_id"].tolist() == block.column("item_id").to_pylist()
     assert one["label"].tolist() == block.column("label").to_pylist()
+
+
+def test_history_coverage_counts_what_the_gathered_histories_hold(small_data: PreparedData) -> None:
+    train = small_data.train
+    items, _, mask = train.history(np.arange(len(train)), 20)  # the preparation's max_len
+    gathered = np.bincount(items[mask], minlength=small_data.vocab.n_items)
+    from_coverage = np.bincount(train.event_item, weights=train.history_coverage(), minlength=len(gathered))
+    np.testing.assert_array_equal(from_coverage, gathered)
