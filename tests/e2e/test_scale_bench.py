@@ -26,7 +26,8 @@ def test_scale_benchmark_runs_end_to_end(tmp_path: Path) -> None:
             assert r[model]["samples_per_second"] > 0 and 0 <= r[model]["auc"] <= 1
             metrics = json.loads((out / "runs" / tag / model / "metrics.json").read_text())
             assert metrics["train_steps"] == 3 and metrics["data"]["eval_users"] == 50
-            assert metrics["samples"]["test"] < r["train_samples"] / 10  # evaluated on 50 users, not 30%
+            # 50 test users, not all 30% of them (whose samples number ≈ 0.47× the training samples')
+            assert metrics["samples"]["test"] < 0.3 * r["train_samples"]
     table = (out / "scale.md").read_text()
     assert table.count("\n") == 4 and "DIEN samples/s" in table
     assert (out / "scale.png").read_bytes()[:4] == b"\x89PNG"
