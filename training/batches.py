@@ -14,7 +14,10 @@ from training.samples import PAD, SampleSet
 
 
 class TensorSamples:
-    """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering."""
+    """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering.
+
+    The split's arrays keep their compact types (int32 items, int8 feedback, memory-mapped when cached);
+    only a batch is widened to the int64 indices the models take."""
 
     def __init__(self, s: SampleSet, max_len: int) -> None:
         self.event_item = torch.as_tensor(s.event_item)
@@ -24,7 +27,7 @@ class TensorSamples:
         self.length = torch.as_tensor(s.length)
         self.cand_item = torch.as_tensor(s.cand_item)
         self.cand_cat = torch.as_tensor(s.cand_cat)
-        self.label = torch.as_tensor(s.label)
+        self.label = torch.as_tensor(s.label, dtype=torch.float32)
         self.user_feats = torch.as_tensor(s.user_feats)
         self.offsets = torch.arange(max_len)
         self.n = len(s)
@@ -40,13 +43,13 @@ class TensorSamples:
         mask = self.offsets < length[:, None]  # (B, L)
         idx = torch.where(mask, self.end[rows, None] - length[:, None] + self.offsets, 0)  # (B, L)
         return {
-            "hist_items": torch.where(mask, self.event_item[idx], PAD),
-            "hist_cats": torch.where(mask, self.event_cat[idx], PAD),
-            "hist_feedback": torch.where(mask, self.event_feedback[idx], PAD),
+            "hist_items": torch.where(mask, self.event_item[idx].long(), PAD),
+            "hist_cats": torch.where(mask, self.event_cat[idx].long(), PAD),
+            "hist_feedback": torch.where(mask, self.event_feedback[idx].long(), PAD),
             "hist_mask": mask,
-            "cand_item": self.cand_item[rows],
-            "cand_cat": self.cand_cat[rows],
-            "user_feats": self.user_feats[rows],
+            "cand_item": self.cand_item[rows].long(),
+            "cand_cat": self.cand_cat[rows].long(),
+            "user_feats": self.user_feats[rows].long(),
         }
 
 

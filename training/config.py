@@ -41,6 +41,8 @@ class TrainConfig:
     patience: int = 2  # epochs without a better validation GAUC before stopping
     max_steps: int | None = None  # stop after this many optimiser steps in all (a timing or smoke run), then test
     eval_batch_size: int = 4096
+    min_count: int = 1  # items seen fewer times in the training events map to the OOV index
+    eval_users: int | None = None  # validate and test on this many seeded-random users of each split
     threads: int | None = None
     cache_dir: str | None = ".cache/prepared"
     progress: bool = True
@@ -186,6 +188,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--item-dim", type=int, default=ModelConfig.item_dim)
     p.add_argument("--category-dim", type=int, default=ModelConfig.category_dim)
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=d.min_count,
+        help="items seen fewer times in the training events map to the out-of-vocabulary index",
+    )
+    p.add_argument(
+        "--eval-users",
+        type=int,
+        default=d.eval_users,
+        help="validate and test on the samples of this many seeded-random users (big logs; default: all)",
+    )
     p.add_argument("--synthetic-users", type=int, default=SyntheticConfig.n_users, help="size of the synthetic log")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="prepared-data cache ('' to disable)")
@@ -238,6 +252,8 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         patience=args.patience,
         max_steps=args.max_steps,
         threads=args.threads,
+        min_count=args.min_count,
+        eval_users=args.eval_users,
         cache_dir=args.cache_dir or None,
         progress=not args.no_progress,
         optimiser=args.optimiser,

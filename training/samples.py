@@ -2,7 +2,9 @@
 
 A sample's history is stored by reference: ``end`` (exclusive) and ``length`` into its split's
 chronological event arrays, so a [B, L] batch is gathered on demand and nothing is copied L times.
-Index 0 is padding and index 1 the out-of-vocabulary index in every vocabulary.
+Index 0 is padding and index 1 the out-of-vocabulary index in every vocabulary. Both protocols work on
+the log's integer codes (training.events), never on its strings, and keep every array in the smallest
+integer type that holds it; prepared splits are cached as one .npy per array, memory-mapped on load.
 """
 
 from __future__ import annotations
@@ -10,100 +12,192 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN, FIRST_INDEX, OOV, PAD
 from training.datasets import BehaviourLog
+from training.events import EncodedLog, EventFiles
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("din-movielens", "implicit")
-CACHE_FORMAT = 2  # 2: event_feedback
+CACHE_FORMAT = 3  # 3: one .npy per array, compact dtypes, vocabulary as parquet, --min-count, --eval-users
+LogSource = BehaviourLog | EventFiles | EncodedLog
+
+
+def index_dtype(size: int) -> np.dtype:
+    """The smallest signed integer type holding 0..size-1."""
+    for dtype in (np.int8, np.int16, np.int32):
+        if size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _strings(values: object) -> pa.Array:
+    return pa.array(np.asarray(values, dtype=object), type=pa.string())
 
 
 @dataclass
 class Vocabulary:
-    """Raw id → index maps (indices start at FIRST_INDEX) and the item → category table."""
+    """Raw id → index maps (indices start at FIRST_INDEX) and each item's category.
 
-    items: list[str]
-    categories: list[str]
+    Held as Arrow string arrays and one int32 table, not Python objects: 10^7 items cost ≈ 150 MB here.
+    ``items``/``categories`` (Python lists) and ``to_json`` (the form checkpoints, exports and the server
+    read) are built on demand."""
+
+    item_ids: pa.Array  # (I,) raw ids, most frequent first
+    category_ids: pa.Array  # (C,)
     user_features: dict[str, list[str]]
-    item_category: dict[str, str]
+    item_category: np.ndarray  # (n_items,) category index of every item index; PAD/OOV rows map to PAD/OOV
 
-    def __post_init__(self) -> None:
-        self._item_index = pd.Index(self.items)
-        self._cat_index = pd.Index(self.categories)
-        self._feat_index = {k: pd.Index(v) for k, v in self.user_features.items()}
+    @cached_property
+    def items(self) -> list[str]:
+        return self.item_ids.to_pylist()
+
+    @cached_property
+    def categories(self) -> list[str]:
+        return self.category_ids.to_pylist()
 
     @property
     def n_items(self) -> int:
-        return len(self.items) + FIRST_INDEX
+        return len(self.item_ids) + FIRST_INDEX
 
     @property
     def n_categories(self) -> int:
-        return len(self.categories) + FIRST_INDEX
+        return len(self.category_ids) + FIRST_INDEX
 
     @property
     def feature_cardinalities(self) -> tuple[int, ...]:
         return tuple(len(v) + FIRST_INDEX for v in self.user_features.values())
 
     @staticmethod
-    def _encode(index: pd.Index, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
-        pos = index.get_indexer(pd.Index(np.asarray(values, dtype=object)))
-        return np.where(pos < 0, OOV, pos + FIRST_INDEX).astype(np.int64)
+    def _encode(value_set: pa.Array, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
+        pos = pc.index_in(_strings(values), value_set=value_set)
+        found = pos.is_valid().to_numpy(zero_copy_only=False)
+        return np.where(found, pos.fill_null(0).to_numpy(zero_copy_only=False) + FIRST_INDEX, OOV).astype(np.int64)
 
     def encode_items(self, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
-        return self._encode(self._item_index, values)
+        return self._encode(self.item_ids, values)
 
     def encode_categories(self, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
-        return self._encode(self._cat_index, values)
+        return self._encode(self.category_ids, values)
 
     def encode_feature(self, name: str, values: pd.Series | np.ndarray | list[str]) -> np.ndarray:
-        return self._encode(self._feat_index[name], values)
+        return self._encode(_strings(self.user_features[name]), values)
 
     def item_category_table(self) -> np.ndarray:
         """(n_items,) category index of every item index; PAD/OOV items map to PAD/OOV."""
-        table = np.array([PAD, OOV] + [0] * len(self.items), dtype=np.int64)
-        table[FIRST_INDEX:] = self.encode_categories([self.item_category[i] for i in self.items])
-        return table
+        return self.item_category.astype(np.int64)
 
     def to_json(self) -> dict[str, object]:
+        cats = self.category_ids.take(pa.array(self.item_category[FIRST_INDEX:] - FIRST_INDEX)).to_pylist()
         return {
             "items": self.items,
             "categories": self.categories,
             "user_features": self.user_features,
-            "item_category": self.item_category,
+            "item_category": dict(zip(self.items, cats, strict=True)),
         }
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> Vocabulary:
-        return cls(
-            items=list(d["items"]),  # type: ignore[call-overload]
-            categories=list(d["categories"]),  # type: ignore[call-overload]
+        items, item_category = list(d["items"]), dict(d["item_category"])  # type: ignore[call-overload]
+        vocab = cls(
+            item_ids=_strings(items),
+            category_ids=_strings(d["categories"]),
             user_features={k: list(v) for k, v in d["user_features"].items()},  # type: ignore[attr-defined]
-            item_category=dict(d["item_category"]),  # type: ignore[call-overload]
+            item_category=np.zeros(0, dtype=np.int32),
         )
+        table = vocab.encode_categories([item_category[i] for i in items])
+        vocab.item_category = np.r_[PAD, OOV, table].astype(np.int32)
+        return vocab
+
+    def save(self, folder: Path) -> None:
+        """Parquet (the ids) and JSON (the small feature lists): a 10^7-item vocabulary loads in seconds."""
+        items = pa.table({"item_id": self.item_ids, "category": self.item_category[FIRST_INDEX:]})
+        pq.write_table(items, folder / "vocab_items.parquet")
+        pq.write_table(pa.table({"category_id": self.category_ids}), folder / "vocab_categories.parquet")
+        (folder / "vocab_features.json").write_text(json.dumps(self.user_features))
 
     @classmethod
-    def build(cls, events: pd.DataFrame, users: pd.DataFrame | None) -> Vocabulary:
-        """Vocabulary of the training events, items ordered by decreasing frequency."""
-        items = events["item_id"].value_counts(sort=True).index.astype(str).tolist()
-        cats = events["category_id"].value_counts(sort=True).index.astype(str).tolist()
-        item_category = dict(zip(events["item_id"].astype(str), events["category_id"].astype(str), strict=True))
-        feats: dict[str, list[str]] = {}
-        if users is not None:
-            seen = users.loc[users.index.intersection(pd.Index(events["user_id"].unique()))]
-            feats = {c: sorted(seen[c].astype(str).unique().tolist()) for c in users.columns}
-        return cls(items, cats, feats, item_category)
+    def load(cls, folder: Path) -> Vocabulary:
+        items = pq.read_table(folder / "vocab_items.parquet")
+        cats = pq.read_table(folder / "vocab_categories.parquet")
+        table = items.column("category").to_numpy().astype(np.int32)
+        return cls(
+            item_ids=items.column("item_id").combine_chunks(),
+            category_ids=cats.column("category_id").combine_chunks(),
+            user_features=json.loads((folder / "vocab_features.json").read_text()),
+            item_category=np.r_[np.array([PAD, OOV], dtype=np.int32), table],
+        )
+
+
+@dataclass
+class _Coding:
+    """Raw code → vocabulary index maps of one log, with what the vocabulary left out."""
+
+    item: np.ndarray  # (raw items,) index, OOV for items not in the vocabulary
+    category: np.ndarray  # (raw categories,)
+    user_feats: np.ndarray  # (U, F) each user's feature indices (OOV: missing or unseen value)
+    oov: dict[str, int]
+
+
+def _by_frequency(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw codes by decreasing count, ties in order of first occurrence, as pandas' value_counts; counts)."""
+    counts = np.bincount(codes, minlength=size)
+    first_seen = pd.unique(codes)
+    return first_seen[np.argsort(-counts[first_seen], kind="stable")], counts
+
+
+def build_vocabulary(log_: EncodedLog, train_rows: np.ndarray, min_count: int = 1) -> tuple[Vocabulary, _Coding]:
+    """The vocabulary of the training events (``train_rows``, in log order): items seen at least
+    ``min_count`` times, most frequent first; every category; the feature values of the training users."""
+    train_items = log_.item[train_rows]
+    ranked, counts = _by_frequency(train_items, len(log_.item_ids))
+    kept = ranked[counts[ranked] >= min_count]
+    rare = ranked[counts[ranked] < min_count]
+    cat_ranked, _ = _by_frequency(log_.category[train_rows], len(log_.category_ids))
+    item_map = np.full(len(log_.item_ids), OOV, dtype=index_dtype(kept.size + FIRST_INDEX))
+    item_map[kept] = np.arange(FIRST_INDEX, kept.size + FIRST_INDEX)
+    cat_map = np.full(len(log_.category_ids), OOV, dtype=index_dtype(cat_ranked.size + FIRST_INDEX))
+    cat_map[cat_ranked] = np.arange(FIRST_INDEX, cat_ranked.size + FIRST_INDEX)
+    # each item's category: the one of its last training event (numpy assigns repeated indices in order)
+    last_cat = np.zeros(len(log_.item_ids), dtype=np.int32)
+    last_cat[train_items] = log_.category[train_rows]
+    del train_items
+    item_category = np.r_[np.array([PAD, OOV]), cat_map[last_cat[kept]]].astype(np.int32)
+    train_users = np.unique(log_.user[train_rows])
+    features: dict[str, list[str]] = {}
+    columns = []
+    for name, f in log_.user_features.items():
+        seen = np.unique(f.codes[train_users])
+        seen = seen[seen >= 0]
+        values = f.values.take(pa.array(seen))
+        order = pc.sort_indices(values).to_numpy()
+        features[name] = values.take(pa.array(order)).to_pylist()
+        value_map = np.full(len(f.values) + 1, OOV, dtype=np.int64)  # the last slot: missing (code -1)
+        value_map[seen[order]] = np.arange(FIRST_INDEX, seen.size + FIRST_INDEX)
+        columns.append(value_map[f.codes])
+    width = max((len(v) + FIRST_INDEX for v in features.values()), default=FIRST_INDEX)
+    user_feats = np.stack(columns, axis=1) if columns else np.zeros((len(log_.user_ids), 0))
+    vocab = Vocabulary(
+        log_.item_ids.take(pa.array(kept)), log_.category_ids.take(pa.array(cat_ranked)), features, item_category
+    )
+    oov = {"min_count": min_count, "items": int(rare.size), "item_events": int(counts[rare].sum())}
+    return vocab, _Coding(item_map, cat_map, user_feats.astype(index_dtype(width)), oov)
 
 
 @dataclass
 class SampleSet:
-    """One split. Event arrays are chronological per user; samples point into them."""
+    """One split. Event arrays are chronological per user; samples point into them. Integer arrays are of
+    the smallest type that holds them (int32 items, int8 labels and feedback, …); callers cast batches."""
 
     event_item: np.ndarray  # (E,) item index
     event_cat: np.ndarray  # (E,) category index
@@ -112,7 +206,7 @@ class SampleSet:
     length: np.ndarray  # (N,) history length, 0..max_len
     cand_item: np.ndarray  # (N,)
     cand_cat: np.ndarray  # (N,)
-    label: np.ndarray  # (N,) float32 0/1
+    label: np.ndarray  # (N,) int8 0/1
     user: np.ndarray  # (N,) user index, for GAUC
     user_feats: np.ndarray  # (N, F) user-feature indices
 
@@ -138,13 +232,34 @@ class SampleSet:
         idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
         return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD)
 
-    def save(self, path: Path) -> None:
-        np.savez(path, **asdict(self))
+    def restricted_to(self, users: np.ndarray) -> SampleSet:
+        """The samples of the given users only (the event arrays are shared, not copied)."""
+        rows = np.flatnonzero(np.isin(self.user, users))
+        per_sample = ("end", "length", "cand_item", "cand_cat", "label", "user", "user_feats")
+        return SampleSet(
+            **{
+                f.name: getattr(self, f.name)[rows] if f.name in per_sample else getattr(self, f.name)
+                for f in fields(self)
+            }
+        )
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in fields(self):
+            np.save(folder / f"{f.name}.npy", getattr(self, f.name))
 
     @classmethod
-    def load(cls, path: Path) -> SampleSet:
-        with np.load(path) as z:
-            return cls(**{k: z[k] for k in z.files})
+    def load(cls, folder: Path) -> SampleSet:
+        """Memory-mapped copy-on-write: pages are read on first touch and shared with the page cache, and
+        the arrays stay writable for callers that wrap them (torch warns on read-only arrays)."""
+        return cls(**{f.name: _load_array(folder / f"{f.name}.npy") for f in fields(cls)})
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="c")
+    except ValueError:  # an empty array has no bytes to map
+        return np.load(path)
 
 
 @dataclass
@@ -156,31 +271,12 @@ class PreparedData:
     info: dict[str, object] = field(default_factory=dict)
 
 
-def _sort_events(events: pd.DataFrame) -> pd.DataFrame:
-    return events.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-
-
-def _labels(events: pd.DataFrame) -> np.ndarray:
-    if "rating" in events.columns:
-        return (events["rating"].to_numpy() >= 4).astype(np.float32)
-    return events["label"].to_numpy().astype(np.float32)
-
-
-def _feedback(events: pd.DataFrame) -> np.ndarray:
-    """(E,) each behaviour's own outcome as history feedback: negative/positive for labelled logs, unknown
+def _feedback(log_: EncodedLog, rows: np.ndarray) -> np.ndarray:
+    """Each behaviour's own outcome as history feedback: negative/positive for labelled logs, unknown
     otherwise (an implicit log's behaviours are all interactions; their outcome is not observed)."""
-    if "rating" not in events.columns and "label" not in events.columns:
-        return np.full(len(events), FEEDBACK_UNKNOWN, dtype=np.int64)
-    return FEEDBACK_NEGATIVE + _labels(events).astype(np.int64)
-
-
-def _user_feature_matrix(vocab: Vocabulary, users: pd.DataFrame | None, user_ids: np.ndarray) -> np.ndarray:
-    """(n, F) feature indices of each user id; unknown users/values → OOV."""
-    if users is None or not vocab.user_features:
-        return np.zeros((len(user_ids), 0), dtype=np.int64)
-    table = users.reindex(pd.Index(user_ids.astype(str)))
-    cols = [vocab.encode_feature(name, table[name].fillna("\0").astype(str)) for name in vocab.user_features]
-    return np.stack(cols, axis=1)
+    if log_.label is None:
+        return np.full(rows.size, FEEDBACK_UNKNOWN, dtype=np.int8)
+    return (FEEDBACK_NEGATIVE + log_.label[rows]).astype(np.int8)
 
 
 def _positions(user_codes: np.ndarray) -> np.ndarray:
@@ -192,52 +288,66 @@ def _positions(user_codes: np.ndarray) -> np.ndarray:
 
 
 def _split_samples(
-    events: pd.DataFrame,
-    users: pd.DataFrame | None,
-    vocab: Vocabulary,
-    max_len: int,
-    rows: np.ndarray | None = None,
+    log_: EncodedLog, coding: _Coding, events: np.ndarray, max_len: int, rows: np.ndarray | None = None
 ) -> SampleSet:
-    """Samples for every event at position t ≥ 1 of a user-sorted event frame (or only ``rows``)."""
-    user_codes, user_uniques = pd.factorize(events["user_id"], sort=False)
-    pos = _positions(user_codes)
-    event_item = vocab.encode_items(events["item_id"])
-    event_cat = vocab.encode_categories(events["category_id"])
+    """Samples for every event at position t ≥ 1 of the log rows ``events`` (whole users, in log order),
+    or only for the positions ``rows`` of those."""
+    raw_user = log_.user[events]
+    new_user = np.r_[True, raw_user[1:] != raw_user[:-1]] if events.size else np.zeros(0, dtype=bool)
+    user = np.cumsum(new_user) - 1  # (E,) dense user index inside the split, in log order
+    pos = _positions(user)
+    event_item = coding.item[log_.item[events]]
+    event_cat = coding.category[log_.category[events]]
     sel = np.flatnonzero(pos >= 1) if rows is None else rows
-    feats = _user_feature_matrix(vocab, users, np.asarray(user_uniques))
+    label = np.ones(sel.size, dtype=np.int8) if rows is not None or log_.label is None else log_.label[events[sel]]
+    user_first = np.flatnonzero(new_user)  # (U_split,) first event of each user
+    feats = coding.user_feats[raw_user[user_first]]  # (U_split, F)
     return SampleSet(
         event_item=event_item,
         event_cat=event_cat,
-        event_feedback=_feedback(events),
-        end=sel.astype(np.int64),
-        length=np.minimum(pos[sel], max_len).astype(np.int64),
+        event_feedback=_feedback(log_, events),
+        end=sel.astype(index_dtype(events.size + 1)),
+        length=np.minimum(pos[sel], max_len).astype(index_dtype(max_len + 1)),
         cand_item=event_item[sel],
         cand_cat=event_cat[sel],
-        label=_labels(events)[sel] if rows is None else np.ones(sel.size, dtype=np.float32),
-        user=user_codes[sel].astype(np.int64),
-        user_feats=feats[user_codes[sel]],
+        label=label.astype(np.int8),
+        user=user[sel].astype(index_dtype(max(user_first.size, 1))),
+        user_feats=feats[user[sel]],
     )
 
 
 def prepare_din_movielens(
-    log_: BehaviourLog, max_len: int, seed: int, test_fraction: float = 0.3, valid_fraction: float = 0.1
+    log_: LogSource,
+    max_len: int,
+    seed: int,
+    test_fraction: float = 0.3,
+    valid_fraction: float = 0.1,
+    min_count: int = 1,
 ) -> PreparedData:
     """Split users (seeded shuffle) into 70% train / 30% test; validation users carved from train."""
     if not log_.has_labels:
         raise ValueError(f"{log_.name}: the din-movielens protocol needs a rating or label column")
-    events = _sort_events(log_.events)
-    uniq = np.sort(events["user_id"].unique())
-    perm = np.random.default_rng(seed).permutation(uniq)
-    n_test = round(test_fraction * len(perm))
-    n_valid = max(1, round(valid_fraction * (len(perm) - n_test)))
-    test_u, valid_u, train_u = perm[:n_test], perm[n_test : n_test + n_valid], perm[n_test + n_valid :]
-    parts = {
-        name: events[events["user_id"].isin(u)]
-        for name, u in (("train", train_u), ("valid", valid_u), ("test", test_u))
+    encoded = log_.encode()
+    n_users = len(encoded.user_ids)
+    perm = np.random.default_rng(seed).permutation(n_users)  # user codes are in id order
+    n_test = round(test_fraction * n_users)
+    n_valid = max(1, round(valid_fraction * (n_users - n_test)))
+    split_of_user = np.empty(n_users, dtype=np.int8)  # 0 train, 1 valid, 2 test
+    split_of_user[perm[:n_test]] = 2
+    split_of_user[perm[n_test : n_test + n_valid]] = 1
+    split_of_user[perm[n_test + n_valid :]] = 0
+    split_of_event = split_of_user[encoded.user]
+    train_rows = np.flatnonzero(split_of_event == 0)
+    vocab, coding = build_vocabulary(encoded, train_rows, min_count)
+    sets = {}
+    for code, name in enumerate(("train", "valid", "test")):
+        events = train_rows if code == 0 else np.flatnonzero(split_of_event == code)
+        sets[name] = _split_samples(encoded, coding, events, max_len)
+    counts = np.bincount(split_of_user, minlength=3)
+    info: dict[str, object] = {
+        "users": {"train": int(counts[0]), "valid": int(counts[1]), "test": int(counts[2])},
+        "oov": coding.oov,
     }
-    vocab = Vocabulary.build(parts["train"], log_.users)
-    sets = {k: _split_samples(v.reset_index(drop=True), log_.users, vocab, max_len) for k, v in parts.items()}
-    info: dict[str, object] = {"users": {"train": len(train_u), "valid": len(valid_u), "test": len(test_u)}}
     return PreparedData(sets["train"], sets["valid"], sets["test"], vocab, info)
 
 
@@ -254,19 +364,19 @@ def _sample_negatives(
     return neg
 
 
-def prepare_implicit(log_: BehaviourLog, max_len: int, seed: int) -> PreparedData:
+def prepare_implicit(log_: LogSource, max_len: int, seed: int, min_count: int = 1) -> PreparedData:
     """Every behaviour is a positive paired with one sampled negative; leave-last-out per user.
 
     The last sample of each user is test, the one before it validation, the rest training.
     """
-    events = _sort_events(log_.events)
-    user_codes = pd.factorize(events["user_id"], sort=False)[0]
+    encoded = log_.encode()
+    user_codes = encoded.user
     pos = _positions(user_codes)
-    last = np.r_[user_codes[1:] != user_codes[:-1], True]  # (E,) last event of its user
+    last = np.r_[user_codes[1:] != user_codes[:-1], True] if user_codes.size else np.zeros(0, dtype=bool)
     second_last = np.r_[last[1:], False] & ~last
-    vocab = Vocabulary.build(events[~last], log_.users)
+    vocab, coding = build_vocabulary(encoded, np.flatnonzero(~last), min_count)
     base = vocab.n_items
-    event_item = vocab.encode_items(events["item_id"])
+    event_item = coding.item[encoded.item]
     seen_keys = np.unique(user_codes.astype(np.int64) * base + event_item)
     item_cat = vocab.item_category_table()
     rng = np.random.default_rng(seed)
@@ -275,54 +385,82 @@ def prepare_implicit(log_: BehaviourLog, max_len: int, seed: int) -> PreparedDat
         "valid": np.flatnonzero(second_last & (pos >= 1)),
         "train": np.flatnonzero(~last & ~second_last & (pos >= 1)),
     }
+    everything = np.arange(len(encoded))
     sets: dict[str, SampleSet] = {}
     for name, rows in split_rows.items():
-        positive = _split_samples(events, log_.users, vocab, max_len, rows=rows)
-        neg_item = _sample_negatives(rng, positive.user, seen_keys, vocab.n_items, base)
+        positive = _split_samples(encoded, coding, everything, max_len, rows=rows)
+        neg_item = _sample_negatives(rng, positive.user.astype(np.int64), seen_keys, vocab.n_items, base)
         sets[name] = SampleSet(
             event_item=positive.event_item,
             event_cat=positive.event_cat,
             event_feedback=positive.event_feedback,
             end=np.r_[positive.end, positive.end],
             length=np.r_[positive.length, positive.length],
-            cand_item=np.r_[positive.cand_item, neg_item],
-            cand_cat=np.r_[positive.cand_cat, item_cat[neg_item]],
-            label=np.r_[np.ones(rows.size), np.zeros(rows.size)].astype(np.float32),
+            cand_item=np.r_[positive.cand_item, neg_item.astype(positive.cand_item.dtype)],
+            cand_cat=np.r_[positive.cand_cat, item_cat[neg_item].astype(positive.cand_cat.dtype)],
+            label=np.r_[np.ones(rows.size), np.zeros(rows.size)].astype(np.int8),
             user=np.r_[positive.user, positive.user],
             user_feats=np.r_[positive.user_feats, positive.user_feats],
         )
-    return PreparedData(sets["train"], sets["valid"], sets["test"], vocab, {"users": int(user_codes.max() + 1)})
+    info = {"users": len(encoded.user_ids), "oov": coding.oov}
+    return PreparedData(sets["train"], sets["valid"], sets["test"], vocab, info)
+
+
+def _eval_sample(data: PreparedData, eval_users: int, seed: int) -> None:
+    """Keep the samples of at most ``eval_users`` seeded-random users in validation and test, in place."""
+    rng = np.random.default_rng([seed, eval_users])
+    for name in ("valid", "test"):
+        split: SampleSet = getattr(data, name)
+        users = np.unique(split.user)
+        if users.size > eval_users:
+            setattr(data, name, split.restricted_to(rng.choice(users, eval_users, replace=False)))
 
 
 def prepare(
-    log_: BehaviourLog,
+    log_: LogSource,
     protocol: str,
     max_len: int = 50,
     seed: int = 0,
     cache_dir: Path | None = None,
+    min_count: int = 1,
+    eval_users: int | None = None,
 ) -> PreparedData:
-    """Prepare (or load from ``cache_dir``) the three splits and the vocabulary."""
+    """Prepare (or load from ``cache_dir``) the three splits and the vocabulary.
+
+    ``min_count``: items seen fewer times in the training events map to OOV (counted in ``info["oov"]``).
+    ``eval_users``: validation and test keep the samples of this many seeded-random users of theirs."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    key_src = json.dumps([CACHE_FORMAT, log_.name, log_.fingerprint, log_.user_feature_names, protocol, max_len, seed])
+    key_src = json.dumps(
+        [CACHE_FORMAT, log_.name, log_.fingerprint, log_.user_feature_names, protocol, max_len, seed, min_count]
+    )
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     folder = None if cache_dir is None else Path(cache_dir) / f"{log_.name}-{protocol}-{key}"
-    if folder is not None and (folder / "vocab.json").exists():
+    if folder is not None and (folder / "info.json").exists():
         log.info("prepared data from cache %s", folder)
-        vocab = Vocabulary.from_json(json.loads((folder / "vocab.json").read_text()))
         info = json.loads((folder / "info.json").read_text())
-        train, valid, test = (SampleSet.load(folder / f"{s}.npz") for s in ("train", "valid", "test"))
-        return PreparedData(train, valid, test, vocab, {**info, "cached": True})
-    fn = prepare_din_movielens if protocol == "din-movielens" else prepare_implicit
-    data = fn(log_, max_len, seed)
-    data.info.update({"protocol": protocol, "max_len": max_len, "seed": seed, "dataset": log_.name})
-    if folder is not None:
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for s in ("train", "valid", "test"):
-            getattr(data, s).save(tmp / f"{s}.npz")
-        (tmp / "info.json").write_text(json.dumps(data.info))
-        (tmp / "vocab.json").write_text(json.dumps(data.vocab.to_json()))
-        tmp.replace(folder)
-    data.info["cached"] = False
+        train, valid, test = (SampleSet.load(folder / s) for s in ("train", "valid", "test"))
+        data = PreparedData(train, valid, test, Vocabulary.load(folder), {**info, "cached": True})
+    else:
+        fn = prepare_din_movielens if protocol == "din-movielens" else prepare_implicit
+        data = fn(log_, max_len, seed, min_count=min_count)
+        data.info.update({"protocol": protocol, "max_len": max_len, "seed": seed, "dataset": log_.name})
+        if folder is not None:
+            tmp = folder.with_name(folder.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for s in ("train", "valid", "test"):
+                getattr(data, s).save(tmp / s)
+            data.vocab.save(tmp)
+            (tmp / "info.json").write_text(json.dumps(data.info))
+            tmp.replace(folder)
+        data.info["cached"] = False
+    oov = data.info["oov"]
+    assert isinstance(oov, dict)
+    if oov["items"]:
+        log.info(
+            "%d items seen < %d times map to OOV (%d training events)", oov["items"], min_count, oov["item_events"]
+        )
+    if eval_users is not None:
+        _eval_sample(data, eval_users, seed)
+        data.info["eval_users"] = eval_users
     return data

@@ -107,7 +107,8 @@ def load_data(cfg: TrainConfig) -> PreparedData:
     blog = blog.with_user_features(cfg.user_features)
     protocol = cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
     t0 = time.perf_counter()
-    data = prepare(blog, protocol, cfg.max_len, cfg.seed, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    data = prepare(blog, protocol, cfg.max_len, cfg.seed, cache, cfg.min_count, cfg.eval_users)
     sizes = {k: len(getattr(data, k)) for k in ("train", "valid", "test")}
     log.info("data ready in %.1fs (cached=%s): %s", time.perf_counter() - t0, data.info.get("cached"), sizes)
     return data
