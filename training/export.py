@@ -242,9 +242,10 @@ def _test_auc(session: ort.InferenceSession, ckpt: dict[str, Any]) -> float:
             "hist_items": items,
             "hist_cats": cats,
             "hist_mask": mask,
-            "user_feats": test.user_feats[rows],
-            "cand_items": test.cand_item[rows],
-            "cand_cats": test.cand_cat[rows],
+            # the split keeps compact dtypes; the graph's index inputs are int64
+            "user_feats": test.user_feats[rows].astype(np.int64),
+            "cand_items": test.cand_item[rows].astype(np.int64),
+            "cand_cats": test.cand_cat[rows].astype(np.int64),
             "cand_user": np.arange(rows.size, dtype=np.int64),
         }
         if FEEDBACK_INPUT in {i.name for i in session.get_inputs()}:

@@ -214,14 +214,15 @@ class SampleSet:
         return int(self.label.shape[0])
 
     def history(self, rows: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Gather (items, categories, mask), each (B, max_len), oldest first and right-padded."""
+        """Gather (items, categories, mask), each (B, max_len), oldest first and right-padded; indices widened
+        to int64 (the models' and the exported graphs' index type) from the compact stored dtypes."""
         offsets = np.arange(max_len)  # (L,)
         length = self.length[rows]  # (B,)
         idx = self.end[rows, None] - length[:, None] + offsets  # (B, L)
         mask = offsets < length[:, None]  # (B, L)
         idx = np.where(mask, idx, 0)
-        items = np.where(mask, self.event_item[idx], PAD)
-        cats = np.where(mask, self.event_cat[idx], PAD)
+        items = np.where(mask, self.event_item[idx], PAD).astype(np.int64)
+        cats = np.where(mask, self.event_cat[idx], PAD).astype(np.int64)
         return items, cats, mask
 
     def history_feedback(self, rows: np.ndarray, max_len: int) -> np.ndarray:
@@ -230,7 +231,7 @@ class SampleSet:
         length = self.length[rows]  # (B,)
         mask = offsets < length[:, None]  # (B, L)
         idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
-        return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD)
+        return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD).astype(np.int64)
 
     def restricted_to(self, users: np.ndarray) -> SampleSet:
         """The samples of the given users only (the event arrays are shared, not copied)."""
