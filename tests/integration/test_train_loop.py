@@ -165,3 +165,18 @@ def test_bf16_autocast_on_cpu_trains_a_model_as_good_as_fp32(tiny: PreparedData,
     for model in ("din", "dien"):
         assert auc[model, "bf16"] > 0.6, auc
         assert auc[model, "bf16"] == pytest.approx(auc[model, "fp32"], abs=0.03), auc
+
+
+def test_resume_says_what_is_missing_or_wrong(tiny: PreparedData, tmp_path: Path) -> None:
+    """The error paths of --resume: a folder with no saved state, and a state saved by another number of
+    processes (its steps' rows and random streams would differ); a bad step setting fails before training."""
+    with pytest.raises(SystemExit, match=STATE_NAME):
+        resume_config(tmp_path / "never-trained")
+    cfg = {**EXACT, "model": "din", "epochs": 1, "out": str(tmp_path / "run")}
+    train(TrainConfig(**cfg), tiny)
+    state = torch.load(tmp_path / "run" / STATE_NAME, weights_only=True)
+    torch.save({**state, "world": 2}, tmp_path / "run" / STATE_NAME)
+    with pytest.raises(ValueError, match="saved by 2 processes, resumed by 1"):
+        train(TrainConfig(**cfg, resume=True), tiny)
+    with pytest.raises(ValueError, match="--accumulate"):
+        train(TrainConfig(**{**cfg, "out": str(tmp_path / "bad")}, accumulate=0), tiny)
