@@ -12,7 +12,8 @@ import argparse
 import json
 import logging
 
-from training.config import add_train_arguments, config_from_args
+from training.config import add_train_arguments
+from training.recipes import config_from_command_line
 from training.train import load_data
 
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     add_train_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(args, model="din", out="")
+    # a recipe's data settings (max_len, min_count, protocol, ...) make the cache key the run will look up
+    cfg = config_from_command_line(p, args, argv, model="din", out="")
     data = load_data(cfg)
     summary = {
         "samples": {k: len(getattr(data, k)) for k in ("train", "valid", "test")},

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from models import ModelConfig
-from training.config import CompareConfig, TrainConfig, field_of_flag
+from training.config import CompareConfig, TrainConfig, config_from_args, field_of_flag, given_flags
 from training.datasets import SyntheticConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -183,3 +183,13 @@ def recipe_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Re
         return load_recipe(args.recipe)
     except RecipeError as e:
         p.error(str(e))
+
+
+def config_from_command_line(
+    p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None, model: str, out: str
+) -> TrainConfig:
+    """The run's TrainConfig from a parsed command line: its flags, under them the ``--recipe`` (if any),
+    under both the defaults."""
+    cfg = config_from_args(args, model, out)
+    recipe = recipe_from_args(p, args)
+    return cfg if recipe is None else apply_recipe(cfg, recipe, given_flags(p, argv))

@@ -35,12 +35,12 @@ from models import CTRModel, ModelConfig, build_model
 from models.fast_training import training_form
 from training import distributed, run_state
 from training.batches import TensorSamples, add_negatives, drop_history, to_device
-from training.config import TrainConfig, add_train_arguments, config_from_args, given_flags, model_config
+from training.config import TrainConfig, add_train_arguments, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.distributed import Ranks
 from training.metrics import evaluate
 from training.optim import build_optimisers
-from training.recipes import apply_recipe, recipe_from_args
+from training.recipes import config_from_command_line
 from training.regularization import Batch, MiniBatchAwareL2, mba_terms
 from training.run_state import STATE_NAME, Progress
 from training.samples import PreparedData, SampleSet, prepare
@@ -408,10 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         cfg = resume_config(Path(args.resume))
     else:
-        cfg = config_from_args(args, args.model, args.out or "")
-        recipe = recipe_from_args(p, args)
-        if recipe is not None:
-            cfg = apply_recipe(cfg, recipe, given_flags(p, argv))
+        cfg = config_from_command_line(p, args, argv, args.model, args.out or "")
         if not cfg.out:
             p.error("--out RUN_DIR is required (or `out` in the recipe, or --resume RUN_DIR)")
     result = train(cfg)

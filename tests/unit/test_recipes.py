@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -143,3 +144,13 @@ def test_compare_settings_come_from_the_recipe_unless_given(tmp_path: Path) -> N
     flags = CompareConfig(models=("din",), repeats=1, splits=1)
     assert resolve_compare(flags, recipe, {"splits"}) == CompareConfig(("base", "din"), 2, 1)
     assert resolve_compare(flags, None, set()) == flags
+
+
+def test_prepare_reads_the_recipe_as_training_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """training.prepare fills the cache a run will look up: the recipe's data settings must reach it."""
+    from training import prepare
+
+    recipe = _write(tmp_path, 'dataset = "synthetic"\nmax_len = 7\n[synthetic]\nn_users = 60\n')
+    prepare.main(["--recipe", recipe, "--cache-dir", str(tmp_path / "cache")])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["max_len"] == 7 and summary["dataset"] == "synthetic"
