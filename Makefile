@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the system tools the tests run for real (redis-server, prometheus/promtool, docker-compose, nginx, kubectl;
+# the system tools the tests run for real (redis-server, prometheus/promtool, docker-compose, nginx, kubectl, chromium;
 # hadolint and kubernetes-validate from the dev extra):
 # located, or installed when missing (see the script's header)
 tools: $(STAMP)

@@ -11,7 +11,7 @@ from app import errors, interpreter
 from app.auth import require_key, warn_if_open
 from app.metrics import Metrics
 from app.middleware import LimitsAndMetrics
-from app.routes import events, health, models, score
+from app.routes import events, health, models, score, ui
 from app.settings import Settings
 from app.state import AppState
 
@@ -46,5 +46,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(models.admin)
     app.include_router(health.router)
+    app.include_router(ui.router)
     score.document(app)
     return app

