@@ -14,11 +14,12 @@ returns them) and FILE.json beside it; prints the probabilities.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,8 @@ class Explanation:
     held_out: list[Behaviour]  # the behaviours after the history: the default candidates
     probability: np.ndarray  # (N,)
     attention: np.ndarray  # (N, L)
+    sessions: list[list[int]] | None = None  # DSIN: history indices of each session, most recent session first
+    session_weights: np.ndarray | None = None  # DSIN: (N, K) each candidate's weight on each session
 
     def to_json(self) -> dict[str, Any]:
         next_items = {b.item_id: b.label for b in self.held_out}
@@ -79,11 +82,15 @@ class Explanation:
                     "category_id": cat,
                     "probability": float(p),
                     "attention": [float(a) for a in att],
+                    **({} if self.session_weights is None else {"session_weights": self.session_weights[r].tolist()}),
                     "held_out": item in next_items,  # the user's next behaviour, not in the history
                     "label": next_items.get(item),
                 }
-                for (item, cat), p, att in zip(self.candidates, self.probability, self.attention, strict=True)
+                for r, ((item, cat), p, att) in enumerate(
+                    zip(self.candidates, self.probability, self.attention, strict=True)
+                )
             ],
+            **({} if self.sessions is None else {"sessions": self.sessions}),  # as /score answers for DSIN
         }
 
 
@@ -135,15 +142,23 @@ def vocab_category(vocab: Vocabulary, item_id: str) -> str | None:
     return str(vocab.categories[cat - FIRST_INDEX]) if cat >= FIRST_INDEX else None
 
 
+class Scored(NamedTuple):
+    probability: np.ndarray  # (N,)
+    attention: np.ndarray  # (N, L) most recent first
+    sessions: list[list[int]] | None  # DSIN: each session's history indices (most recent first), latest session first
+    session_weights: np.ndarray | None  # DSIN: (N, K)
+
+
 def score(
     model: CTRModel,
     vocab: Vocabulary,
     history: list[Behaviour],
     user_feats: np.ndarray,
     candidates: list[tuple[str, str | None]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (N,) and attention (N, L) from the model's forward, the history repeated per candidate;
-    the attention columns are returned most recent first, as /score returns them."""
+) -> Scored:
+    """Probabilities and attention from the model's forward, the history repeated per candidate; the attention
+    columns are returned most recent first, as /score returns them. A model that reads sessions (DSIN) gets the
+    history divided as training divides it, and its session weights are returned too."""
     n, width = len(candidates), max(1, len(history))
     hist_items = np.zeros(width, dtype=np.int64)  # oldest first, right-padded: the models' layout
     hist_cats = np.zeros(width, dtype=np.int64)
@@ -169,11 +184,27 @@ def score(
     }
     if model.cfg.history_feedback:
         inputs["hist_feedback"] = rows(feedback)  # (N, L)
-    with torch.no_grad():
-        out = model(**inputs)
+    sessions = weights = None
+    if getattr(model, "uses_sessions", False):
+        # DSIN (issue 17): the top-level `sessions` module divides histories for training and serving alike;
+        # imported by name so this file does not depend on it for the models that need no sessions
+        division = importlib.import_module("sessions")
+        dsin: Any = model  # its session API (session_spec, sessions_forward) is DSIN's own, not CTRModel's
+        times = np.zeros((1, width), dtype=np.int64)
+        times[0, : len(history)] = [b.timestamp for b in history]
+        index, smask = division.session_layout(times, mask[None], dsin.cfg.session_spec)  # (1, K, T)
+        inputs["sess_index"], inputs["sess_mask"] = rows(index[0]), rows(smask[0])  # (N, K, T)
+        members: list[list[int]] = division.session_members(index[0], smask[0])  # positions, oldest first
+        sessions = [[len(history) - 1 - j for j in sorted(m, reverse=True)] for m in members]
+        with torch.no_grad():
+            out = dsin.sessions_forward(**inputs)
+        weights = out.session_weights.numpy()[:, : len(members)].astype(np.float64)  # (N, sessions present)
+    else:
+        with torch.no_grad():
+            out = model(**inputs)
     prob = torch.sigmoid(out.logits).numpy()  # (N,)
     att = out.attention.numpy()[:, : len(history)]  # (N, len(history)) oldest first
-    return prob.astype(np.float64), att[:, ::-1].astype(np.float64)
+    return Scored(prob.astype(np.float64), att[:, ::-1].astype(np.float64), sessions, weights)
 
 
 def explain(
@@ -205,13 +236,25 @@ def explain(
     # a candidate's category: the vocabulary's (as the service looks it up), else the user's own log's
     with_cats = [(c, vocab_category(vocab, c) or in_log.get(c)) for c in candidates]
     profile = user_profile(log, user_id, vocab)
-    prob, att = score(model, vocab, history_oldest_first, encode_profile(profile, vocab), with_cats)
-    return Explanation(ckpt["model"], user_id, profile, history_oldest_first[::-1], with_cats, held_out, prob, att)
+    scored = score(model, vocab, history_oldest_first, encode_profile(profile, vocab), with_cats)
+    return Explanation(
+        ckpt["model"],
+        user_id,
+        profile,
+        history_oldest_first[::-1],
+        with_cats,
+        held_out,
+        scored.probability,
+        scored.attention,
+        scored.sessions,
+        scored.session_weights,
+    )
 
 
 def heatmap(ex: Explanation, out: Path) -> None:
     """Rows: candidates (item · category), their probability on the right; columns: history items, most recent
-    first, labelled item / category; colour: attention weight."""
+    first, labelled item / category; colour: attention weight. DSIN's sessions: a line between sessions, their
+    numbers on top, each candidate's session weights beside its probability."""
     n, length = len(ex.candidates), len(ex.history)
     width = min(40.0, 3.0 + 0.42 * max(length, 4))
     height = min(30.0, 2.2 + 0.38 * n)
@@ -226,9 +269,13 @@ def heatmap(ex: Explanation, out: Path) -> None:
         ax.set_xticks([0], ["(no history)"])
     ax.set_xlabel("history: item / category, most recent first")
     ax.set_ylabel("candidate: item · category")
+    if ex.sessions:
+        _draw_sessions(ax, ex.sessions)
     held = {b.item_id for b in ex.held_out}
     for row, ((item, _), p) in enumerate(zip(ex.candidates, ex.probability, strict=True)):
         mark = " (next)" if item in held else ""
+        if ex.session_weights is not None:
+            mark += "  sessions " + " ".join(f"{w:.2f}" for w in ex.session_weights[row])
         ax.annotate(
             f"p={p:.4f}{mark}",
             xy=(1.0, row),
@@ -241,6 +288,18 @@ def heatmap(ex: Explanation, out: Path) -> None:
     ax.set_title(f"{ex.model}: attention of user {ex.user_id}'s candidates over the history")
     fig.colorbar(image, ax=ax, label="attention", pad=0.12)
     fig.savefig(out)
+
+
+def _draw_sessions(ax: Any, sessions: list[list[int]]) -> None:
+    """A white line where a session ends, and "s1" (the most recent), "s2", ... above each session's columns."""
+    top = ax.secondary_xaxis("top")
+    centres, names = [], []
+    for k, members in enumerate(sessions):
+        if members:
+            centres.append((min(members) + max(members)) / 2)
+            names.append(f"s{k + 1}")
+            ax.axvline(max(members) + 0.5, color="white", linewidth=2)
+    top.set_xticks(centres, names, fontsize=8)
 
 
 def _safe_name(text: str) -> str:

@@ -121,7 +121,12 @@ async function score(event) {
     setState("error", `HTTP ${r.status}: ${detail}${hint}`);
     return;
   }
-  draw(answer);
+  try {
+    draw(answer);
+  } catch (e) {
+    setState("error", `Could not draw the answer: ${e}`); // an answer of another shape than this page knows
+    return;
+  }
   setState("done", `Scored ${answer.scores.length} candidates against ${answer.history.length} history items.`);
 }
 

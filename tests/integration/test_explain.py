@@ -3,6 +3,7 @@ that are the exported serving graph's for the same history."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import pytest
 from PIL import Image
 
 from contract import FEEDBACK_INPUT, FEEDBACK_NEGATIVE, FEEDBACK_UNKNOWN, OUTPUT_NAMES
+from models import MODELS
 from tests.conftest import SERVICE_SYNTHETIC
+from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.explain import DEFAULT_HOLDOUT, encode_profile, main, user_behaviours
 from training.export import cpu_session
 from training.samples import Vocabulary
-from training.train import load_checkpoint
+from training.train import load_checkpoint, train
 
 USER = "u7"
 
@@ -102,3 +105,44 @@ def test_explain_refuses_an_unknown_user_and_a_run_without_checkpoint(model_repo
         main(["--run", str(model_repository / "runs" / "din"), "--user", "nobody", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match=r"no checkpoint\.pt"):
         main(["--run", str(tmp_path), "--user", USER])
+
+
+@pytest.mark.skipif("dsin" not in MODELS, reason="DSIN arrives with the wt-dsin branch (issue 17)")
+def test_explain_divides_a_dsin_history_into_sessions(tmp_path: Path) -> None:
+    synthetic = {"n_users": 60, "n_items": 80, "n_categories": 6, "min_events": 20, "max_events": 30, "seed": 2}
+    run = tmp_path / "dsin"
+    cfg = TrainConfig(
+        model="dsin",
+        dataset="synthetic",
+        synthetic={**synthetic, "session_events": 5},  # planted sessions: gaps of more than 30 minutes between them
+        out=str(run),
+        epochs=1,
+        max_steps=3,  # the numbers need a trained checkpoint, not a good one
+        eval_users=5,
+        max_len=20,
+        batch_size=64,
+        progress=False,
+    )
+    train(cfg)
+    out = tmp_path / "dsin.png"
+    main(["--run", str(run), "--user", "u1", "--out", str(out)])
+    answer = json.loads(out.with_suffix(".json").read_text())
+    history, sessions = answer["history"], answer["sessions"]
+    assert sessions and out.is_file()
+    # most recent session first, each a run of consecutive history indices (most recent first) cut to the T
+    # most recent: no gap over the model's session gap inside a session, one between a session and the next
+    model, _ = load_checkpoint(run)
+    spec = model.cfg.session_spec
+    times = [h["timestamp"] for h in history]
+    for members in sessions:
+        assert members == list(range(members[0], members[0] + len(members))) and len(members) <= spec.length
+        assert all(0 <= times[j] - times[j + 1] <= spec.gap for j in members[:-1])
+    for newer, older in itertools.pairwise(sessions):
+        assert any(times[j] - times[j + 1] > spec.gap for j in range(newer[-1], older[0]))
+    assert any(len(m) > 1 for m in sessions) and len(sessions) > 1  # the planted sessions were found
+    covered = {j for members in sessions for j in members}
+    for s in answer["scores"]:
+        assert len(s["session_weights"]) == len(sessions)
+        assert sum(s["session_weights"]) == pytest.approx(1, abs=1e-5)  # a softmax over the sessions present
+        assert sum(s["attention"]) == pytest.approx(1, abs=1e-5)  # session weight × share inside the session
+        assert all(a == 0 for j, a in enumerate(s["attention"]) if j not in covered)  # not in a kept session
