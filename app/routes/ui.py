@@ -26,7 +26,7 @@ HEADERS = {
 router = APIRouter(tags=["ui"], include_in_schema=False)
 
 
-@cache
+@cache  # read once per process: the files are part of the release, like the code
 def _read(name: str) -> bytes:
     return (STATIC / name).read_bytes()
 
