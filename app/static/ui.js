@@ -52,6 +52,12 @@ function setState(state, message) {
   $("status").className = state;
 }
 
+// picking: a history item clicked in the heatmap joins the candidates (once)
+function addCandidate(item) {
+  const current = parseCandidates($("candidates").value);
+  if (!current.includes(item)) $("candidates").value = [...current, item].join(", ");
+}
+
 function parseCandidates(text) {
   return text
     .split(/[\s,]+/)
@@ -195,6 +201,8 @@ function draw(answer) {
       element("span", { class: "cat", textContent: h.category_id ?? "?" }),
     );
     cell.dataset.item = h.item_id;
+    cell.title += " · click: add it to the candidates";
+    cell.addEventListener("click", () => addCandidate(h.item_id));
     if (hasSessions && j > 0 && sessionOf[j] !== sessionOf[j - 1]) cell.classList.add("session-start");
     columns.append(cell);
   });

@@ -6,7 +6,11 @@ DSIN's sessions are drawn from a /score answer of DSIN's shape (top-level ``sess
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +26,7 @@ import redis
 import uvicorn
 from fastapi import FastAPI, Request
 from PIL import Image
+from websockets.sync.client import ClientConnection, connect
 
 from app.routes import ui
 from tests.conftest import RedisServer, free_port, run_command, service, service_env, wait_for
@@ -200,6 +205,70 @@ def test_the_page_says_the_key_is_missing(keyed_service: str, tmp_path: Path) ->
     status = dom.one("p", id="status").all_text()
     assert "HTTP 401" in status and "API key" in status
     assert not dom.one("table", id="heatmap").children  # nothing drawn
+
+
+# --- picking candidates: the page driven through the DevTools protocol ------------------------------------
+
+
+class DevTools:
+    """One page of a headless Chromium, driven through the DevTools protocol (commands over a WebSocket)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws, self.last_id = ws, 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.last_id += 1
+        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
+        while True:  # events arrive in between; the answer carries the command's id
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self.last_id:
+                assert "error" not in message, message["error"]
+                result: dict[str, Any] = message["result"]
+                return result
+
+    def evaluate(self, expression: str) -> Any:
+        answer = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in answer, answer["exceptionDetails"]
+        return answer["result"].get("value")
+
+
+@contextmanager
+def devtools(workdir: Path) -> Iterator[DevTools]:
+    """Chromium with its DevTools port open (the port it picked is written into the profile), for the block."""
+    binary = shutil.which("chromium")
+    assert binary, "chromium is not installed: `make tools` (scripts/ensure_tools.sh) installs it"
+    profile = workdir / "devtools-profile"
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"]
+    args += [f"--window-size={WINDOW[0]},{WINDOW[1]}", "--remote-debugging-port=0", "about:blank"]
+    pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen([binary, *args], start_new_session=True, **pipes)  # its own group: killed whole
+    try:
+        active = profile / "DevToolsActivePort"
+        wait_for(lambda: len(active.read_text().splitlines()) == 2, "Chromium's DevTools port", 60)
+        port = active.read_text().splitlines()[0]
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(t for t in targets if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+            yield DevTools(ws)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_a_clicked_history_item_joins_the_candidates(keyed_service: str, tmp_path: Path) -> None:
+    rows = 'Array.from(document.querySelectorAll("#heatmap tr.candidate"), r => r.dataset.item)'
+    with devtools(tmp_path) as page:
+        url = page_url(keyed_service, f"key={quote(KEY)}", user=USER, candidates="i3", model="din", auto="1")
+        page.call("Page.navigate", url=url)
+        wait_for(lambda: page.evaluate("document.body.dataset.state") == "done", "the page to draw", 60)
+        assert page.evaluate(rows) == ["i3"]
+        picked = page.evaluate('document.querySelectorAll("th.hist")[2].dataset.item')
+        for _ in range(2):  # a second click does not add it twice
+            page.evaluate('document.querySelectorAll("th.hist")[2].click()')
+            assert page.evaluate('document.getElementById("candidates").value') == f"i3, {picked}"
+        page.evaluate('document.getElementById("score").click()')  # the form's own submit: scored again
+        wait_for(lambda: page.evaluate(rows) == ["i3", picked], "the picked candidate's row", 60)
+        assert page.evaluate("document.body.dataset.state") == "done"
 
 
 # --- DSIN's sessions ---------------------------------------------------------------------------------------
