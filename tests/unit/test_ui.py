@@ -77,3 +77,9 @@ def test_no_file_points_at_another_host() -> None:
         # code after a space) nor the closing "*/" of CSS comments
         found = re.findall(r"https?://|[\"'(=]\s*//|\bcdn\b|@import|\burl\(", text, flags=re.IGNORECASE)
         assert not found, f"{Path(path).name}: {found}"
+
+
+def test_the_page_is_read_only(client: TestClient) -> None:
+    for path in ("/ui", "/ui/ui.js"):
+        r = client.post(path)
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
