@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 
-from app.store import Behaviour, MemoryStore
+import pytest
+
+from app.store import Behaviour, MemoryStore, decode_stored, pack_history, unpack_history
 
 
 def test_encoding_round_trips_with_and_without_category() -> None:
@@ -14,6 +16,38 @@ def test_encoding_round_trips_labels_and_reads_entries_written_without_one() -> 
     for b in (Behaviour("i1", "Drama", 5, 1), Behaviour("i2", None, 6, 0)):
         assert Behaviour.decode(b.encode()) == b
     assert Behaviour.decode("i1\x1fDrama\x1f5") == Behaviour("i1", "Drama", 5, None)  # stored before labels
+
+
+def test_packed_history_round_trips_every_field_and_any_timestamp_order() -> None:
+    history = [
+        Behaviour("i1", "Drama", 1_700_000_500, 1),
+        Behaviour("42", None, 1_700_000_100, None),  # times go down ...
+        Behaviour("x y/é", "c7", 1_700_000_900, 0),  # ... and up again (appends are ordered by arrival)
+        Behaviour("big", None, 2**70, None),  # any size: the schema bounds timestamps only below
+        Behaviour("zero", "k", 0, 1),
+    ]
+    assert unpack_history(pack_history(history)) == history
+    assert unpack_history(pack_history(history), limit=2) == history[:2]
+    assert unpack_history(pack_history(history), limit=50) == history
+    assert unpack_history(pack_history(history[:1])) == history[:1]
+
+
+def test_packed_history_is_smaller_than_its_entries_and_refuses_other_values() -> None:
+    history = [Behaviour(f"i{k % 37}", f"c{k % 5}", 1_700_000_000 + 60 * k, k % 2) for k in range(200)][::-1]
+    assert len(pack_history(history)) < 0.3 * sum(len(b.encode()) for b in history)
+    with pytest.raises(ValueError, match="not a packed history"):
+        unpack_history(b"i1\x1fDrama\x1f5")
+    with pytest.raises(ValueError, match="label is 0, 1 or None"):
+        pack_history([Behaviour("i1", None, 5, 2)])
+
+
+def test_stored_values_of_either_format_decode() -> None:
+    """READ returns the packed string, a list of entries written before it (3 or 4 fields), or nothing."""
+    legacy = [b"i1\x1fDrama\x1f5", b"i2\x1f\x1f4\x1f1"]
+    assert decode_stored(legacy) == [Behaviour("i1", "Drama", 5, None), Behaviour("i2", None, 4, 1)]
+    assert decode_stored(legacy, 1) == [Behaviour("i1", "Drama", 5, None)]
+    assert decode_stored(pack_history([Behaviour("a", None, 3, 0)]), 10) == [Behaviour("a", None, 3, 0)]
+    assert decode_stored(None, 10) == []
 
 
 def test_memory_store_keeps_most_recent_first_capped() -> None:
