@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from functools import partial
 from itertools import accumulate
 from operator import sub
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -56,12 +56,9 @@ _LABELS = {"-": None, "0": 0, "1": 1}
 _behaviour = partial(tuple.__new__, Behaviour)  # C-level construction, without __new__'s Python frame
 
 
-def pack_history(history: Sequence[Behaviour]) -> bytes:
-    """A history (most recent first) as one value: a version byte, then the raw deflate of its columns
-    joined by RS: the item ids joined by SEP, the category ids (empty for none), the timestamps (the
-    first, then each one's distance to the one before it, ``previous - this``: a few digits, any sign and
-    size) and one character per label (``-`` for none). Column by column, deflate finds the repeated
-    categories, id prefixes and time digits next to each other; a value has no per-entry overhead."""
+def _columns(history: Sequence[Behaviour]) -> tuple[list[str], list[str], list[str], str]:
+    """Items, categories (empty for none), timestamps (the first, then each one's distance to the one
+    before it, ``previous - this``) and labels (one character each) of a history."""
     times, previous = [], None
     for b in history:
         times.append(str(b.timestamp if previous is None else previous - b.timestamp))
@@ -70,23 +67,54 @@ def pack_history(history: Sequence[Behaviour]) -> bytes:
         labels = "".join([_LABEL_CHARS[b.label] for b in history])
     except KeyError as e:
         raise ValueError(f"a stored label is 0, 1 or None, not {e.args[0]!r}") from None
-    columns = (
-        SEP.join([b.item_id for b in history]),
-        SEP.join([b.category_id or "" for b in history]),
-        SEP.join(times),
-        labels,
-    )
+    return [b.item_id for b in history], [b.category_id or "" for b in history], times, labels
+
+
+def _deflate(items: list[str], categories: list[str], times: list[str], labels: str) -> bytes:
+    text = RS.join((SEP.join(items), SEP.join(categories), SEP.join(times), labels))
     deflate = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw: no header or checksum on a few hundred bytes
-    return PACKED + deflate.compress(RS.join(columns).encode()) + deflate.flush()
+    return PACKED + deflate.compress(text.encode()) + deflate.flush()
+
+
+def _inflate(value: bytes) -> list[str]:
+    if value[:1] != PACKED:
+        raise ValueError(f"not a packed history (first byte {value[:1]!r})")
+    return zlib.decompress(value[1:], -15).decode().split(RS)
+
+
+def pack_history(history: Sequence[Behaviour]) -> bytes:
+    """A history (most recent first) as one value: a version byte, then the raw deflate of its columns
+    joined by RS: the item ids joined by SEP, the category ids (empty for none) joined by SEP, the
+    timestamps (the first, then each one's distance to the one before it: a few digits, any sign and
+    size) joined by SEP, and one character per label (``-`` for none). Column by column, deflate finds the
+    repeated categories, id prefixes and time digits side by side; the value has no per-entry overhead."""
+    return _deflate(*_columns(history))
+
+
+def prepend_packed(value: bytes, new: Sequence[Behaviour], cap: int) -> bytes:
+    """``pack_history([*new, *unpack_history(value)][:cap])``, the same bytes, without decoding the stored
+    entries: their columns are cut and joined as text, and only the first timestamp, which becomes a
+    distance to the last new one, is read. An append does this for every user it writes."""
+    keep = cap - len(new)
+    if keep <= 0:
+        return pack_history(new[:cap])
+    items, categories, times, labels = _columns(new)
+    old_items, old_categories, old_times, old_labels = _inflate(value)
+    old = old_times.split(SEP, keep)[:keep]
+    old[0] = str(new[-1].timestamp - int(old[0]))
+    return _deflate(
+        items + old_items.split(SEP, keep)[:keep],
+        categories + old_categories.split(SEP, keep)[:keep],
+        times + old,
+        labels + old_labels[:keep],
+    )
 
 
 def unpack_history(value: bytes, limit: int | None = None) -> list[Behaviour]:
     """``pack_history``'s inverse, the first ``limit`` entries, decoded a column at a time with C-level
-    splits, ``accumulate`` and ``map``: 50 entries in 0.6–0.8 of the time 50 list entries take through
-    ``Behaviour.decode``, read from a value of 200 in 0.7–1.0 (bench/README.md)."""
-    if value[:1] != PACKED:
-        raise ValueError(f"not a packed history (first byte {value[:1]!r})")
-    items_text, categories_text, times_text, labels = zlib.decompress(value[1:], -15).decode().split(RS)
+    splits, ``accumulate`` and ``map``: 50 entries in 0.6–0.7 of the time 50 list entries take through
+    ``Behaviour.decode``, read from a value of 200 in 0.7–0.8 (bench/README.md)."""
+    items_text, categories_text, times_text, labels = _inflate(value)
     items = items_text.split(SEP) if limit is None else items_text.split(SEP, limit)[:limit]
     n = len(items)
     categories = [c or None for c in categories_text.split(SEP, n)[:n]]
@@ -159,6 +187,7 @@ class RedisStore:
     a list written by an earlier version is read as it is and packed by the user's next append."""
 
     kind = "redis"
+    write_rounds = 64  # an append gives up (StoreError) after losing this many compare-and-sets in a row
 
     def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, timeout_s: float) -> None:
         # bytes, not str: the packed history is binary (the list entries are decoded by Behaviour.decode)
@@ -172,36 +201,41 @@ class RedisStore:
         return f"{self.prefix}{user_id}"
 
     async def append(self, events: list[tuple[str, Behaviour]]) -> int:
-        """Rounds of compare-and-set until every user's write won, within the store's timeout: each round
-        one of the writers racing on a user wins, so n concurrent appends to one user take n rounds."""
+        """Rounds of reads and compare-and-sets until every user's write won: of the writers racing on a
+        user, one wins each round, so n concurrent appends to one user take n rounds (``write_rounds``
+        at most). Each round trip is bounded by the store's timeout, not the packing between them."""
         new = _by_user(events)
         pending = list(new)
-        try:
-            async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
-                while pending:
-                    pending = await self._write(pending, new)
-        except (RedisError, OSError, TimeoutError) as e:
-            raise StoreError(f"redis write failed ({len(pending)} of {len(new)} users not written): {e!r}") from e
-        return len(events)
+        for _ in range(self.write_rounds):
+            pending = await self._write(pending, new)
+            if not pending:
+                return len(events)
+        raise StoreError(f"redis write contended: {len(pending)} users rewritten by others {self.write_rounds} times")
 
     async def _write(self, users: list[str], new: dict[str, list[Behaviour]]) -> list[str]:
-        """One round of reads and compare-and-sets (one transaction); the users whose write lost."""
+        """One round: the users' values read, then compare-and-set in one transaction; those that lost."""
         read = self.client.pipeline(transaction=False)
         for user in users:
             read.eval(READ, 1, self.key(user), 0)  # EVAL, not the script: a pipeline checks scripts first
-        seen: list[StoredValue] = await read.execute()
+        seen: list[StoredValue] = await self._round_trip(read, "read")
         write = self.client.pipeline(transaction=True)
         for user, value in zip(users, seen, strict=True):
-            history = [*reversed(new[user]), *decode_stored(value)][: self.cap]
-            if value is None:
-                kind, was = "none", b""
-            elif isinstance(value, list):
-                kind, was = "list", RS.encode().join(value)
-            else:
-                kind, was = "string", value
-            write.eval(COMPARE_AND_SET, 1, self.key(user), kind, was, pack_history(history), self.ttl_s)
-        done = await write.execute()
+            newest_first = new[user][::-1]
+            if isinstance(value, bytes):
+                kind, was, packed = "string", value, prepend_packed(value, newest_first, self.cap)
+            else:  # no history yet, or a list of the earlier format: packed from here on
+                kind, was = ("none", b"") if value is None else ("list", RS.encode().join(value))
+                packed = pack_history([*newest_first, *decode_stored(value)][: self.cap])
+            write.eval(COMPARE_AND_SET, 1, self.key(user), kind, was, packed, self.ttl_s)
+        done = await self._round_trip(write, "write")
         return [user for user, ok in zip(users, done, strict=True) if not ok]
+
+    async def _round_trip(self, pipe: Any, what: str) -> list[Any]:
+        try:
+            async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
+                return list(await pipe.execute())
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreError(f"redis {what} failed: {e!r}") from e
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
         try:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
-from app.store import Behaviour, MemoryStore, decode_stored, pack_history, unpack_history
+from app.store import Behaviour, MemoryStore, decode_stored, pack_history, prepend_packed, unpack_history
 
 
 def test_encoding_round_trips_with_and_without_category() -> None:
@@ -39,6 +40,29 @@ def test_packed_history_is_smaller_than_its_entries_and_refuses_other_values() -
         unpack_history(b"i1\x1fDrama\x1f5")
     with pytest.raises(ValueError, match="label is 0, 1 or None"):
         pack_history([Behaviour("i1", None, 5, 2)])
+
+
+def test_prepending_to_a_packed_value_gives_the_bytes_of_packing_the_whole_history() -> None:
+    """An append's shortcut (cut and join the stored columns as text) against decoding and packing again:
+    new entries older or newer than the stored ones, categories and labels absent or not, cut at the cap."""
+    rng = random.Random(0)
+
+    def behaviours(n: int) -> list[Behaviour]:
+        return [
+            Behaviour(
+                rng.choice(["i1", "42", "x y/é"]) + str(rng.randrange(99)),
+                rng.choice([None, "Drama", "c3"]),
+                rng.randrange(2**40) if rng.random() < 0.2 else 1_700_000_000 + rng.randrange(-9999, 9999),
+                rng.choice([None, 0, 1]),
+            )
+            for _ in range(n)
+        ]
+
+    for _ in range(200):
+        stored, new, cap = behaviours(rng.randint(1, 30)), behaviours(rng.randint(1, 8)), rng.randint(1, 40)
+        merged = [*new, *stored][:cap]
+        assert prepend_packed(pack_history(stored), new, cap) == pack_history(merged)
+        assert unpack_history(prepend_packed(pack_history(stored), new, cap)) == merged
 
 
 def test_stored_values_of_either_format_decode() -> None:
