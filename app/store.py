@@ -2,7 +2,7 @@
 
 ``RedisStore`` keeps each user's history in Redis as one packed string (``pack_history``: its columns'
 text, timestamps as differences, deflated; 0.26–0.42 of the bytes of a list of entries, bench/README.md);
-a read is one round trip, an append a read and a compare-and-set. ``MemoryStore`` has the same interface
+a read is one GET, an append a read and a compare-and-set. ``MemoryStore`` has the same interface
 in-process, for a newcomer without Redis. The store knows nothing of models: it stores and returns raw ids.
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from functools import partial
 from itertools import accumulate
 from operator import sub
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 SEP = "\x1f"  # unit separator: cannot appear in ids (they are JSON strings, control characters are rejected)
 RS = "\x1e"  # record separator, between the entries of a packed history: no more an id's than SEP
@@ -122,11 +122,11 @@ def unpack_history(value: bytes, limit: int | None = None) -> list[Behaviour]:
     return list(map(_behaviour, zip(items, categories, times, map(_LABELS.__getitem__, labels[:n]), strict=True)))
 
 
-StoredValue = bytes | list[bytes] | None  # what READ returns: packed, a list of entries (older format), none
+StoredValue = bytes | list[bytes] | None  # a user's key: packed, a list of entries (the earlier format), none
 
 
 def decode_stored(value: StoredValue, limit: int | None = None) -> list[Behaviour]:
-    """A user's history from what READ returned, in either format."""
+    """A user's history from its key's value, in either format."""
     if value is None:
         return []
     if isinstance(value, list):
@@ -151,15 +151,6 @@ def _by_user(events: list[tuple[str, Behaviour]]) -> dict[str, list[Behaviour]]:
     return {u: sorted(bs, key=lambda b: b.timestamp) for u, bs in grouped.items()}
 
 
-# A user's history: the packed string, or a list of entries written before it (its newest ARGV[1]; 0: all).
-# A script so that reading either kind stays one round trip.
-READ = """
-if redis.call('TYPE', KEYS[1]).ok == 'list' then
-  return redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-end
-return redis.call('GET', KEYS[1])
-"""
-
 # Replace a user's history (ARGV[3], expiring in ARGV[4] s) if it is still the one the writer read: its
 # type ARGV[1] and value ARGV[2] (a list's entries joined by RS); 0 when another writer came in between.
 COMPARE_AND_SET = """
@@ -180,6 +171,11 @@ return 1
 """
 
 
+def _is_wrong_type(value: object) -> bool:
+    """A GET's answer on a list (the earlier format)."""
+    return isinstance(value, ResponseError) and str(value).startswith("WRONGTYPE")
+
+
 class RedisStore:
     """Each user's history is one packed string (``pack_history``), rewritten whole by every append: a
     read of the current value, then a compare-and-set (a script, so one key per call, as a Redis Cluster
@@ -195,7 +191,6 @@ class RedisStore:
             url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self.prefix, self.cap, self.ttl_s, self.timeout_s = prefix, cap, ttl_s, timeout_s
-        self.read_script = self.client.register_script(READ)  # EVALSHA, loaded again after a restart
 
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
@@ -216,8 +211,17 @@ class RedisStore:
         """One round: the users' values read, then compare-and-set in one transaction; those that lost."""
         read = self.client.pipeline(transaction=False)
         for user in users:
-            read.eval(READ, 1, self.key(user), 0)  # EVAL, not the script: a pipeline checks scripts first
-        seen: list[StoredValue] = await self._round_trip(read, "read")
+            read.get(self.key(user))
+        seen: list[StoredValue] = await self._round_trip(read, "read", raise_on_error=False)
+        if earlier := [i for i, value in enumerate(seen) if _is_wrong_type(value)]:
+            read = self.client.pipeline(transaction=False)
+            for i in earlier:
+                read.lrange(self.key(users[i]), 0, -1)
+            for i, entries in zip(earlier, await self._round_trip(read, "read"), strict=True):
+                seen[i] = entries
+        for value in seen:
+            if isinstance(value, Exception):
+                raise StoreError(f"redis read failed: {value!r}")
         write = self.client.pipeline(transaction=True)
         for user, value in zip(users, seen, strict=True):
             newest_first = new[user][::-1]
@@ -230,17 +234,26 @@ class RedisStore:
         done = await self._round_trip(write, "write")
         return [user for user, ok in zip(users, done, strict=True) if not ok]
 
-    async def _round_trip(self, pipe: Any, what: str) -> list[Any]:
+    async def _round_trip(self, pipe: Any, what: str, raise_on_error: bool = True) -> list[Any]:
         try:
             async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
-                return list(await pipe.execute())
+                return list(await pipe.execute(raise_on_error=raise_on_error))
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis {what} failed: {e!r}") from e
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
+        """One GET: a packed value. A list of the earlier format answers WRONGTYPE and is read with a
+        second round trip, until the user's next append packs it (a GET costs Redis and the client less
+        than a script or a pipeline that would read both kinds at once, bench/README.md)."""
+        key = self.key(user_id)
         try:
             async with asyncio.timeout(self.timeout_s):
-                value = await self.read_script(keys=[self.key(user_id)], args=[limit])
+                try:
+                    value = cast(StoredValue, await self.client.get(key))  # bytes: decode_responses=False
+                except ResponseError as e:
+                    if not _is_wrong_type(e):
+                        raise
+                    value = cast(StoredValue, await self.client.lrange(key, 0, limit - 1))
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis read failed: {e!r}") from e
         return decode_stored(value, limit)

@@ -164,7 +164,8 @@ def measure_decode(ids: str, rounds: int) -> dict[str, float]:
 
 def measure_round_trips(url: str, ids: str, rounds: int) -> dict[str, float]:
     """µs per call through redis-py's asyncio client on one connection: read 50 of a user at 200, and
-    append one behaviour to a user at 200 (kept at 200), the list's way against the packed one."""
+    append one behaviour to a user at 200 (kept at 200), the list's way against the packed one; and
+    (``_server``) the CPU µs the redis-server process spent per call (INFO cpu around each batch)."""
     h = history(ids, 200)
 
     async def main() -> dict[str, float]:
@@ -175,6 +176,11 @@ def measure_round_trips(url: str, ids: str, rounds: int) -> dict[str, float]:
             write_list(client, old_key, [b.encode().encode() for b in h], 3600)
         await store.append([(new_user, b) for b in reversed(h)])
         extra = Behaviour("i1", "c1", 1_800_000_000, 1)
+
+        async def server_cpu() -> float:
+            """Seconds of CPU the redis-server process used so far (commands, scripts, sockets)."""
+            cpu = await legacy.info("cpu")
+            return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
         async def read_list() -> None:
             [Behaviour.decode(str(r)) for r in await legacy.lrange(old_key, 0, 49)]  # str already: no copy
@@ -195,15 +201,19 @@ def measure_round_trips(url: str, ids: str, rounds: int) -> dict[str, float]:
         fns = {"read_list": read_list, "read_packed": read_packed}
         fns |= {"append_list": append_list, "append_packed": append_packed}
         times: dict[str, list[float]] = {name: [] for name in fns}
+        server: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
+                before = await server_cpu()
                 t = time.perf_counter()
                 for _ in range(50):
                     await fn()
                 times[name].append(1e6 * (time.perf_counter() - t) / 50)
+                server[name].append(1e6 * (await server_cpu() - before) / 50)
         await legacy.aclose()
         await store.close()
-        return {name: statistics.median(v) for name, v in times.items()}
+        out = {name: statistics.median(v) for name, v in times.items()}
+        return out | {f"{name}_server": statistics.median(v) for name, v in server.items()}
 
     return asyncio.run(main())
 
@@ -230,19 +240,22 @@ def markdown(report: dict[str, Any]) -> str:
         for n, m in by_n.items():
             cells = [f"{m[k]:,} ({m[k] / m['list']:.2f})" for k in ("list-binary", "string-text", "packed")]
             lines.append(f"| {ids} | {int(n):,} | {m['list']:,} | {' | '.join(cells)} | {m['packed_value_bytes']:,} |")
-    lines += ["", "| ids | decode 50: list | packed 50 | packed 200, read 50 | read: list | packed |"]
-    lines += ["| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| ids | decode 50: list | packed 50 | packed 200, read 50 |", "| --- | ---: | ---: | ---: |"]
     for ids, d in report["decode_us"].items():
-        r = report["round_trip_us"][ids]
         lines.append(
             f"| {ids} | {d['list_50']:.1f} µs | {d['packed_50']:.1f} µs ({d['packed_50'] / d['list_50']:.2f}) | "
-            f"{d['packed_200_read_50']:.1f} µs ({d['packed_200_read_50'] / d['list_50']:.2f}) | "
-            f"{r['read_list']:.0f} µs | {r['read_packed']:.0f} µs ({r['read_packed'] / r['read_list']:.2f}) |"
+            f"{d['packed_200_read_50']:.1f} µs ({d['packed_200_read_50'] / d['list_50']:.2f}) |"
         )
-    lines += ["", "| ids | append one at 200: list | packed |", "| --- | ---: | ---: |"]
+    lines += ["", "| ids | operation | list: client | packed: client | list: Redis | packed: Redis |"]
+    lines += ["| --- | --- | ---: | ---: | ---: | ---: |"]
     for ids, r in report["round_trip_us"].items():
-        ratio = r["append_packed"] / r["append_list"]
-        lines.append(f"| {ids} | {r['append_list']:.0f} µs | {r['append_packed']:.0f} µs ({ratio:.2f}) |")
+        for op, what in (("read", "read 50 of 200"), ("append", "append 1 at 200")):
+            old, new = r[f"{op}_list"], r[f"{op}_packed"]
+            old_s, new_s = r[f"{op}_list_server"], r[f"{op}_packed_server"]
+            lines.append(
+                f"| {ids} | {what} | {old:.0f} µs | {new:.0f} µs ({new / old:.2f}) | {old_s:.1f} µs | "
+                f"{new_s:.1f} µs ({new_s / old_s:.2f}) |"
+            )
     return "\n".join(lines) + "\n"
 
 

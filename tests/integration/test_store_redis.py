@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from app import store as store_module
-from app.store import Behaviour, RedisStore, prepend_packed, unpack_history
+from app.store import Behaviour, RedisStore, StoreError, prepend_packed, unpack_history
 from bench.store_memory import PREFIX, measure_memory
 
 Session = Callable[[RedisStore], Awaitable[None]]
@@ -122,3 +122,20 @@ def test_a_user_takes_at_most_half_the_bytes_of_the_list_at_50_and_200_behaviour
             assert m["packed"] <= 0.5 * m["list"], (ids, n, m)
     assert measure_memory(redis_url, "string", 50)["list"] == 1432  # the figures, reproduced
     assert measure_memory(redis_url, "string", 200)["list"] == 5272
+
+
+def test_a_packed_user_is_read_with_one_get_and_a_key_of_another_type_is_an_error(redis_url: str) -> None:
+    async def session(store: RedisStore) -> None:
+        await store.append([("u", Behaviour("a", None, 1))])
+        with redis.Redis.from_url(redis_url) as client:
+            client.config_resetstat()
+            assert await store.recent("u", 50) == [Behaviour("a", None, 1)]
+            calls = {k: v["calls"] for k, v in client.info("commandstats").items()}
+            assert calls == {"cmdstat_get": 1, "cmdstat_config|resetstat": 1}, calls
+            client.hset(PREFIX + "h", "a", "b")
+        with pytest.raises(StoreError, match="redis read failed"):
+            await store.recent("h", 50)
+        with pytest.raises(StoreError, match="redis read failed"):
+            await store.append([("h", Behaviour("a", None, 1))])
+
+    with_store(redis_url, 10, session)
