@@ -117,7 +117,9 @@ def unpack_history(value: bytes, limit: int | None = None) -> list[Behaviour]:
     items_text, categories_text, times_text, labels = _inflate(value)
     items = items_text.split(SEP) if limit is None else items_text.split(SEP, limit)[:limit]
     n = len(items)
-    categories = [c or None for c in categories_text.split(SEP, n)[:n]]
+    categories: list[str | None] = [*categories_text.split(SEP, n)[:n]]
+    if "" in categories:  # a C-level scan: most histories have a category everywhere
+        categories = [c or None for c in categories]
     times = accumulate(map(int, times_text.split(SEP, n)[:n]), sub)
     return list(map(_behaviour, zip(items, categories, times, map(_LABELS.__getitem__, labels[:n]), strict=True)))
 
