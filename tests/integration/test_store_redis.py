@@ -11,7 +11,7 @@ import redis
 
 from app import store as store_module
 from app.store import Behaviour, RedisStore, StoreError, prepend_packed, unpack_history
-from bench.store_memory import PREFIX, measure_memory
+from bench.store_memory import PREFIX, markdown, measure_memory, run
 
 Session = Callable[[RedisStore], Awaitable[None]]
 
@@ -139,3 +139,14 @@ def test_a_packed_user_is_read_with_one_get_and_a_key_of_another_type_is_an_erro
             await store.append([("h", Behaviour("a", None, 1))])
 
     with_store(redis_url, 10, session)
+
+
+def test_the_benchmark_reports_every_format_and_timing(redis_url: str) -> None:
+    report = run(redis_url, sizes=(10,), rounds=1)
+    for ids in ("string", "numeric"):
+        m = report["memory"][ids]["10"]
+        assert 0 < m["packed_value_bytes"] < m["packed"] < m["list"] and m["list-binary"] > 0 and m["string-text"] > 0
+        assert set(report["decode_us"][ids]) == {"list_50", "packed_50", "packed_200_read_50"}
+        assert all(v > 0 for v in report["round_trip_us"][ids].values())
+    table = markdown(report)
+    assert "| string | 10 | " in table and "| numeric | append 1 at 200 |" in table
