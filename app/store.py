@@ -1,7 +1,8 @@
 """Behaviour store: one history per user, most recent first, capped and expiring.
 
 ``RedisStore`` keeps each user's history in Redis as one packed string (``pack_history``: its columns'
-text, timestamps as differences, deflated; 0.26–0.42 of the bytes of a list of entries, bench/README.md);
+text, timestamps as differences, deflated: 0.26–0.32 of the bytes of a list of entries at 50 and 200
+behaviours, bench/README.md);
 a read is one GET, an append a read and a compare-and-set. ``MemoryStore`` has the same interface
 in-process, for a newcomer without Redis. The store knows nothing of models: it stores and returns raw ids.
 """
@@ -22,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 SEP = "\x1f"  # unit separator: cannot appear in ids (they are JSON strings, control characters are rejected)
-RS = "\x1e"  # record separator, between the entries of a packed history: no more an id's than SEP
+RS = "\x1e"  # record separator, between the columns of a packed history: no more in an id than SEP
 PACKED = b"\x01"  # first byte of a packed history: its format's version
 
 
@@ -182,7 +183,10 @@ class RedisStore:
     """Each user's history is one packed string (``pack_history``), rewritten whole by every append: a
     read of the current value, then a compare-and-set (a script, so one key per call, as a Redis Cluster
     wants) that loses to a writer who came in between and is then retried. A user's appends are atomic;
-    a list written by an earlier version is read as it is and packed by the user's next append."""
+    a list written by an earlier version is read as it is and packed by the user's next append. The
+    compare-and-sets of one round go in one MULTI (none applied if the connection drops before EXEC),
+    but an append over several users that needs a second round is not all-or-nothing: a failure then
+    leaves the first round's users written (the error still acknowledges nothing)."""
 
     kind = "redis"
     write_rounds = 64  # an append gives up (StoreError) after losing this many compare-and-sets in a row
