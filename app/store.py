@@ -231,11 +231,14 @@ class RedisStore:
         write = self.client.pipeline(transaction=True)
         for user, value in zip(users, seen, strict=True):
             newest_first = new[user][::-1]
-            if isinstance(value, bytes):
-                kind, was, packed = "string", value, prepend_packed(value, newest_first, self.cap)
-            else:  # no history yet, or a list of the earlier format: packed from here on
-                kind, was = ("none", b"") if value is None else ("list", RS.encode().join(value))
-                packed = pack_history([*newest_first, *decode_stored(value)][: self.cap])
+            try:
+                if isinstance(value, bytes):
+                    kind, was, packed = "string", value, prepend_packed(value, newest_first, self.cap)
+                else:  # no history yet, or a list of the earlier format: packed from here on
+                    kind, was = ("none", b"") if value is None else ("list", RS.encode().join(value))
+                    packed = pack_history([*newest_first, *decode_stored(value)][: self.cap])
+            except (ValueError, zlib.error) as e:  # refused, not overwritten: the value may be another's
+                raise StoreError(f"history of user {user!r} cannot be appended to: {e}") from e
             write.eval(COMPARE_AND_SET, 1, self.key(user), kind, was, packed, self.ttl_s)
         done = await self._round_trip(write, "write")
         return [user for user, ok in zip(users, done, strict=True) if not ok]
@@ -262,7 +265,10 @@ class RedisStore:
                     value = cast(StoredValue, await self.client.lrange(key, 0, limit - 1))
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis read failed: {e!r}") from e
-        return decode_stored(value, limit)
+        try:
+            return decode_stored(value, limit)
+        except (ValueError, zlib.error) as e:  # /score then answers degraded, and counts a store error
+            raise StoreError(f"history of user {user_id!r} unreadable: {e}") from e
 
     async def ping(self) -> None:
         try:

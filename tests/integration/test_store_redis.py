@@ -124,7 +124,7 @@ def test_a_user_takes_at_most_half_the_bytes_of_the_list_at_50_and_200_behaviour
     assert measure_memory(redis_url, "string", 200)["list"] == 5272
 
 
-def test_a_packed_user_is_read_with_one_get_and_a_key_of_another_type_is_an_error(redis_url: str) -> None:
+def test_a_packed_user_is_read_with_one_get_and_other_values_are_errors(redis_url: str) -> None:
     async def session(store: RedisStore) -> None:
         await store.append([("u", Behaviour("a", None, 1))])
         with redis.Redis.from_url(redis_url) as client:
@@ -137,6 +137,12 @@ def test_a_packed_user_is_read_with_one_get_and_a_key_of_another_type_is_an_erro
             await store.recent("h", 50)
         with pytest.raises(StoreError, match="redis read failed"):
             await store.append([("h", Behaviour("a", None, 1))])
+        with redis.Redis.from_url(redis_url) as client:
+            client.set(PREFIX + "bad", b"\x01not deflate")
+        with pytest.raises(StoreError, match="unreadable"):
+            await store.recent("bad", 50)
+        with pytest.raises(StoreError, match="cannot be appended to"):
+            await store.append([("bad", Behaviour("a", None, 1))])
 
     with_store(redis_url, 10, session)
 
