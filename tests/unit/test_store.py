@@ -31,6 +31,7 @@ def test_packed_history_round_trips_every_field_and_any_timestamp_order() -> Non
     assert unpack_history(pack_history(history), limit=2) == history[:2]
     assert unpack_history(pack_history(history), limit=50) == history
     assert unpack_history(pack_history(history[:1])) == history[:1]
+    assert unpack_history(pack_history([])) == []
 
 
 def test_packed_history_is_smaller_than_its_entries_and_refuses_other_values() -> None:
