@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import redis
 
+from app.store import decode_stored
 from tests.conftest import RedisServer, service, service_env, wait_for
 from training.export import export_run
 
@@ -114,7 +115,7 @@ def test_redis_restart_new_version_and_corrupt_version_under_load(model_reposito
         assert set(load.event_codes) <= {200, 503}, load.event_codes
         assert load.event_codes[503] > 0 and load.event_codes[200] > 0
         with redis.Redis(port=store.port) as client:
-            stored = {u: client.llen(f"ctr:hist:{u}") for u in {*load.acknowledged, *load.refused}}
+            stored = {u: len(decode_stored(client.get(f"ctr:hist:{u}"))) for u in {*load.acknowledged, *load.refused}}
         lost = {u: (load.acknowledged[u], n) for u, n in stored.items() if n < load.acknowledged[u]}
         assert not lost, f"acknowledged events missing from Redis (user: (acknowledged, stored)): {lost}"
         assert all(n <= load.acknowledged[u] + load.refused[u] for u, n in stored.items())

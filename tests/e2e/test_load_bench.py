@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from app.store import decode_stored
 from tests.conftest import run_command, service, service_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,8 @@ def test_load_benchmark_runs_end_to_end(model_repository: Path, redis_url: str, 
         assert "| closed | 4 |" in (out / "load.md").read_text() and "| parse |" in (out / "load.md").read_text()
         assert (out / "load.png").read_bytes()[:4] == b"\x89PNG"
         with redis.Redis.from_url(redis_url) as client:
-            assert client.llen("ctr:hist:load-3") == 20  # seeded through /events with the requested history length
+            # seeded through /events with the requested history length
+            assert len(decode_stored(client.get("ctr:hist:load-3"))) == 20
 
 
 def test_load_benchmark_spreads_over_replicas(model_repository: Path, redis_url: str, tmp_path: Path) -> None:
