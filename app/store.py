@@ -1,20 +1,25 @@
 """Behaviour store: one list per user, most recent first, capped and expiring.
 
-``RedisStore`` keeps it in Redis (redis-py asyncio client; one round trip per read, a pipeline per
-write); ``MemoryStore`` has the same interface in-process, for a newcomer without Redis. The store knows
-nothing of models: it stores and returns raw ids.
+``RedisStore`` keeps it in Redis, one server or a Redis Cluster (redis-py asyncio clients; one round trip
+per read, a pipeline per write); ``MemoryStore`` has the same interface in-process, for a newcomer without
+Redis. The store knows nothing of models: it stores and returns raw ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
+log = logging.getLogger(__name__)
 SEP = "\x1f"  # unit separator: cannot appear in ids (they are JSON strings, control characters are rejected)
 
 
@@ -59,31 +64,88 @@ def _by_user(events: list[tuple[str, Behaviour]]) -> dict[str, list[Behaviour]]:
     return {u: sorted(bs, key=lambda b: b.timestamp) for u, bs in grouped.items()}
 
 
+# how soon a cluster client may re-read the slot map after an error (redis-py's default: 1 s): a failover
+# promotes a replica within seconds, and the service answers degraded until the client has seen it
+CLUSTER_REFRESH_INTERVAL_S = 0.25
+
+
+def connect(url: str, cluster: bool, timeout_s: float, **options: Any) -> aioredis.Redis | RedisCluster:
+    """A client of the server at ``url``, or of the Redis Cluster that ``url`` is one seed node of.
+
+    The cluster client asks the seed for the slot map, sends each key to its master, and re-reads the map
+    when a node fails or answers MOVED: after a failover it finds the promoted replica by itself. Callers bound
+    every call with ``timeout_s``, so its retries cost a request at most that, never more."""
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if not cluster:
+        return aioredis.Redis.from_url(url, **timeouts, **options)
+    retry = Retry(ExponentialWithJitterBackoff(base=timeout_s / 8, cap=timeout_s / 2), retries=2)
+    return RedisCluster.from_url(
+        url, retry=retry, topology_refresh_min_interval=CLUSTER_REFRESH_INTERVAL_S, **timeouts, **options
+    )
+
+
 class RedisStore:
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, timeout_s: float) -> None:
-        self.client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+    def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, timeout_s: float, cluster: bool = False) -> None:
+        self.client = connect(url, cluster, timeout_s, decode_responses=True)
         self.prefix, self.cap, self.ttl_s, self.timeout_s = prefix, cap, ttl_s, timeout_s
+        self.cluster = cluster
+        # a replica on loopback or in the same zone acknowledges in well under a millisecond; the other half
+        # of the store's bound is left to the writes themselves
+        self.wait_ms = max(1, int(timeout_s * 1000 / 2))
+        self.warned_at = -1e9
 
     def key(self, user_id: str) -> str:
-        return f"{self.prefix}{user_id}"
+        """On a cluster the user id is a hash tag (``ctr:hist:{u1}``): every key of one user hashes to one slot,
+        so a read stays one round trip to one node and a user's writes go to one master. On a single server the
+        name stays as it always was, so the users stored before keep their history (no migration, and no second
+        read of an old name on every /score)."""
+        return f"{self.prefix}{{{user_id}}}" if self.cluster else f"{self.prefix}{user_id}"
 
     async def append(self, events: list[tuple[str, Behaviour]]) -> int:
-        pipe = self.client.pipeline(transaction=True)
+        """All or nothing on a single server (one transaction). On a cluster the users' keys live on different
+        masters and no transaction spans them: the cluster pipeline sends each master its users' commands in
+        one round trip (the masters in parallel) and raises if any failed, so a batch is acknowledged only when
+        every user's write was; after a failure some users' behaviours may be stored, and a retry of the batch
+        stores those twice (at least once; never acknowledged and lost)."""
+        pipe = self.client.pipeline(transaction=not self.cluster)
+        keys = []
         for user, behaviours in _by_user(events).items():
             key = self.key(user)
+            keys.append(key)
             pipe.lpush(key, *[b.encode() for b in behaviours])
             pipe.ltrim(key, 0, self.cap - 1)
             pipe.expire(key, self.ttl_s)
         try:
             async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
-                await pipe.execute()
+                waits = await self._wait_for_replicas(pipe, keys) if isinstance(self.client, RedisCluster) else 0
+                replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis write failed: {e!r}") from e
+        if waits and min(replies[-waits:]) < 1:
+            self._unreplicated()
         return len(events)
+
+    async def _wait_for_replicas(self, pipe: Any, keys: list[str]) -> int:
+        """Ends each master's share of the pipeline with WAIT 1: its answer comes once a replica has the writes.
+        A master answers before it replicates, so one killed right after answering would take the writes with
+        it, and the replica promoted in its place would never have had them. WAIT goes on the connection that
+        carried the writes, the one it measures. A master without a replica (its replica was promoted and the
+        dead master is not back yet) answers 0 after ``wait_ms``: the write is kept and acknowledged, as on a
+        single server, and logged. Returns how many WAITs were queued (the pipeline's last replies)."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()  # the slot map: read once, then again only after errors
+        masters = {node.name: node for node in map(self.client.get_node_from_key, keys) if node is not None}
+        for node in masters.values():
+            pipe.execute_command("WAIT", 1, self.wait_ms, target_nodes=node)
+        return len(masters)
+
+    def _unreplicated(self) -> None:
+        now = time.monotonic()
+        if now - self.warned_at > 10.0:
+            self.warned_at = now
+            log.warning("a cluster master acknowledged writes with no replica: one copy until its replica is back")
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
         try:

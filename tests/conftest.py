@@ -454,3 +454,130 @@ def nginx_config(workdir: Path, upstreams: Sequence[str], port: int) -> Path:
     path = workdir / "nginx.conf"
     path.write_text(text)
     return path
+
+
+# --- a Redis Cluster of the test's own: 3 masters with a replica each, on loopback ----------------------
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10,000) is free too, so at most 55,535."""
+    while True:
+        port = free_port()
+        if port <= 55_535:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
+
+
+class RedisClusterServers:
+    """Six redis-servers with `--cluster-enabled yes` formed by `redis-cli --cluster create --cluster-replicas 1`
+    into 3 masters with a replica each. ``kill(port)`` ends a node with SIGKILL (no goodbye to its peers); with
+    ``node_timeout_ms`` at 1 s its replica is promoted 1–3 s later. A context manager: leaving it stops every
+    node, also when the test fails. Only what the deployment's redis.conf sets that matters here is set:
+    slots of the other masters keep answering while one fails over (`cluster-require-full-coverage no`)."""
+
+    def __init__(self, workdir: Path, node_timeout_ms: int = 1000) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None or shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-server and redis-cli are not installed: `make tools` locates or installs them")
+        self.binary, self.workdir, self.node_timeout_ms = binary, workdir, node_timeout_ms
+        self.ports = [cluster_port() for _ in range(6)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The seed node the service is given (REDIS_URL); the client finds the others through it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=5, socket_connect_timeout=5)
+
+    def cluster_client(self) -> redis.RedisCluster:
+        """A client of the whole cluster, from any node still alive."""
+        nodes = [redis.cluster.ClusterNode("127.0.0.1", p) for p in self.alive()]
+        return redis.RedisCluster(startup_nodes=nodes, socket_timeout=5, decode_responses=True)
+
+    def alive(self) -> list[int]:
+        return [p for p, proc in self.procs.items() if proc.poll() is None]
+
+    def start(self) -> None:
+        config = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(self.node_timeout_ms)]
+        config += ["--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no"]
+        for port in self.ports:
+            data = self.workdir / f"node-{port}"
+            data.mkdir(parents=True, exist_ok=True)
+            args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), *config]
+            with (data / "redis.log").open("w") as log:
+                self.procs[port] = subprocess.Popen([self.binary, *args], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for port, proc in self.procs.items():
+                with self.client(port) as c:
+                    wait_for(self._answering(port, proc, c), f"cluster node {port} to answer", START_TIMEOUT_S)
+            nodes = [f"127.0.0.1:{p}" for p in self.ports]
+            create = subprocess.run(
+                ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert create.returncode == 0, create.stdout + create.stderr
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answering(self, port: int, proc: subprocess.Popen[bytes], client: redis.Redis) -> Callable[[], bool]:
+        def check() -> bool:
+            if proc.poll() is not None:
+                log = (self.workdir / f"node-{port}" / "redis.log").read_text()[-1000:]
+                raise ProcessExited(f"redis-server on {port} exited: {log}")
+            return bool(client.info("server")["process_id"] == proc.pid)
+
+        return check
+
+    def masters(self) -> list[int]:
+        """The ports of the live nodes that serve slots as masters now."""
+        ports = []
+        for port in self.alive():
+            with self.client(port) as c:
+                if c.info("replication")["role"] == "master":
+                    ports.append(port)
+        return ports
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Every live node sees the cluster as ok, with 3 masters serving all 16,384 slots and every live
+        replica in sync with its master (so a write acknowledged from now on is on two nodes)."""
+
+        def healthy() -> bool:
+            for port in self.alive():
+                with self.client(port) as c:
+                    info = c.cluster("info")
+                    if info["cluster_state"] != "ok" or int(info["cluster_slots_ok"]) != 16384:
+                        return False
+                    repl = c.info("replication")
+                    if repl["role"] == "slave" and repl["master_link_status"] != "up":
+                        return False
+            return len(self.masters()) == 3
+
+        wait_for(healthy, "the cluster to be healthy", timeout, interval=0.1)
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> RedisClusterServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
