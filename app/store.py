@@ -64,6 +64,11 @@ def _by_user(events: list[tuple[str, Behaviour]]) -> dict[str, list[Behaviour]]:
     return {u: sorted(bs, key=lambda b: b.timestamp) for u, bs in grouped.items()}
 
 
+def user_key(prefix: str, user_id: str, cluster: bool) -> str:
+    """The name of a user's list (RedisStore.key)."""
+    return f"{prefix}{{{user_id}}}" if cluster else f"{prefix}{user_id}"
+
+
 # how soon a cluster client may re-read the slot map after an error (redis-py's default: 1 s): a failover
 # promotes a replica within seconds, and the service answers degraded until the client has seen it
 CLUSTER_REFRESH_INTERVAL_S = 0.25
@@ -101,7 +106,7 @@ class RedisStore:
         so a read stays one round trip to one node and a user's writes go to one master. On a single server the
         name stays as it always was, so the users stored before keep their history (no migration, and no second
         read of an old name on every /score)."""
-        return f"{self.prefix}{{{user_id}}}" if self.cluster else f"{self.prefix}{user_id}"
+        return user_key(self.prefix, user_id, self.cluster)
 
     async def append(self, events: list[tuple[str, Behaviour]]) -> int:
         """All or nothing on a single server (one transaction). On a cluster the users' keys live on different
@@ -128,15 +133,24 @@ class RedisStore:
         return len(events)
 
     async def _wait_for_replicas(self, pipe: Any, keys: list[str]) -> int:
-        """Ends each master's share of the pipeline with WAIT 1: its answer comes once a replica has the writes.
-        A master answers before it replicates, so one killed right after answering would take the writes with
-        it, and the replica promoted in its place would never have had them. WAIT goes on the connection that
-        carried the writes, the one it measures. A master without a replica (its replica was promoted and the
-        dead master is not back yet) answers 0 after ``wait_ms``: the write is kept and acknowledged, as on a
-        single server, and logged. Returns how many WAITs were queued (the pipeline's last replies)."""
+        """Ends the share of the pipeline of each master that has a replica with WAIT 1: its answer comes once the
+        replica has the writes. A master answers before it replicates, so one killed right after answering would
+        take the writes with it, and the replica promoted in its place would never have had them. WAIT goes on
+        the connection that carried the writes, the one it measures. A master without a replica (its replica
+        was promoted and the dead master is not back yet: the slot map lists none) is written without WAIT,
+        which would only wait out its timeout: kept and acknowledged, as on a single server, and logged.
+        Returns how many WAITs were queued (the pipeline's last replies)."""
         assert isinstance(self.client, RedisCluster)
         await self.client.initialize()  # the slot map: read once, then again only after errors
-        masters = {node.name: node for node in map(self.client.get_node_from_key, keys) if node is not None}
+        masters, alone = {}, False
+        for key in keys:
+            node = self.client.get_node_from_key(key)
+            if self.client.get_node_from_key(key, replica=True) is None:
+                alone = True
+            elif node is not None:
+                masters[node.name] = node
+        if alone:
+            self._unreplicated()
         for node in masters.values():
             pipe.execute_command("WAIT", 1, self.wait_ms, target_nodes=node)
         return len(masters)
@@ -145,7 +159,7 @@ class RedisStore:
         now = time.monotonic()
         if now - self.warned_at > 10.0:
             self.warned_at = now
-            log.warning("a cluster master acknowledged writes with no replica: one copy until its replica is back")
+            log.warning("writes acknowledged by a cluster master without a replica: one copy until one is back")
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
         try:
