@@ -59,7 +59,7 @@ class Records:
     """Everything the clients saw, stamped with wall-clock time (nginx's log uses it too)."""
 
     score: list[tuple[float, float, str]] = field(default_factory=list)  # start, end, status or error
-    events: list[tuple[float, float, str, int]] = field(default_factory=list)  # start, end, status, events
+    events: list[tuple[float, float, str, tuple[str, ...]]] = field(default_factory=list)  # start, end, status, users
     acked: list[tuple[str, str]] = field(default_factory=list)  # (user, item) of every acknowledged event
     probe: list[tuple[float, str, bool, str]] = field(default_factory=list)  # end, status, degraded, source
     errors: list[tuple[float, str]] = field(default_factory=list)  # end, body of each refused /events
@@ -106,7 +106,7 @@ async def event_writer(
                 records.acked.extend(pairs)
         except httpx.HTTPError as e:
             status = type(e).__name__
-        records.events.append((t0, time.time(), status, len(events)))
+        records.events.append((t0, time.time(), status, tuple(u for u, _ in pairs)))
         await asyncio.sleep(interval_s)
 
 
@@ -208,10 +208,14 @@ def scorer_kill_figures(log: list[dict[str, Any]], killed: str, at: float) -> di
     }
 
 
-def master_kill_figures(records: Records, at: float, promoted_at: float | None) -> dict[str, Any]:
+def master_kill_figures(records: Records, at: float, promoted_at: float | None, on_victim: set[str]) -> dict[str, Any]:
+    """``on_victim``: the writer's users whose slot the killed master served."""
     after = [p for p in records.probe if p[0] >= at]
     degraded = [p for p in after if p[2] or p[1] != "200"]
+    from_store = [p for p in after if p[1] == "200" and p[3] == "store"]
     refused = [e for e in records.events if e[0] >= at - 0.5 and e[2] != "200"]
+    # the first /events for one of the victim's users acknowledged after the kill: the promoted replica written
+    victim_acked = [e for e in records.events if e[0] >= at and e[2] == "200" and on_victim.intersection(e[3])]
     return {
         "failover_s": None if promoted_at is None else promoted_at - at,
         "probe_answers": len(after),
@@ -219,6 +223,9 @@ def master_kill_figures(records: Records, at: float, promoted_at: float | None) 
         "probe_failed_answers": sum(1 for p in after if p[1] != "200"),
         # /score for the probe user answered from its history again (degraded answers until then)
         "score_recovery_s": (max(p[0] for p in degraded) - at) if degraded else 0.0,
+        # ... and the first answer from its history again (later degraded answers: store timeouts under load)
+        "score_first_recovered_s": (min(p[0] for p in from_store) - at) if from_store else None,
+        "events_first_recovered_s": (min(e[1] for e in victim_acked) - at) if victim_acked else None,
         "events_refused_requests": len(refused),
         "events_recovery_s": (max(e[1] for e in refused) - at) if refused else 0.0,
         "probe_recovered": bool(after) and after[-1][1] == "200" and not after[-1][2] and after[-1][3] == "store",
@@ -282,7 +289,8 @@ async def drive(
     async with httpx.AsyncClient(base_url=lb.url, timeout=10) as client:
         seed = [{"user_id": probe_user, "item_id": items[i], "timestamp": 1_700_000_000 + i} for i in range(5)]
         (await client.post("/events", json={"events": seed})).raise_for_status()
-        victim = cluster_master_of(cluster, probe_user)
+        victim = masters_of(cluster, [probe_user])[probe_user]
+        on_victim = {u for u, port in masters_of(cluster, writer_users).items() if port == victim}
         replica = replica_of(cluster, victim)
         job = Job(lb.url, "closed", float(args.concurrency), 0.0, args.users, tuple(items), args.candidates, False, 1)
         tasks = [
@@ -304,7 +312,7 @@ async def drive(
         promotion.start()
         deadline = time.monotonic() + args.recovery_timeout_s
         while time.monotonic() < deadline:
-            figures = master_kill_figures(records, kill_master, promotion.at)
+            figures = master_kill_figures(records, kill_master, promotion.at, on_victim)
             last_event = records.events[-1] if records.events else None
             if (
                 promotion.at is not None
@@ -324,7 +332,7 @@ async def drive(
     report = analyse(records, log, start, kill_scorer, kill_master, end)
     report["scorer_kill"] = scorer_kill_figures(log, killed.address, kill_scorer)
     report["scorer_kill"]["at_s"] = kill_scorer - start
-    report["master_kill"] = master_kill_figures(records, kill_master, promotion.at)
+    report["master_kill"] = master_kill_figures(records, kill_master, promotion.at, on_victim)
     report["master_kill"].update({"at_s": kill_master - start, "victim_port": victim, "replica_port": replica})
     report["events"].update(await count_lost(cluster.url, records.acked, args.history_cap))
     report["duration_s"] = end - start
@@ -332,12 +340,20 @@ async def drive(
     return report
 
 
-def cluster_master_of(cluster: RedisClusterServers, user: str) -> int:
-    key = user_key(PREFIX, user, cluster=True)
+def masters_of(cluster: RedisClusterServers, users: list[str]) -> dict[str, int]:
+    """The port of the master that holds each user's behaviours (the service's key naming)."""
+    out = {}
     with cluster.cluster_client() as c:
-        node = c.get_node_from_key(key)
-        assert node is not None
-        return int(node.port)
+        for user in users:
+            node = c.get_node_from_key(user_key(PREFIX, user, cluster=True))
+            assert node is not None
+            out[user] = int(node.port)
+    return out
+
+
+def _pair(figures: dict[str, Any], what: str) -> str:
+    first = figures[f"{what}_first_recovered_s"]
+    return f"{'-' if first is None else f'{first:.2f}'} / {figures[f'{what}_recovery_s']:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -356,11 +372,9 @@ def markdown(report: dict[str, Any]) -> str:
             "/score for the victim's user: degraded answers / failed",
             f"{mk['probe_degraded_answers']} / {mk['probe_failed_answers']}",
         ),
-        ("/score with history again after (s)", f"{mk['score_recovery_s']:.2f}"),
-        (
-            "/events refused (503) during the failover / recovered after (s)",
-            f"{mk['events_refused_requests']} / {mk['events_recovery_s']:.2f}",
-        ),
+        ("/score with history again after (s): first answer / last degraded one", _pair(mk, "score")),
+        ("/events refused (503) during the failover", str(mk["events_refused_requests"])),
+        ("/events for the victim's users acknowledged again after (s): first / last refusal", _pair(mk, "events")),
         ("events acknowledged / lost", f"{e['acknowledged']:,} / {e['lost']}"),
     ]
     lat = [

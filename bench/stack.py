@@ -121,7 +121,12 @@ class RedisClusterServers:
         if binary is None or shutil.which("redis-cli") is None:
             raise RuntimeError("redis-server and redis-cli are not installed: `make tools` locates or installs them")
         self.binary, self.workdir, self.node_timeout_ms = binary, workdir, node_timeout_ms
-        self.ports = [cluster_port() for _ in range(6)]
+        self.ports: list[int] = []
+        while len(self.ports) < 6:  # a port just released can come back: six different ones, and bus ports
+            port = cluster_port()
+            taken = {*self.ports, *(p + 10_000 for p in self.ports)}
+            if port not in taken and port + 10_000 not in taken:
+                self.ports.append(port)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     @property

@@ -35,6 +35,7 @@ def test_the_drill_loses_no_acknowledged_event_and_fails_no_score(model_reposito
     # ... and both recovered by themselves once the replica was promoted
     assert master["failover_s"] is not None and master["failover_s"] < 20, master
     assert master["probe_recovered"] and master["score_recovery_s"] < 30 and master["events_recovery_s"] < 30
+    assert master["score_first_recovered_s"] is not None and master["events_first_recovered_s"] is not None
 
     # the scorer kill: nginx tried the dead replica (in flight, or sent before it knew), and passed /score on
     assert scorer["in_flight_on_killed"] + scorer["sent_to_killed_after"] >= 1, scorer
