@@ -61,7 +61,7 @@ class Records:
     score: list[tuple[float, float, str]] = field(default_factory=list)  # start, end, status or error
     events: list[tuple[float, float, str, tuple[str, ...]]] = field(default_factory=list)  # start, end, status, users
     acked: list[tuple[str, str]] = field(default_factory=list)  # (user, item) of every acknowledged event
-    probe: list[tuple[float, str, bool, str]] = field(default_factory=list)  # end, status, degraded, source
+    probe: list[tuple[float, str, bool, str]] = field(default_factory=list)  # start, status, degraded, source
     errors: list[tuple[float, str]] = field(default_factory=list)  # end, body of each refused /events
 
 
@@ -115,14 +115,13 @@ async def probe(client: httpx.AsyncClient, user: str, items: list[str], stop: as
     came from."""
     body = {"user_id": user, "candidates": [{"item_id": i} for i in items[:5]]}
     while not stop.is_set():
+        t0 = time.time()  # when it was sent: an answer that started before a kill tells nothing of it
         try:
             r = await client.post("/score", json=body)
             doc = r.json() if r.status_code == 200 else {}
-            records.probe.append(
-                (time.time(), str(r.status_code), bool(doc.get("degraded")), doc.get("history_source", ""))
-            )
+            records.probe.append((t0, str(r.status_code), bool(doc.get("degraded")), doc.get("history_source", "")))
         except httpx.HTTPError as e:
-            records.probe.append((time.time(), type(e).__name__, False, ""))
+            records.probe.append((t0, type(e).__name__, False, ""))
         await asyncio.sleep(0.05)
 
 
