@@ -38,6 +38,8 @@ class AppState:
         """Load, warm and self-check every model of the repository (the newest version of each that works);
         fail with a precise message if the default model cannot be served."""
         store = cls._store(settings)
+        if isinstance(store, RedisStore):
+            await store.warm_up(BOARD_TIMEOUT_S)
         state = cls(settings, store, metrics, ModelRegistry(settings, metrics))
         if settings.redis_url and settings.deployment_sync_interval_s > 0:
             board = DeploymentBoard.connect(

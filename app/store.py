@@ -169,6 +169,19 @@ class RedisStore:
             raise StoreError(f"redis read failed: {e!r}") from e
         return [Behaviour.decode(r if isinstance(r, str) else r.decode()) for r in raw]
 
+    async def warm_up(self, timeout_s: float) -> None:
+        """A cluster's slot map and a connection to each master, before the first request (which would pay for
+        them within STORE_TIMEOUT_MS and, on a loaded host, answer 503 or degraded). A cluster that does not
+        answer is logged, not fatal, as a single server down at start-up is: /readyz says so."""
+        if not isinstance(self.client, RedisCluster):
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.client.initialize()
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        except (RedisError, OSError, TimeoutError) as e:
+            log.warning("redis cluster: slot map not read at start-up (%r); requests will try again", e)
+
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
