@@ -287,7 +287,12 @@ async def drive(
     probe_user = "drill-probe"
     async with httpx.AsyncClient(base_url=lb.url, timeout=10) as client:
         seed = [{"user_id": probe_user, "item_id": items[i], "timestamp": 1_700_000_000 + i} for i in range(5)]
-        (await client.post("/events", json={"events": seed})).raise_for_status()
+        for attempt in range(10):  # a 503 (the store's bound overrun on a loaded machine) asks for a retry
+            r = await client.post("/events", json={"events": seed})
+            if r.status_code != 503:
+                break
+            await asyncio.sleep(0.1 * (attempt + 1))
+        r.raise_for_status()
         victim = masters_of(cluster, [probe_user])[probe_user]
         on_victim = {u for u, port in masters_of(cluster, writer_users).items() if port == victim}
         replica = replica_of(cluster, victim)
