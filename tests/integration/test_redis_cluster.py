@@ -137,6 +137,9 @@ def test_a_master_killed_degrades_its_users_until_its_replica_is_promoted(repo: 
         assert scored["degraded"] is True and scored["history_source"] == "none", scored
         refused = app.post("/events", json={"events": _events(on_victim[:1], 1, t0=5000)})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        # a batch across masters is acknowledged only if every master stored its share
+        mixed = app.post("/events", json={"events": _events([on_victim[0], elsewhere[0]], 1, t0=5500)})
+        assert mixed.status_code == 503, mixed.text
         assert _score(app, elsewhere[0])["history_source"] == "store"
         assert app.post("/events", json={"events": _events(elsewhere[:1], 1, t0=5000)}).status_code == 200
 
