@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+
+from app.store import connect
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +77,23 @@ class Desired:
 
 
 class DeploymentBoard:
-    """The shared documents: ``{key}:models`` (hash: model name → Desired JSON) and ``{key}:revision``."""
+    """The shared documents: ``{key}:models`` (hash: model name → Desired JSON) and ``{key}:revision``.
 
-    def __init__(self, client: aioredis.Redis, key: str, timeout_s: float) -> None:
+    On a Redis Cluster the key is a hash tag (``{ctr:deployment}:models``): both keys live on one slot, so the
+    transactions below (which read or write both) are allowed there. On a single server the names stay as they
+    were, so a deployment shared before (a pinned or rolled-back version) survives the upgrade."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, key: str, timeout_s: float) -> None:
         self.client, self.timeout_s = client, timeout_s
-        self.models_key, self.revision_key = f"{key}:models", f"{key}:revision"
+        base = f"{{{key}}}" if isinstance(client, RedisCluster) else key
+        self.models_key, self.revision_key = f"{base}:models", f"{base}:revision"
 
     @classmethod
-    def connect(cls, url: str, key: str, timeout_s: float) -> DeploymentBoard:
+    def connect(cls, url: str, key: str, timeout_s: float, cluster: bool = False) -> DeploymentBoard:
         """A board with a client of its own: the behaviour store's client times out a socket read after
         STORE_TIMEOUT_MS (50 ms), which a version load or a garbage collection holding this process's event
         loop overran, failing admin calls with a 503; here ``timeout_s`` bounds every round trip."""
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, key, timeout_s)
+        return cls(connect(url, cluster, timeout_s), key, timeout_s)
 
     async def close(self) -> None:
         await self.client.aclose()

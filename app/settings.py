@@ -17,6 +17,11 @@ class Settings(BaseSettings):
     model_repository: Path = Field(Path("runs/repository"), description="root of the exported model repository")
     default_model: str = Field("din", min_length=1, description="model used when a request names none")
     redis_url: str | None = Field(None, description="behaviour store; unset → embedded in-process store")
+    redis_cluster: bool = Field(
+        False,
+        description="REDIS_URL is one seed node of a Redis Cluster (the client finds the others and follows "
+        "failovers); per-user keys are then hash-tagged, ctr:hist:{user}, so a user's data lives on one slot",
+    )
     redis_key_prefix: str = Field("ctr:hist:", description="prefix of the per-user behaviour lists")
     store_timeout_ms: float = Field(50.0, gt=0, description="bound on one store round trip")
     history_cap: int = Field(200, ge=1, le=100_000, description="behaviours kept per user")
@@ -77,6 +82,12 @@ class Settings(BaseSettings):
                 f"WORKERS={self.workers} needs REDIS_URL: the embedded behaviour store lives inside one process, "
                 "so behaviours posted to one worker would be invisible to the others"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_seed(self) -> Settings:
+        if self.redis_cluster and not self.redis_url:
+            raise ValueError("REDIS_CLUSTER=true needs REDIS_URL: the address of one node of the cluster")
         return self
 
     @property

@@ -38,9 +38,13 @@ class AppState:
         """Load, warm and self-check every model of the repository (the newest version of each that works);
         fail with a precise message if the default model cannot be served."""
         store = cls._store(settings)
+        if isinstance(store, RedisStore):
+            await store.warm_up(BOARD_TIMEOUT_S)
         state = cls(settings, store, metrics, ModelRegistry(settings, metrics))
         if settings.redis_url and settings.deployment_sync_interval_s > 0:
-            board = DeploymentBoard.connect(settings.redis_url, settings.deployment_key, BOARD_TIMEOUT_S)
+            board = DeploymentBoard.connect(
+                settings.redis_url, settings.deployment_key, BOARD_TIMEOUT_S, settings.redis_cluster
+            )
             state.sync = DeploymentSync(state.registry, board, settings.deployment_sync_interval_s)
             state.registry.sharing = state.sync
         if settings.model_poll_interval_s > 0:
@@ -84,13 +88,15 @@ class AppState:
     @staticmethod
     def _store(settings: Settings) -> BehaviourStore:
         if settings.redis_url:
-            log.info("behaviour store: redis at %s", settings.redis_url.split("@")[-1])
+            where = "a redis cluster seeded by" if settings.redis_cluster else "redis at"
+            log.info("behaviour store: %s %s", where, settings.redis_url.split("@")[-1])
             return RedisStore(
                 settings.redis_url,
                 settings.redis_key_prefix,
                 settings.history_cap,
                 settings.history_ttl_s,
                 settings.store_timeout_ms / 1e3,
+                settings.redis_cluster,
             )
         log.warning("REDIS_URL is unset: behaviours live in this process's memory and are lost on restart")
         return MemoryStore(settings.history_cap, settings.history_ttl_s)

@@ -1,15 +1,16 @@
 """Behaviour store: one history per user, most recent first, capped and expiring.
 
-``RedisStore`` keeps each user's history in Redis as one packed string (``pack_history``: its columns'
-text, timestamps as differences, deflated: 0.26–0.32 of the bytes of a list of entries at 50 and 200
-behaviours, bench/README.md); a read is one GET, an append a read and a compare-and-set. ``MemoryStore``
-has the same interface in-process, for a newcomer without Redis. The store knows nothing of models: it
-stores and returns raw ids.
+``RedisStore`` keeps each user's history in Redis, one server or a Redis Cluster, as one packed string
+(``pack_history``: its columns' text, timestamps as differences, deflated: 0.26–0.32 of the bytes of a list
+of entries at 50 and 200 behaviours, bench/README.md); a read is one GET, an append a read and a
+compare-and-set. ``MemoryStore`` has the same interface in-process, for a newcomer without Redis. The store
+knows nothing of models: it stores and returns raw ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import zlib
 from collections import defaultdict
@@ -20,8 +21,12 @@ from operator import sub
 from typing import Any, NamedTuple, Protocol, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
+log = logging.getLogger(__name__)
 SEP = "\x1f"  # unit separator: cannot appear in ids (they are JSON strings, control characters are rejected)
 RS = "\x1e"  # record separator, between the columns of a packed history: no more in an id than SEP
 PACKED = b"\x01"  # first byte of a packed history: its format's version
@@ -181,6 +186,31 @@ def _is_wrong_type(value: object) -> bool:
     return isinstance(value, ResponseError) and str(value).startswith("WRONGTYPE")
 
 
+def user_key(prefix: str, user_id: str, cluster: bool) -> str:
+    """The name of a user's list (RedisStore.key)."""
+    return f"{prefix}{{{user_id}}}" if cluster else f"{prefix}{user_id}"
+
+
+# how soon a cluster client may re-read the slot map after an error (redis-py's default: 1 s): a failover
+# promotes a replica within seconds, and the service answers degraded until the client has seen it
+CLUSTER_REFRESH_INTERVAL_S = 0.25
+
+
+def connect(url: str, cluster: bool, timeout_s: float, **options: Any) -> aioredis.Redis | RedisCluster:
+    """A client of the server at ``url``, or of the Redis Cluster that ``url`` is one seed node of.
+
+    The cluster client asks the seed for the slot map, sends each key to its master, and re-reads the map
+    when a node fails or answers MOVED: after a failover it finds the promoted replica by itself. Callers bound
+    every call with ``timeout_s``, so its retries cost a request at most that, never more."""
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if not cluster:
+        return aioredis.Redis.from_url(url, **timeouts, **options)
+    retry = Retry(ExponentialWithJitterBackoff(base=timeout_s / 8, cap=timeout_s / 2), retries=2)
+    return RedisCluster.from_url(
+        url, retry=retry, topology_refresh_min_interval=CLUSTER_REFRESH_INTERVAL_S, **timeouts, **options
+    )
+
+
 class RedisStore:
     """Each user's history is one packed string (``pack_history``), rewritten whole by every append: a
     read of the current value, then a compare-and-set (a script, so one key per call, as a Redis Cluster
@@ -188,20 +218,29 @@ class RedisStore:
     a list written by an earlier version is read as it is and packed by the user's next append. The
     compare-and-sets of one round go in one MULTI (none applied if the connection drops before EXEC),
     but an append over several users that needs a second round is not all-or-nothing: a failure then
-    leaves the first round's users written (the error still acknowledges nothing)."""
+    leaves the first round's users written (the error still acknowledges nothing). On a Redis Cluster no
+    MULTI spans the masters, so a round is not all-or-nothing either: acknowledged always means stored,
+    and on the replica too (``WAIT 1``, below)."""
 
     kind = "redis"
     write_rounds = 64  # an append gives up (StoreError) after losing this many compare-and-sets in a row
 
-    def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, timeout_s: float) -> None:
+    def __init__(self, url: str, prefix: str, cap: int, ttl_s: int, timeout_s: float, cluster: bool = False) -> None:
         # bytes, not str: the packed history is binary (the list entries are decoded by Behaviour.decode)
-        self.client = aioredis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self.client = connect(url, cluster, timeout_s, decode_responses=False)
         self.prefix, self.cap, self.ttl_s, self.timeout_s = prefix, cap, ttl_s, timeout_s
+        self.cluster = cluster
+        # a replica on loopback or in the same zone acknowledges in well under a millisecond; the other half
+        # of the store's bound is left to the writes themselves
+        self.wait_ms = max(1, int(timeout_s * 1000 / 2))
+        self.warned_at = -1e9
 
     def key(self, user_id: str) -> str:
-        return f"{self.prefix}{user_id}"
+        """On a cluster the user id is a hash tag (``ctr:hist:{u1}``): every key of one user hashes to one slot,
+        so a read stays one round trip to one node and a user's writes go to one master. On a single server the
+        name stays as it always was, so the users stored before keep their history (no migration, and no second
+        read of an old name on every /score)."""
+        return user_key(self.prefix, user_id, self.cluster)
 
     async def append(self, events: list[tuple[str, Behaviour]]) -> int:
         """Rounds of reads and compare-and-sets until every user's write won: of the writers racing on a
@@ -230,7 +269,9 @@ class RedisStore:
         for value in seen:
             if isinstance(value, Exception):
                 raise StoreError(f"redis read failed: {value!r}")
-        write = self.client.pipeline(transaction=True)
+        # one MULTI on a single server; a cluster has no transaction across masters: its pipeline sends each
+        # master its users' compare-and-sets in one round trip (each is atomic on its own, being a script)
+        write = self.client.pipeline(transaction=not self.cluster)
         for user, value in zip(users, seen, strict=True):
             newest_first = new[user][::-1]
             try:
@@ -242,7 +283,17 @@ class RedisStore:
             except (ValueError, zlib.error) as e:  # refused, not overwritten: the value may be another's
                 raise StoreError(f"history of user {user!r} cannot be appended to: {e}") from e
             write.eval(COMPARE_AND_SET, 1, self.key(user), kind, was, packed, self.ttl_s)
-        done = await self._round_trip(write, "write")
+        waits = 0
+        if self.cluster:
+            try:
+                async with asyncio.timeout(self.timeout_s):  # the slot map may have to be read again
+                    waits = await self._wait_for_replicas(write, [self.key(u) for u in users])
+            except (RedisError, OSError, TimeoutError) as e:
+                raise StoreError(f"redis cluster slot map unavailable: {e!r}") from e
+        replies = await self._round_trip(write, "write")
+        done, waited = replies[: len(users)], replies[len(users) :]
+        if waits and min(waited) < 1:
+            self._unreplicated()
         return [user for user, ok in zip(users, done, strict=True) if not ok]
 
     async def _round_trip(self, pipe: Any, what: str, raise_on_error: bool = True) -> list[Any]:
@@ -251,6 +302,35 @@ class RedisStore:
                 return list(await pipe.execute(raise_on_error=raise_on_error))
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"redis {what} failed: {e!r}") from e
+
+    async def _wait_for_replicas(self, pipe: Any, keys: list[str]) -> int:
+        """Ends the share of the pipeline of each master that has a replica with WAIT 1: its answer comes once the
+        replica has the writes. A master answers before it replicates, so one killed right after answering would
+        take the writes with it, and the replica promoted in its place would never have had them. WAIT goes on
+        the connection that carried the writes, the one it measures. A master without a replica (its replica
+        was promoted and the dead master is not back yet: the slot map lists none) is written without WAIT,
+        which would only wait out its timeout: kept and acknowledged, as on a single server, and logged.
+        Returns how many WAITs were queued (the pipeline's last replies)."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.initialize()  # the slot map: read once, then again only after errors
+        masters, alone = {}, False
+        for key in keys:
+            node = self.client.get_node_from_key(key)
+            if self.client.get_node_from_key(key, replica=True) is None:
+                alone = True
+            elif node is not None:
+                masters[node.name] = node
+        if alone:
+            self._unreplicated()
+        for node in masters.values():
+            pipe.execute_command("WAIT", 1, self.wait_ms, target_nodes=node)
+        return len(masters)
+
+    def _unreplicated(self) -> None:
+        now = time.monotonic()
+        if now - self.warned_at > 10.0:
+            self.warned_at = now
+            log.warning("writes acknowledged by a cluster master without a replica: one copy until one is back")
 
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]:
         """One GET: a packed value. A list of the earlier format answers WRONGTYPE and is read with a
@@ -271,6 +351,19 @@ class RedisStore:
             return decode_stored(value, limit)
         except (ValueError, zlib.error) as e:  # /score then answers degraded, and counts a store error
             raise StoreError(f"history of user {user_id!r} unreadable: {e}") from e
+
+    async def warm_up(self, timeout_s: float) -> None:
+        """A cluster's slot map and a connection to each master, before the first request (which would pay for
+        them within STORE_TIMEOUT_MS and, on a loaded host, answer 503 or degraded). A cluster that does not
+        answer is logged, not fatal, as a single server down at start-up is: /readyz says so."""
+        if not isinstance(self.client, RedisCluster):
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.client.initialize()
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+        except (RedisError, OSError, TimeoutError) as e:
+            log.warning("redis cluster: slot map not read at start-up (%r); requests will try again", e)
 
     async def ping(self) -> None:
         try:

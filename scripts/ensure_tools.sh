@@ -3,6 +3,7 @@
 # passes on a fresh clone. Usage: scripts/ensure_tools.sh [VENV]  (VENV defaults to .venv)
 #
 #   redis-server               integration and e2e tests (a real Redis per session)   Debian: redis-server
+#   redis-cli                  Redis Cluster tests and bench.drill (`--cluster create`) Debian: redis-tools
 #   prometheus, promtool       tests/e2e/test_stack.py, tests/unit/test_deploy.py      Debian: prometheus
 #   docker-compose             tests/unit/test_deploy.py (compose files validate)      Debian: docker-compose
 #   nginx                      tests/unit/test_deploy.py (nginx -t), tests/e2e/test_load_balancer.py
@@ -16,10 +17,10 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv}"
 
 # command → Debian package that provides it
-declare -A PACKAGE=([redis-server]=redis-server [prometheus]=prometheus [promtool]=prometheus
+declare -A PACKAGE=([redis-server]=redis-server [redis-cli]=redis-tools [prometheus]=prometheus [promtool]=prometheus
                     [docker-compose]=docker-compose [nginx]=nginx [kubectl]=kubernetes-client
                     [chromium]=chromium)
-TOOLS=(redis-server prometheus promtool docker-compose nginx kubectl chromium)
+TOOLS=(redis-server redis-cli prometheus promtool docker-compose nginx kubectl chromium)
 
 # Debian puts nginx in /usr/sbin, which a user's PATH may lack (the tests look there too)
 locate() { command -v "$1" || PATH=/usr/sbin:/usr/local/sbin command -v "$1"; }

@@ -2,24 +2,29 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import psutil
 import pytest
 import redis
 import torch
 
+from bench.stack import NGINX_CONF as NGINX_CONF
+from bench.stack import ProcessExited as ProcessExited
+from bench.stack import RedisClusterServers as RedisClusterServers
+from bench.stack import cluster_port as cluster_port
+from bench.stack import free_port as free_port
+from bench.stack import nginx_binary as nginx_binary
+from bench.stack import nginx_config as nginx_config
+from bench.stack import wait_for as wait_for
 from training.datasets import BehaviourLog, SyntheticConfig, generate_synthetic
 from training.samples import PreparedData, prepare
 
@@ -28,8 +33,6 @@ ML100K_DIR = Path(os.environ.get("ML100K_DIR", Path(__file__).resolve().parents[
 
 # how long a process may take to become ready on a loaded two-core CI machine
 START_TIMEOUT_S = 120.0
-
-T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -49,39 +52,9 @@ def small_data(small_log: BehaviourLog) -> PreparedData:
     return prepare(small_log, "din-movielens", max_len=20, seed=0)
 
 
-class ProcessExited(Exception):
-    """The process waited on exited: waiting longer cannot help (the message says how it ended)."""
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, interval: float = 0.05) -> T:
-    """Poll ``check`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError).
-    Other exceptions from ``check`` count as "not yet" (a server still starting refuses connections), except
-    ProcessExited, which ends the wait at once."""
-    deadline = time.monotonic() + timeout
-    error: Exception | None = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except ProcessExited:
-            raise
-        except Exception as e:
-            error = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {error!r})")
-        time.sleep(interval)
-
-
 # --- shared by the service tests: a small exported repository and a real redis-server ----------------
 
 SERVICE_SYNTHETIC = {"n_users": 300, "n_items": 150, "n_categories": 8, "min_events": 15, "max_events": 30, "seed": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -418,39 +391,3 @@ def failed_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "app", "--port", str(free_port())]
     root = Path(__file__).resolve().parents[1]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=60)
-
-
-# --- the load balancer: deploy/nginx/nginx.conf run by a real nginx on loopback ---------------------------
-
-NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
-# the compose service's one DNS name, re-resolved (`resolve`): here a server line per replica instead
-_UPSTREAM_SERVER = re.compile(r"^(\s*)server scorer:8000 resolve( [^;]*);$", re.MULTILINE)
-
-
-def nginx_binary() -> str:
-    """Debian's nginx lives in /usr/sbin, which a user's PATH may lack."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-    if found is None:
-        raise RuntimeError("nginx is not installed: `make tools` locates or installs it")
-    return found
-
-
-def nginx_config(workdir: Path, upstreams: Sequence[str], port: int) -> Path:
-    """A copy of the repository's nginx.conf that runs here: the replicas at ``upstreams`` (host:port) instead
-    of compose's `scorer` name, listening on 127.0.0.1:``port``, its pid and temporary files in ``workdir``.
-    Everything else (retries, keep-alive, timeouts, locations) is the file as deployed."""
-    text = NGINX_CONF.read_text()
-    (indent, params), *more = _UPSTREAM_SERVER.findall(text)
-    assert not more, "one upstream server line expected"
-    servers = "".join(f"{indent}server {u}{params};\n" for u in upstreams).rstrip("\n")
-    text = _UPSTREAM_SERVER.sub(lambda _: servers, text)
-    assert text.count("listen 80;") == 1
-    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # each module's default is under /var/lib/nginx
-    temp = "".join(f"    {kind}_temp_path {workdir / kind};\n" for kind in kinds)
-    text = text.replace("http {\n", "http {\n" + temp, 1)
-    text = f"pid {workdir / 'nginx.pid'};\n" + text
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "nginx.conf"
-    path.write_text(text)
-    return path

@@ -6,27 +6,13 @@ it. The configuration is the part a schema cannot check: a server refuses an opt
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import redis
 
-from tests.conftest import ProcessExited, free_port, stop_process, wait_for
+from tests.conftest import ProcessExited, cluster_port, stop_process, wait_for
 from tests.unit.test_k8s import objects, one
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (+10,000) is free too, so at most 55,535."""
-    while True:
-        port = free_port()
-        if port <= 55_535:
-            with socket.socket() as bus:
-                try:
-                    bus.bind(("127.0.0.1", port + 10_000))
-                except OSError:
-                    continue
-            return port
 
 
 def test_the_cluster_config_forms_three_masters_with_a_replica_each(tmp_path: Path) -> None:
@@ -36,7 +22,7 @@ def test_the_cluster_config_forms_three_masters_with_a_replica_each(tmp_path: Pa
     replicas = one(docs, "StatefulSet", "redis-cluster")["spec"]["replicas"]
     binary = shutil.which("redis-server")
     assert binary, "redis-server is not installed: `make tools` locates or installs it"
-    ports = [_cluster_port() for _ in range(replicas)]
+    ports = [cluster_port() for _ in range(replicas)]
     procs: list[subprocess.Popen[bytes]] = []
     clients = [redis.Redis(port=port, socket_timeout=5) for port in ports]
     try:

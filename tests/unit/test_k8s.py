@@ -236,9 +236,11 @@ def test_the_redis_cluster_has_three_masters_with_a_replica_each() -> None:
     assert f'host="{name}-$i.{headless["metadata"]["name"]}"' in script
     assert "--cluster create $nodes --cluster-replicas 1" in script
     assert job["image"] == container["image"]  # its redis-cli speaks the servers' version
-    # the scorer keeps the single-node Redis until it speaks the cluster protocol (issue 19, item 1)
+    # the scorer uses the cluster: any node is a seed, reached through the headless Service's name
     _, _, env = _scorer(docs)
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"] == f"redis://{headless['metadata']['name']}:6379/0" and env["REDIS_CLUSTER"] == "true"
+    for overlay in ("cpu", "gpu"):  # the others keep the single-node Redis
+        assert "REDIS_CLUSTER" not in _scorer(objects(overlay))[2]
 
 
 @pytest.mark.parametrize(("retrain", "trains"), [("0", False), ("1", True)])
