@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from redis.cluster import key_slot
 
 from app.main import create_app
-from app.store import decode_stored
 from app.settings import Settings
+from app.store import decode_stored
 from tests.conftest import RedisClusterServers
 from tests.integration.test_lifecycle import _status, _wait, publish
 
