@@ -7,8 +7,8 @@ one pipeline of single-key XADDs per batch (Redis Streams, trimmed by length or 
 JSON-lines files with the embedded store. A log that is down or slow costs a request nothing: a full queue drops
 the new impression, a failed batch drops its records, and both are counted (``ctr_impressions_dropped_total``).
 
-Outcomes are written with the behaviour they come with, before /events acknowledges anything: in the store's
-own transaction with Redis, to the outcomes file first without it. The record shapes, stream names and field
+Outcomes are written before the behaviours they come with, and /events acknowledges only when both were
+(a single-key XADD each, so a Redis Cluster takes them as they are). The record shapes, stream names and field
 are ``impressions.py``'s, which ``training.served`` reads.
 
 An impression id is ``<model>.<version>.<24 hex digits>``: random (96 bits), and carrying the version that
@@ -36,7 +36,7 @@ import impressions
 from app.metrics import IMPRESSION_DROP_REASONS, IMPRESSION_LOGS, Metrics
 from app.scorer import LoadedModel
 from app.settings import Settings
-from app.store import Behaviour, BehaviourStore, RedisStore, StoreError, StreamEntry
+from app.store import Behaviour, BehaviourStore, RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,8 @@ class Sink(Protocol):
         """Append impression records; returns how many were written (the others failed), or raises LogError."""
         ...
 
-    async def store_with_outcomes(
-        self, store: BehaviourStore, events: list[tuple[str, Behaviour]], outcomes: list[bytes]
-    ) -> int:
-        """Store the behaviours and append the outcome records, both or neither acknowledged; StoreError or
-        LogError otherwise."""
+    async def append_outcomes(self, records: list[bytes]) -> None:
+        """Append outcome records, all of them before returning, or raise LogError."""
         ...
 
     async def close(self) -> None: ...
@@ -132,7 +129,7 @@ class RedisStreams:
 
     def __init__(self, url: str, settings: Settings) -> None:
         # a client of its own: a batch of impressions (hundreds of kB) may take longer than STORE_TIMEOUT_MS, the
-        # store's bound on one round trip, allows; outcomes go through the store's client, in its transaction
+        # store's bound on one round trip, allows
         timeout_s = settings.impression_log_timeout_ms / 1e3
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.impressions, self.outcomes = settings.impression_stream, settings.outcome_stream
@@ -157,14 +154,15 @@ class RedisStreams:
             raise LogError(f"redis stream write failed: {failed[0]!r}")
         return len(records) - len(failed)
 
-    async def store_with_outcomes(
-        self, store: BehaviourStore, events: list[tuple[str, Behaviour]], outcomes: list[bytes]
-    ) -> int:
+    async def append_outcomes(self, records: list[bytes]) -> None:
+        pipe = self.client.pipeline(transaction=False)
         trim = self._trim()
-        entries = [
-            StreamEntry(self.outcomes, {impressions.RECORD_FIELD: r}, trim["maxlen"], trim["minid"]) for r in outcomes
-        ]
-        return await store.append(events, entries)  # one transaction: an error in either answers 503
+        for r in records:
+            pipe.xadd(self.outcomes, {impressions.RECORD_FIELD: r}, approximate=True, **trim)
+        try:
+            await pipe.execute()  # raises on the first entry refused
+        except (RedisError, OSError, TimeoutError) as e:
+            raise LogError(f"redis outcome stream write failed: {e!r}") from e
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -213,12 +211,8 @@ class JsonLinesFiles:
         await asyncio.to_thread(self._append, "impressions", records)  # a slow disk holds no request
         return len(records)
 
-    async def store_with_outcomes(
-        self, store: BehaviourStore, events: list[tuple[str, Behaviour]], outcomes: list[bytes]
-    ) -> int:
-        # the file first: the embedded store cannot fail, so a failed file write stores nothing
-        self._append("outcomes", outcomes)
-        return await store.append(events)
+    async def append_outcomes(self, records: list[bytes]) -> None:
+        self._append("outcomes", records)  # flushed before /events answers (a few lines: not worth a thread hop)
 
     async def close(self) -> None:
         for handler in self.files.values():
@@ -278,14 +272,17 @@ class ImpressionLog:
     async def store_with_outcomes(
         self, store: BehaviourStore, events: list[tuple[str, Behaviour]], outcomes: list[impressions.Outcome]
     ) -> int:
-        """Store behaviours and their outcomes together (StoreError if either failed: nothing acknowledged)."""
-        if not outcomes:
-            return await store.append(events)
-        try:
-            return await self.sink.store_with_outcomes(store, events, [o.to_json().encode() for o in outcomes])
-        except (StoreError, LogError):
-            self.metrics.impression_log_errors.labels("outcomes").inc()
-            raise
+        """Append the outcomes, then store the behaviours: acknowledged only if both succeeded (LogError or
+        StoreError otherwise). Outcomes first: a failure in between leaves an outcome that the caller's retry
+        writes again (the consumer keeps one per impression and item), rather than a behaviour stored twice
+        in the user's history that /score reads."""
+        if outcomes:
+            try:
+                await self.sink.append_outcomes([o.to_json().encode() for o in outcomes])
+            except LogError:
+                self.metrics.impression_log_errors.labels("outcomes").inc()
+                raise
+        return await store.append(events)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="impression-log")

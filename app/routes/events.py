@@ -32,8 +32,8 @@ UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 
 @router.post("/events", response_model=EventsResponse, responses=UNAVAILABLE)
 async def append_events(req: EventsRequest, state: StateDep) -> EventsResponse:
-    """Append behaviours; an entry naming an ``impression_id`` is also that impression's outcome, written in
-    the same store transaction (with the impression log on): both are acknowledged, or neither."""
+    """Append behaviours; an entry naming an ``impression_id`` is also that impression's outcome, appended to
+    the outcome log first (with the impression log on): the answer acknowledges both, or neither."""
     now = int(time.time())
     events = [
         (e.user_id, Behaviour(e.item_id, e.category_id, e.timestamp if e.timestamp is not None else now, e.label))

@@ -173,6 +173,7 @@ def test_a_log_that_cannot_be_written_costs_score_nothing_and_is_counted(
     r = client.post("/events", json={"events": [outcome]}, headers=AUTH)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert _metric(client, "ctr_impression_log_errors_total", log="outcomes") == 1
+    assert client.get("/users/u/history", headers=AUTH).json()["history"] == []  # the outcome goes first
 
 
 def test_a_stopped_redis_leaves_score_answering(model_repository: Path, tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ class Sink:
         self.batches.append(records[: len(records) - refused])
         return len(records) - refused
 
-    async def store_with_outcomes(self, store: Any, events: Any, outcomes: Any) -> int:
+    async def append_outcomes(self, records: list[bytes]) -> None:
         raise AssertionError("not used here")
 
     async def close(self) -> None:
