@@ -25,7 +25,6 @@ import os
 import time
 from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
-from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -194,10 +193,6 @@ class JsonLinesFiles:
         }
         for handler in self.files.values():
             handler.setFormatter(logging.Formatter("%(message)s"))
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.files["impressions"].baseFilename).parent
 
     def _append(self, name: str, records: list[bytes]) -> None:
         handler = self.files[name]
