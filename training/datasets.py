@@ -320,6 +320,8 @@ def load_dataset(
     """Dispatch on the CLI's ``--dataset`` name."""
     if dataset == "synthetic":
         return generate_synthetic(synthetic)
+    if dataset == "served":  # samples as served, not a behaviour log: training.train prepares them itself
+        raise ValueError("dataset 'served' holds samples, not behaviours: train on it (training/served_data.py)")
     if data_dir is None:
         raise ValueError(f"--data-dir is required for dataset {dataset!r}")
     if dataset == "ml-100k":
