@@ -27,7 +27,7 @@ class ServedBehaviour:
 
     item_id: str
     category_id: str | None
-    timestamp: int
+    timestamp: int | None  # seconds, as stored; None for a history the request supplied (it carries no times)
     label: int | None = None  # history feedback: 1 liked/clicked, 0 not, None unknown
 
 

@@ -37,6 +37,9 @@ STORE_OPERATIONS = ("read", "write")
 UNKNOWN_ID_KINDS = ("item", "category", "user_feature")
 SCORE_STATUSES = ("200", "400", "404", "422", "500", "503", "504")
 LOAD_OUTCOMES = ("loaded", "failed")
+IMPRESSION_DROP_REASONS = ("queue_full", "write_error", "shutdown")
+IMPRESSION_LOGS = ("impressions", "outcomes")
+OUTCOME_LABELS = ("0", "1")
 
 
 class Metrics:
@@ -114,6 +117,39 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        # the impression log (app/impression_log.py); impressions per version are ctr_scored_requests_total (every
+        # answer is one), candidates shown ctr_candidates_scored_total
+        self.impressions_logged = Counter(
+            "ctr_impressions_logged_total", "impression records written to the impression log", registry=r
+        )
+        self.impressions_dropped = Counter(
+            "ctr_impressions_dropped_total",
+            "impressions not logged (reason: queue_full, write_error, shutdown); sampled-out ones are not counted",
+            ["reason"],
+            registry=r,
+        )
+        self.impression_log_errors = Counter(
+            "ctr_impression_log_errors_total",
+            "failed writes to the impression log: a batch of impressions, or an /events call's outcomes (503)",
+            ["log"],
+            registry=r,
+        )
+        self.impression_queue_depth = Gauge(
+            "ctr_impression_log_queue_depth",
+            "impressions waiting for the background writer",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "ctr_outcomes_total",
+            "outcomes posted to /events, by the version that served the impression (label 1: a click)",
+            ["model", "version", "label"],
+            registry=r,
+        )
+        for reason in IMPRESSION_DROP_REASONS:
+            self.impressions_dropped.labels(reason)
+        for name in IMPRESSION_LOGS:
+            self.impression_log_errors.labels(name)
         for status in SCORE_STATUSES:
             self.requests.labels("/score", status)
         self.latency.labels("/score")
@@ -141,6 +177,8 @@ class Metrics:
             histogram.labels(model)
         self.candidates.labels(model, version)
         self.scored.labels(model, version)
+        for label in OUTCOME_LABELS:
+            self.outcomes.labels(model, version, label)
         self.queue_depth.labels(model, version).set(0)
 
     def publish_model_info(self, loaded: Iterable[InfoLabels]) -> None:

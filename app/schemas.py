@@ -16,6 +16,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
     with_config,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -182,7 +183,14 @@ class Score(TypedDict):
 HistorySource = Literal["store", "request", "none"]
 
 
+IMPRESSION_ID = (
+    "this answer's id, unique: post the user's clicks (and explicit negatives) on its candidates to /events with "
+    "it, so they join what was served; an opaque string to callers"
+)
+
+
 class ScoreResponse(TypedDict):
+    impression_id: Annotated[str, Field(description=IMPRESSION_ID)]
     model: str
     version: str
     user_id: str
@@ -190,6 +198,11 @@ class ScoreResponse(TypedDict):
     degraded: NotRequired[Annotated[bool, Field(default=False)]]
     history: list[HistoryItem]
     scores: list[Score]
+
+
+# as app/impression_log.py makes them (model.version.random); checked here, so an outcome names a version
+IMPRESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}\.[1-9][0-9]{0,8}\.[0-9a-f]{24}$"
+ImpressionId = Annotated[str, StringConstraints(pattern=IMPRESSION_ID_PATTERN)]
 
 
 class Event(_Input):
@@ -200,6 +213,17 @@ class Event(_Input):
         None, description="seconds; the server's clock when omitted"
     )
     label: Label | None = None
+    impression_id: ImpressionId | None = Field(
+        None,
+        description="the /score answer that showed this item: the entry is then also that impression's outcome "
+        "(label required: 1 a click, 0 an explicit negative)",
+    )
+
+    @model_validator(mode="after")
+    def _outcome_has_label(self) -> Event:
+        if self.impression_id is not None and self.label is None:
+            raise ValueError("an entry naming an impression_id is an outcome: give its label (1 click, 0 not)")
+        return self
 
 
 class EventsRequest(_Input):

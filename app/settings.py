@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import impressions
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Environment variables have the same names, upper-cased."""
@@ -65,6 +67,36 @@ class Settings(BaseSettings):
     )
     score_requires_key: bool = Field(False, description="require the API key on /score too")
 
+    # the impression log (issue 20): what was served, and what came of it, for training on exactly that
+    impression_log: bool | None = Field(
+        None,
+        description="log every answered /score request and every /events outcome; unset: on with REDIS_URL (to "
+        "Redis Streams), off without (true then writes rotating JSON-lines files under IMPRESSION_LOG_DIR)",
+    )
+    impression_log_sample: float = Field(
+        1.0, ge=0, le=1, description="share of impressions logged, decided per impression (its outcomes still join)"
+    )
+    impression_stream: str = Field(impressions.IMPRESSIONS_STREAM, min_length=1, description="impressions stream key")
+    outcome_stream: str = Field(impressions.OUTCOMES_STREAM, min_length=1, description="outcomes stream key")
+    impression_log_maxlen: int = Field(
+        100_000, ge=1, description="entries kept per stream, trimmed approximately (XADD MAXLEN ~)"
+    )
+    impression_log_max_age_s: float | None = Field(
+        None, gt=0, description="set: trim by age instead (XADD MINID ~ now minus this), not by length"
+    )
+    impression_log_queue: int = Field(
+        10_000, ge=1, description="impressions waiting for the background writer; beyond, new ones are dropped"
+    )
+    impression_log_batch: int = Field(256, ge=1, description="impressions written per round trip (one pipeline)")
+    impression_log_timeout_ms: float = Field(1000.0, gt=0, description="bound on one batch write")
+    impression_log_dir: Path = Field(
+        Path("runs/impressions"), description="without REDIS_URL: where impressions.jsonl and outcomes.jsonl go"
+    )
+    impression_log_file_bytes: int = Field(
+        100_000_000, ge=1024, description="a log file rotates at this size (impressions.jsonl.1, .2, ...)"
+    )
+    impression_log_file_backups: int = Field(5, ge=1, description="rotated files kept per log")
+
     @field_validator("api_key")
     @classmethod
     def _keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
@@ -78,6 +110,10 @@ class Settings(BaseSettings):
                 "so behaviours posted to one worker would be invisible to the others"
             )
         return self
+
+    @property
+    def logs_impressions(self) -> bool:
+        return self.impression_log if self.impression_log is not None else self.redis_url is not None
 
     @property
     def api_keys(self) -> list[bytes]:

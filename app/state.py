@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.deployment import DeploymentBoard, Desired
+from app.impression_log import ImpressionLog
 from app.metrics import Metrics
 from app.polling import RepositoryPoller
 from app.registry import ModelRegistry, RegistryError
@@ -31,6 +32,7 @@ class AppState:
     registry: ModelRegistry
     sync: DeploymentSync | None = None  # with REDIS_URL and DEPLOYMENT_SYNC_INTERVAL_S > 0
     poller: RepositoryPoller | None = None  # with MODEL_POLL_INTERVAL_S > 0
+    impressions: ImpressionLog | None = None  # with IMPRESSION_LOG (on by default with REDIS_URL)
     warmed: bool = False
 
     @classmethod
@@ -39,6 +41,7 @@ class AppState:
         fail with a precise message if the default model cannot be served."""
         store = cls._store(settings)
         state = cls(settings, store, metrics, ModelRegistry(settings, metrics))
+        state.impressions = ImpressionLog.build(settings, store, metrics)
         if settings.redis_url and settings.deployment_sync_interval_s > 0:
             board = DeploymentBoard.connect(settings.redis_url, settings.deployment_key, BOARD_TIMEOUT_S)
             state.sync = DeploymentSync(state.registry, board, settings.deployment_sync_interval_s)
@@ -96,6 +99,8 @@ class AppState:
         return MemoryStore(settings.history_cap, settings.history_ttl_s)
 
     def start(self) -> None:
+        if self.impressions is not None:
+            self.impressions.start()
         if self.poller is not None:
             self.poller.loop.start()
         if self.sync is not None:
@@ -109,6 +114,8 @@ class AppState:
         await self.registry.close()
         if self.sync is not None:
             await self.sync.board.close()
+        if self.impressions is not None:
+            await self.impressions.close()  # what is queued is written through the store's client, still open
         await self.store.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import redis.asyncio as aioredis
@@ -42,10 +43,20 @@ class Behaviour(NamedTuple):
         return cls(f[0], f[1] or None, int(f[2]), int(f[3]) if len(f) > 3 else None)
 
 
+class StreamEntry(NamedTuple):
+    """A stream entry appended in the same write as behaviours (an outcome beside its click, app/impression_log.py),
+    trimmed approximately to ``maxlen`` entries or to ids from ``minid`` on."""
+
+    stream: str
+    fields: dict[str, bytes]
+    maxlen: int | None = None
+    minid: str | None = None
+
+
 class BehaviourStore(Protocol):
     kind: str
 
-    async def append(self, events: list[tuple[str, Behaviour]]) -> int: ...
+    async def append(self, events: list[tuple[str, Behaviour]], entries: Sequence[StreamEntry] = ()) -> int: ...
     async def recent(self, user_id: str, limit: int) -> list[Behaviour]: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -71,13 +82,15 @@ class RedisStore:
     def key(self, user_id: str) -> str:
         return f"{self.prefix}{user_id}"
 
-    async def append(self, events: list[tuple[str, Behaviour]]) -> int:
+    async def append(self, events: list[tuple[str, Behaviour]], entries: Sequence[StreamEntry] = ()) -> int:
         pipe = self.client.pipeline(transaction=True)
         for user, behaviours in _by_user(events).items():
             key = self.key(user)
             pipe.lpush(key, *[b.encode() for b in behaviours])
             pipe.ltrim(key, 0, self.cap - 1)
             pipe.expire(key, self.ttl_s)
+        for e in entries:  # in the same transaction: acknowledged only with the behaviours
+            pipe.xadd(e.stream, e.fields, maxlen=e.maxlen, minid=e.minid, approximate=True)  # type: ignore[arg-type]
         try:
             async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
                 await pipe.execute()
@@ -114,7 +127,9 @@ class MemoryStore:
         self.lists: dict[str, list[Behaviour]] = {}
         self.expiry: dict[str, float] = {}
 
-    async def append(self, events: list[tuple[str, Behaviour]]) -> int:
+    async def append(self, events: list[tuple[str, Behaviour]], entries: Sequence[StreamEntry] = ()) -> int:
+        if entries:
+            raise StoreError("the embedded store keeps no streams")
         now = time.monotonic()
         for user, behaviours in _by_user(events).items():
             current = self.lists.get(user, []) if self.expiry.get(user, now) >= now else []

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from app.batcher import BatchFailed, DeadlineExceeded, QueueFull
+from app.impression_log import Served, new_impression_id
 from app.schemas import BAD_BODY, ErrorResponse, HistoryItem, HistorySource, Score, ScoreRequest, ScoreResponse
 from app.scorer import HistoryEntry
 from app.state import AppState, StateDep
@@ -100,7 +101,7 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
     name = req.model or state.settings.default_model
     deployment = state.registry.resolve(name, req.version, req.user_id)  # RegistryError → 404 (app/main.py)
     with deployment.lease() as model:  # this request stays on this version even if another is swapped in
-        history, source, degraded = await _history(req, state, model.max_history)
+        history, timestamps, source, degraded = await _history(req, state, model.max_history)
         now = time.perf_counter()
         stage.labels("store").observe(now - t)
         t = now
@@ -125,14 +126,17 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
     t = time.perf_counter()
     # the graph's history is oldest first, the API's most recent first
     recent_first = np.ascontiguousarray(att[:, ::-1]) if req.return_attention else [None] * len(prob)
+    probabilities = prob.tolist()
     scores: list[Score] = [
         {"item_id": item, "probability": p, "attention": a}
-        for (item, _), p, a in zip(candidates, prob.tolist(), recent_first, strict=True)
+        for (item, _), p, a in zip(candidates, probabilities, recent_first, strict=True)
     ]
     history_items: list[HistoryItem] = [
         {"item_id": i, "category_id": c or model.category_of(i), "label": y} for i, c, y in history
     ]
+    impression_id = new_impression_id(model.name, model.version)
     response: ScoreResponse = {
+        "impression_id": impression_id,
         "model": model.name,
         "version": model.version,
         "user_id": req.user_id,
@@ -143,15 +147,32 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
     }
     # orjson, not FastAPI's generic encoder, which walks every float (≈ 18 ms for 200 × 50 attention)
     body = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if state.impressions is not None:  # the record is built and written off the request path
+        state.impressions.served(
+            Served(
+                impression_id,
+                int(time.time() * 1000),
+                req.user_id,
+                model,
+                source,
+                history_items,
+                timestamps,
+                req.user_features,
+                candidates,
+                probabilities,
+            )
+        )
     stage.labels("serialize").observe(time.perf_counter() - t)
     return body
 
 
 async def _history(
     req: ScoreRequest, state: AppState, max_history: int
-) -> tuple[list[HistoryEntry], HistorySource, bool]:
-    """The request's own history, else the store's; a store failure degrades to no history (flagged)."""
+) -> tuple[list[HistoryEntry], list[int] | None, HistorySource, bool]:
+    """The request's own history (no timestamps), else the store's with its timestamps; a store failure degrades
+    to no history (flagged)."""
     degraded = False
+    timestamps = None
     if req.history is not None:
         history = [(h["item_id"], h.get("category_id"), h.get("label")) for h in req.history[:max_history]]
     else:
@@ -162,5 +183,6 @@ async def _history(
             state.metrics.degraded.inc()
             stored, degraded = [], True
         history = [(b.item_id, b.category_id, b.label) for b in stored]
+        timestamps = [b.timestamp for b in stored]
     source: HistorySource = "none" if not history else "request" if req.history is not None else "store"
-    return history, source, degraded
+    return history, timestamps, source, degraded
