@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
     # --- served samples (issue 20): warm start from an earlier run -------------------------------------------
     init_from: str | None = None  # a run directory: start from its parameters and vocabulary (model and shapes)
+    served_rows: str = "all"  # "outcomes": only the candidates that got an outcome (were shown to the user)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -241,6 +242,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=d.init_from,
         help="warm start: the earlier run's parameters, model configuration and vocabulary (ids it lacks → OOV)",
     )
+    p.add_argument(
+        "--served-rows",
+        choices=["all", "outcomes"],
+        default=d.served_rows,
+        help="--dataset served: train on every candidate scored (no outcome: label 0), or only on those with an "
+        "outcome (the ones the user was shown)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -278,6 +286,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         device=args.device,
         precision=args.precision,
         init_from=args.init_from,
+        served_rows=args.served_rows,
         synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,

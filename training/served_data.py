@@ -8,6 +8,7 @@ logged with its impression, never rebuilt from a behaviour log, so training sees
 - A history is kept as served, most recent first, cut to the run's ``max_len`` most recent behaviours and
   laid out oldest first as the models take it; its feedback is each behaviour's logged label (none: unknown).
   A behaviour or candidate logged without a category takes its item's category in the vocabulary.
+- ``--served-rows outcomes`` keeps only the candidates that got an outcome (were shown), see ``prepare_served``.
 - Vocabulary: built from the training impressions (items of histories and candidates, most frequent first),
   or, for a warm start (``--init-from RUN_DIR``), the earlier run's vocabulary unchanged: ids it lacks map to
   the OOV index, so the earlier model's embedding tables keep their shapes and rows (they are not grown; a
@@ -165,9 +166,17 @@ def _user_features(maps: pa.MapArray, vocab: Vocabulary) -> np.ndarray:
     return out
 
 
-def prepare_served(data_dir: Path, max_len: int, vocab: Vocabulary | None = None) -> PreparedData:
-    """The three splits of the served samples under ``data_dir``; ``vocab``: an earlier run's (warm start)."""
+def prepare_served(
+    data_dir: Path, max_len: int, vocab: Vocabulary | None = None, only_outcomes: bool = False
+) -> PreparedData:
+    """The three splits of the served samples under ``data_dir``; ``vocab``: an earlier run's (warm start).
+
+    ``only_outcomes``: keep the candidates that got an outcome, a click or an explicit negative. When a caller
+    shows the user only some of the candidates it had scored and posts an outcome for each shown one, the
+    others were never seen: as label-0 samples they would teach the next model the last one's ranking."""
     table = read_parts(data_dir)
+    if only_outcomes:
+        table = table.filter(pc.is_valid(table.column("outcome_time_ms")))
     imp_ids = table.column("impression_id").to_numpy(zero_copy_only=False)
     first = np.r_[True, imp_ids[1:] != imp_ids[:-1]] if len(imp_ids) else np.zeros(0, dtype=bool)
     imp_of_row = np.cumsum(first) - 1

@@ -109,7 +109,7 @@ def load_data(cfg: TrainConfig) -> PreparedData:
         vocab = None
         if cfg.init_from:
             vocab = Vocabulary.from_json(_checkpoint(Path(cfg.init_from))["vocab"])
-        return prepare_served(Path(cfg.data_dir), cfg.max_len, vocab)
+        return prepare_served(Path(cfg.data_dir), cfg.max_len, vocab, only_outcomes=cfg.served_rows == "outcomes")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     blog = load_dataset(cfg.dataset, data_dir, cfg.download, SyntheticConfig(**cfg.synthetic))
     blog = blog.with_user_features(cfg.user_features)
