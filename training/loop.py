@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/loop", help="served parts, training runs and report.json go here")
     p.add_argument("--window", default="30m", help="attribution window (training.served --window)")
     p.add_argument("--percent", type=float, default=10.0, help="share of users the new version serves")
-    p.add_argument("--api-key", default=None, help="the service's admin key (API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("API_KEY"), help="the service's admin key (default: $API_KEY)")
     p.add_argument("--epochs", type=int, default=LoopConfig.epochs)
     p.add_argument("--min-samples", type=int, default=LoopConfig.min_samples)
     p.add_argument(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ def simulate(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--service", required=True, help="the scoring service, http://HOST:PORT")
-    p.add_argument("--api-key", default=None, help="bearer key for /events (when the service requires one)")
+    p.add_argument("--api-key", default=os.environ.get("API_KEY"), help="bearer key for /events (default: $API_KEY)")
     p.add_argument("--world", default="{}", help="JSON object of SyntheticConfig fields (the trained model's world)")
     p.add_argument("--visits", type=int, default=500)
     p.add_argument("--users", type=int, default=100, help="how many of the world's users play")
