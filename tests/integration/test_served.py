@@ -155,3 +155,33 @@ def test_killed_between_write_and_ack_loses_nothing_and_duplicates_nothing(redis
     assert client.xpending(IMPRESSIONS_STREAM, "served-samples")["pending"] == 1
     assert client.xpending(OUTCOMES_STREAM, "served-samples")["pending"] == 0
     assert '"skipped_already_written": ' in done.stdout and '"skipped_already_written": 0' not in done.stdout
+
+
+def test_another_consumer_takes_over_a_dead_ones_pending_entries(redis_url: str, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    out = tmp_path / "served"
+    for n in range(5):
+        add(client, impression(n, n * 1_000))
+    # consumer "a" reads every entry, then dies before any window closes: all five stay pending under "a"
+    dead = Consumer(ConsumerConfig(redis_url, out, window_ms=WINDOW_MS, consumer="a"))
+    dead.run_once()
+    assert client.xpending(IMPRESSIONS_STREAM, "served-samples")["consumers"] == [{"name": b"a", "pending": 5}]
+    add(client, impression(9, 60_000))
+    # "b" claims what sat idle in "a" (claim_idle_ms=0: at once) and writes it with its own new entry's help
+    cfg = ConsumerConfig(redis_url, out, window_ms=WINDOW_MS, consumer="b", claim_idle_ms=0)
+    Consumer(cfg).run_once()
+    assert sorted({r["impression_id"] for r in rows(out)}) == [f"din.1.{n:04x}" for n in range(5)]
+    assert client.xpending(IMPRESSIONS_STREAM, "served-samples")["consumers"] == [{"name": b"b", "pending": 1}]
+
+
+def test_follow_writes_parts_as_windows_close(redis_url: str, tmp_path: Path) -> None:
+    client = redis.Redis.from_url(redis_url)
+    out = tmp_path / "served"
+    for n in range(3):
+        add(client, impression(n, n * 1_000))
+    add(client, Outcome("din.1.0000", "u0", "c", 1, 1_500))
+    add(client, impression(3, 2 * WINDOW_MS))
+    consumer = Consumer(ConsumerConfig(redis_url, out, window_ms=WINDOW_MS, block_ms=50))
+    stats = consumer.follow(stop_after_s=0.5)
+    assert (stats.impressions_written, stats.clicks_written) == (3, 1)
+    assert {r["impression_id"] for r in rows(out)} == {f"din.1.{n:04x}" for n in range(3)}
