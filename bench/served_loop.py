@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             report = run_round(cfg)
             print(f"loop {r}: new version {report['new_version']} ({time.perf_counter() - t:.0f} s)", flush=True)
     print(format_report(report["online_ctr"]))
+    print("\nsince the newest version began serving:")
+    print(format_report(report["split_ctr"]["versions"]))
     print("\nsimulator, expected clicks per impression under the planted model:")
     print(f"{'version':>7} {'impressions':>11} {'this ranking':>12} {'random':>7} {'best':>6}")
     for v, d in sorted(_tally(results).items(), key=lambda kv: int(kv[0])):

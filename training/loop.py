@@ -12,7 +12,8 @@ share of users, and report online CTR per version.
    polling (MODEL_POLL_INTERVAL_S), which makes a newer version the primary of an unpinned model, leaves it
    serving; then PUT /admin/models/NAME/split {"version": new, "percent": P}: P% of users get the new version
    until an admin promotes it (POST /admin/models/NAME/load {"version": new}) or drops the split;
-5. report: clicks per impression per version, from the joined samples (WORK/report.json too).
+5. report: clicks per impression per version, from the joined samples: over everything logged, and since the
+   newest version began serving (the versions side by side over the same period); WORK/report.json too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from models import ModelConfig
 from training.config import TrainConfig
 from training.export import METADATA_FILE, export_run
 from training.served import Consumer, ConsumerConfig, parse_duration_ms
-from training.served_data import online_ctr
+from training.served_data import online_ctr, split_ctr
 from training.service_client import ServiceClient
 from training.train import CHECKPOINT_NAME, train
 
@@ -129,7 +130,10 @@ def run_round(cfg: LoopConfig) -> dict[str, Any]:
                 "offline": {k: result.metrics[k] for k in ("auc", "gauc", "logloss")},
             }
             log.info("v%d serves %.1f%% of users beside v%s", new, cfg.percent, primary)
-    report["online_ctr"] = online_ctr(served) if _served_samples(served) else []
+    has_samples = _served_samples(served) > 0
+    report["online_ctr"] = online_ctr(served) if has_samples else []
+    since, rows = split_ctr(served, cfg.model) if has_samples else (None, [])
+    report["split_ctr"] = {"since_ms": since, "versions": rows}
     cfg.work.mkdir(parents=True, exist_ok=True)
     (cfg.work / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -191,8 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         train=not args.report_only,
     )
     report = run_round(cfg)
-    print(json.dumps({k: v for k, v in report.items() if k != "online_ctr"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("online_ctr", "split_ctr")}, indent=2))
+    print("online CTR, every impression logged:")
     print(format_report(report["online_ctr"]))
+    print("since the newest version began serving (side by side over the same period):")
+    print(format_report(report["split_ctr"]["versions"]))
 
 
 if __name__ == "__main__":

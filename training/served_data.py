@@ -198,10 +198,12 @@ def prepare_served(
     return PreparedData(sets["train"], sets["valid"], sets["test"], vocab, info)
 
 
-def online_ctr(data_dir: Path) -> list[dict[str, Any]]:
+def online_ctr(data_dir: Path, since_ms: int | None = None) -> list[dict[str, Any]]:
     """Per (model, version): impressions, candidates, clicks, clicks per impression, clicks per candidate, and
-    the mean probability served, from the joined samples."""
+    the mean probability served, from the joined samples (of impressions at or after ``since_ms``)."""
     table = read_parts(data_dir)
+    if since_ms is not None:
+        table = table.filter(pc.greater_equal(table.column("time_ms"), since_ms))
     grouped = table.group_by(["model", "version"]).aggregate(
         [("impression_id", "count_distinct"), ("label", "sum"), ("label", "count"), ("probability", "mean")]
     )
@@ -222,3 +224,16 @@ def online_ctr(data_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return sorted(out, key=lambda r: (r["model"], int(r["version"]) if r["version"].isdigit() else r["version"]))
+
+
+def split_ctr(data_dir: Path, model: str) -> tuple[int | None, list[dict[str, Any]]]:
+    """The fair comparison: online CTR per version over the impressions since the model's newest version
+    first served (each version then served its share of users over the same period). Returns (that time, rows)."""
+    table = read_parts(data_dir)
+    mine = table.filter(pc.equal(table.column("model"), model))
+    if mine.num_rows == 0:
+        return None, []
+    versions = mine.column("version").to_numpy(zero_copy_only=False)
+    newest = max(versions, key=lambda v: int(v) if v.isdigit() else -1)
+    since = int(pc.min(mine.filter(pc.equal(mine.column("version"), newest)).column("time_ms")).as_py())
+    return since, [r for r in online_ctr(data_dir, since) if r["model"] == model]

@@ -111,4 +111,8 @@ def test_loop_end_to_end(repo: Path, redis_url: str, tmp_path: Path) -> None:
     for v in ("1", "2"):  # the log's CTR is the simulator's own count: every impression and click joined
         assert (ctr[v]["impressions"], ctr[v]["clicks"]) == (impressions[v], clicks[v])
         assert 0 < ctr[v]["clicks_per_impression"] <= 3
+    # side by side since v2 began serving: v2's impressions all, v1's from that moment on
+    split = {r["version"]: r for r in report["split_ctr"]["versions"]}
+    assert split["2"]["impressions"] == second.versions["2"].impressions
+    assert 0 < split["1"]["impressions"] <= second.versions["1"].impressions
     assert (tmp_path / "loop" / "report.json").is_file()

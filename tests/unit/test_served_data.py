@@ -10,7 +10,7 @@ import pytest
 from contract import FEEDBACK_NEGATIVE, FEEDBACK_UNKNOWN, OOV
 from impressions import Impression, Outcome, ServedBehaviour, ServedCandidate
 from training.served import Joiner, write_part
-from training.served_data import online_ctr, prepare_served, read_parts
+from training.served_data import online_ctr, prepare_served, read_parts, split_ctr
 
 MAX_LEN = 6
 
@@ -118,3 +118,14 @@ def test_online_ctr_per_version(tmp_path: Path) -> None:
         clicks = sum(r["label"] for r in mine)
         assert report[v]["impressions"] == impressions and report[v]["clicks"] == clicks
         assert report[v]["clicks_per_impression"] == pytest.approx(clicks / impressions)
+
+
+def test_split_ctr_compares_versions_over_the_same_period(tmp_path: Path) -> None:
+    served_log(tmp_path)  # versions 1 and 2 alternate from the first impression on
+    table = read_parts(tmp_path).to_pylist()
+    since, rows = split_ctr(tmp_path, "din")
+    assert since == min(r["time_ms"] for r in table if r["version"] == "2")
+    assert {r["version"]: r["impressions"] for r in rows} == {
+        v: len({r["impression_id"] for r in table if r["version"] == v and r["time_ms"] >= since}) for v in ("1", "2")
+    }
+    assert split_ctr(tmp_path, "dien") == (None, [])
