@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 import impressions
@@ -129,8 +130,11 @@ class RedisStreams:
     """Both logs as Redis Streams, each entry one record under ``impressions.RECORD_FIELD``, trimmed approximately
     by length (``MAXLEN ~``) or by age (``MINID ~``). Every command names one key: Redis Cluster ready."""
 
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
-        self.client = store.client  # the store's connections (and, later, its cluster client)
+    def __init__(self, url: str, settings: Settings) -> None:
+        # a client of its own: a batch of impressions (hundreds of kB) may take longer than STORE_TIMEOUT_MS, the
+        # store's bound on one round trip, allows; outcomes go through the store's client, in its transaction
+        timeout_s = settings.impression_log_timeout_ms / 1e3
+        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.impressions, self.outcomes = settings.impression_stream, settings.outcome_stream
         self.maxlen, self.max_age_s = settings.impression_log_maxlen, settings.impression_log_max_age_s
 
@@ -146,7 +150,7 @@ class RedisStreams:
             pipe.xadd(self.impressions, {impressions.RECORD_FIELD: r}, approximate=True, **trim)
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as e:
+        except (RedisError, OSError, TimeoutError) as e:
             raise LogError(f"redis stream write failed: {e!r}") from e
         failed = [r for r in replies if isinstance(r, Exception)]
         if len(failed) == len(records):
@@ -163,7 +167,7 @@ class RedisStreams:
         return await store.append(events, entries)  # one transaction: an error in either answers 503
 
     async def close(self) -> None:
-        return None  # the store closes the client
+        await self.client.aclose()
 
 
 class _StrictRotatingFile(RotatingFileHandler):
@@ -244,8 +248,8 @@ class ImpressionLog:
         if not settings.logs_impressions:
             return None
         sink: Sink
-        if isinstance(store, RedisStore):
-            sink = RedisStreams(store, settings)
+        if settings.redis_url and isinstance(store, RedisStore):
+            sink = RedisStreams(settings.redis_url, settings)
             log.info("impression log: streams %s, %s", settings.impression_stream, settings.outcome_stream)
         else:
             sink = JsonLinesFiles(settings)

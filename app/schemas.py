@@ -206,6 +206,15 @@ ImpressionId = Annotated[str, StringConstraints(pattern=IMPRESSION_ID_PATTERN)]
 
 
 class Event(_Input):
+    # the rule _outcome_has_label checks, in the contract too: a generated client (or the fuzzer) knows it
+    model_config = ConfigDict(
+        **_INPUT_CONFIG,
+        json_schema_extra={
+            "if": {"required": ["impression_id"], "properties": {"impression_id": {"type": "string"}}},
+            "then": {"required": ["label"], "properties": {"label": {"type": "integer"}}},
+        },
+    )
+
     user_id: Id
     item_id: Id
     category_id: Id | None = None

@@ -115,7 +115,7 @@ class AppState:
         if self.sync is not None:
             await self.sync.board.close()
         if self.impressions is not None:
-            await self.impressions.close()  # what is queued is written through the store's client, still open
+            await self.impressions.close()  # what is queued is written before the store goes
         await self.store.close()
 
 

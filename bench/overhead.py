@@ -5,15 +5,17 @@
 
 Measures this checkout's app and, side by side, the app of each other checkout given with --against (an
 earlier commit, a branch); ``:key=value`` passes keyword arguments to that checkout's ``create_app``
-(values read as JSON, e.g. ``/work/old:score_fast_path=false``). Each app runs in a process of its own,
-with its checkout first on PYTHONPATH, from the same settings (environment as for `python -m app`, plus
---repository); each seeds the same users through POST /events, and then the processes take turns, one
-round each, sending the same /score requests. Each round is one request at a time, and ONNX Runtime runs
-on the calling thread (INFERENCE_WORKERS=0, one intra-op thread), so that thread's CPU time is the
-request's, and the inference calls inside it are timed apart. Reports per app the median over rounds of
-CPU-ms per request, of inference, and of the rest (parse, store, encode, answer, framework): the rest is
-what the service adds to the model. Writes JSON. The rounds alternate, so the machine's speed swings hit
-every app alike.
+(values read as JSON, e.g. ``/work/old:score_fast_path=false``), or, for a key that is a field of its
+``Settings``, sets that setting (``$PWD:impression_log=false``: this checkout without its impression log).
+Each app runs in a process of its own, with its checkout first on PYTHONPATH, from the same settings
+(environment as for `python -m app`, plus --repository); each seeds the same users through POST /events,
+and then the processes take turns, one round each, sending the same /score requests. Each round is one
+request at a time, and ONNX Runtime runs on the calling thread (INFERENCE_WORKERS=0, one intra-op
+thread), so that thread's CPU time is the request's (a background task on the event loop, such as the
+impression log's writer, included), and the inference calls inside it are timed apart. Reports per app the
+median over rounds of CPU-ms per request, of inference, and of the rest (parse, store, encode, answer,
+framework): the rest is what the service adds to the model. Writes JSON. The rounds alternate, so the
+machine's speed swings hit every app alike.
 """
 
 from __future__ import annotations
@@ -122,10 +124,15 @@ async def serve_rounds(args: argparse.Namespace, kwargs: dict[str, Any]) -> None
     from app.main import create_app
     from app.settings import Settings
 
+    fields = Settings.model_fields
     settings = Settings(
-        model_repository=args.repository, default_model=args.name, inference_workers=0, intra_op_threads=1
+        model_repository=args.repository,
+        default_model=args.name,
+        inference_workers=0,
+        intra_op_threads=1,
+        **{k: v for k, v in kwargs.items() if k in fields},
     )
-    app = create_app(settings, **kwargs)
+    app = create_app(settings, **{k: v for k, v in kwargs.items() if k not in fields})
     events, bodies = requests(args)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(app.router.lifespan_context(app))
@@ -239,10 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.candidates} candidates × {args.history} history; CPU-ms per request "
         f"(median of {args.rounds} alternated rounds of {args.requests}):"
     )
+    this = result["apps"]["this checkout"]["cpu_ms_per_request"]
     for name, r in result["apps"].items():
         print(
             f"  {name}: total {r['cpu_ms_per_request']:.3f}  inference {r['inference_ms_per_request']:.3f}  "
-            f"rest {r['rest_ms_per_request']:.3f}  (store: {r['store']})"
+            f"rest {r['rest_ms_per_request']:.3f}  (store: {r['store']}; this checkout's total "
+            f"{this / r['cpu_ms_per_request']:.3f}× this one's)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -20,9 +20,11 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import redis
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from tests.conftest import RedisServer, failed_start, service_env, start_service, stop_process
+import impressions
+from tests.conftest import RedisServer, failed_start, service_env, start_service, stop_process, wait_for
 from tests.integration.test_lifecycle import publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +35,7 @@ SCORED = 'ctr_scored_requests_total{model="din",version="1"}'
 class Service:
     url: str
     metrics_dir: Path
+    redis_url: str
 
 
 def _metric(text: str, series: str) -> float:
@@ -133,7 +136,7 @@ def service(
     proc, url = start_service(env, ROOT)
     try:
         _wait_for_workers(url, 2)
-        yield Service(url, metrics_dir)
+        yield Service(url, metrics_dir, redis_server.url)
     finally:
         stop_process(proc)
 
@@ -141,10 +144,13 @@ def service(
 def test_requests_to_either_worker_are_counted_once(service: Service) -> None:
     workers = sorted(_worker_pids(service.metrics_dir))
     assert len(workers) == 2
+    ids = []
     for n, pid in enumerate(workers):
         with _on(service, pid) as worker:
             body = {"user_id": f"w{n}", "candidates": [{"item_id": f"i{j}"} for j in range(20)]}
-            assert [worker.post("/score", body)[0] for _ in range(20)] == [200] * 20
+            answers = [worker.post("/score", body) for _ in range(20)]
+            assert [status for status, _ in answers] == [200] * 20
+            ids += [a["impression_id"] for _, a in answers]
     answered = {pid: _scored_in(service.metrics_dir / f"counter_{pid}.db") for pid in workers}
     assert answered == dict.fromkeys(workers, 20)
     text = _metrics(service.url)
@@ -157,6 +163,12 @@ def test_requests_to_either_worker_are_counted_once(service: Service) -> None:
         ('{model="din",provider="CPUExecutionProvider",role="primary",version="1"}', "1.0"),
     ]
     assert re.search(r'^ctr_queue_depth\{model="din",version="1"\} 0\.0$', text, re.M)
+    # each worker logs its own answers to the one stream (impression logging is on with REDIS_URL)
+    assert len(set(ids)) == 40
+    wait_for(lambda: _metric(_metrics(service.url), "ctr_impressions_logged_total") == 40, "40 records logged")
+    with redis.Redis.from_url(service.redis_url) as r:
+        logged = [json.loads(f[b"r"])["impression_id"] for _, f in r.xrange(impressions.IMPRESSIONS_STREAM)]
+    assert sorted(set(ids) & set(logged)) == sorted(ids)
 
 
 def test_the_load_benchmark_measures_the_supervisor_and_all_its_workers(service: Service) -> None:
@@ -226,7 +238,7 @@ def test_an_admin_rollback_sent_to_one_worker_reaches_the_other(repo: Path, redi
     proc, url = start_service(env, ROOT)
     try:
         _wait_for_workers(url, 2)
-        service = Service(url, tmp_path / "metrics")
+        service = Service(url, tmp_path / "metrics", redis_url)
         admin, other = sorted(_worker_pids(service.metrics_dir))
         body = {"user_id": "r", "candidates": [{"item_id": "x"}]}
         with _on(service, other) as worker:
