@@ -2,10 +2,11 @@
 
     python -m training.served --redis-url redis://localhost:6379/0 --out data/served [--window 30m] [--once]
 
-A consumer of the two streams ``impressions.py`` defines, in a Redis consumer group (restartable, several
-consumers may share the work). Each impression waits for its outcomes until its attribution window closes,
-then becomes one row per candidate: the history exactly as the model received it, the user features, the
-candidate, the probability served and the label.
+A consumer of the two streams ``impressions.py`` defines, in a Redis consumer group: restartable, and one
+consumer at a time (a join needs an impression and its outcomes in one process; a consumer of another name
+takes over a dead one's pending entries, it does not share the work). Each impression waits for its
+outcomes until its attribution window closes, then becomes one row per candidate: the history exactly as the
+model received it, the user features, the candidate, the probability served and the label.
 
 Join rules (by impression id and item id):
 - label = the highest label of the candidate's outcomes inside the window: a click stays a click even if an
@@ -23,6 +24,9 @@ and the rows appear together, by one rename). Entries are acknowledged (XACK) on
 the directory are fsynced. A consumer that restarts reads every part's ids, acknowledges what a crash left
 unacknowledged, skips those entries, and re-reads the rest of its pending entries (XREADGROUP from id 0,
 after claiming entries idle in dead consumers with XAUTOCLAIM), so nothing is written twice or lost.
+
+``--follow`` writes a part each time it has caught up with both streams (a read returned less than a batch
+from each), so an outcome read late never finds its impression already closed by the other stream's clock.
 """
 
 from __future__ import annotations
