@@ -103,7 +103,7 @@ def run_round(cfg: LoopConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"consumed": {**stats.to_dict(), "pending_impressions": len(consumer.joiner.pending)}}
     log.info("consumed: %s", report["consumed"])
     with ServiceClient(cfg.service, cfg.api_key) as client:
-        primary, _ = serving_version(client, cfg.model)
+        primary, before = serving_version(client, cfg.model)
         meta = json.loads((cfg.repository / cfg.model / primary / METADATA_FILE).read_text())
         samples = _served_samples(served)
         if not cfg.train:
@@ -122,6 +122,10 @@ def run_round(cfg: LoopConfig) -> dict[str, Any]:
             folder, _ = export_run(run_dir, cfg.repository, name=cfg.model)
             new = int(folder.name)
             status = client.request("PUT", f"/admin/models/{cfg.model}/split", {"version": new, "percent": cfg.percent})
+            replaced = (before.get("split") or {}).get("version")
+            if replaced is not None and replaced not in (str(new), status["primary"]):
+                # the previous round's candidate lost its split: unloaded, not kept in memory as a standby
+                client.request("POST", f"/admin/models/{cfg.model}/unload", {"version": int(replaced)})
             report["new_version"] = {
                 "version": new,
                 "split": status["split"],
