@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install tools demo test test-all lint compare-ml100k clean
+.PHONY: install tools demo test test-all lint compare-ml100k retrain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ demo: $(STAMP)
 compare-ml100k: $(STAMP)
 	$(PY) -m training.compare --recipe ml-100k --data-dir $(or $(DATA_DIR),../shared/data/ml-100k) \
 		--out runs/compare-ml100k
+
+# The served loop, one round (README, "The served loop"): consume the impression log, train on it warm from the
+# serving version, export the next version, serve it to PERCENT% of users, print online CTR per version
+# (the admin key, when the service has one, is read from API_KEY in the environment)
+REDIS_URL ?= redis://127.0.0.1:6379/0
+SERVICE ?= http://127.0.0.1:$(PORT)
+MODEL ?= din
+PERCENT ?= 10
+WINDOW ?= 30m
+retrain: $(STAMP)
+	$(PY) -m training.loop --redis-url $(REDIS_URL) --service $(SERVICE) --repository $(REPOSITORY) \
+		--model $(MODEL) --work runs/loop --window $(WINDOW) --percent $(PERCENT)
 
 clean:
 	rm -rf $(VENV) runs .cache

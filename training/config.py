@@ -59,6 +59,9 @@ class TrainConfig:
     resume: bool = False  # continue the run in ``out`` from its resume state
     device: str = "cpu"  # "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or "auto"
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
+    # --- served samples (issue 20): warm start from an earlier run -------------------------------------------
+    init_from: str | None = None  # a run directory: start from its parameters and vocabulary (model and shapes)
+    served_rows: str = "all"  # "outcomes": only the candidates that got an outcome (were shown to the user)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -119,7 +122,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         help="a TOML recipe: a file, or the name of one in training/recipes/ (e.g. ml-100k); flags given override it",
     )
-    p.add_argument("--dataset", choices=["ml-100k", "ml-latest", "events", "synthetic"], default=d.dataset)
+    p.add_argument(
+        "--dataset",
+        choices=["ml-100k", "ml-latest", "events", "synthetic", "served"],
+        default=d.dataset,
+        help="served: the parts training.served writes (--data-dir), histories as they were served",
+    )
     p.add_argument("--data-dir", default=None, help="folder (or file, for events) holding the log")
     # on/off flags take --no-X too, so a command line can turn off what a recipe turns on
     on_off = argparse.BooleanOptionalAction
@@ -227,6 +235,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d.device)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="bf16: autocast forward")
+    # --- served samples (issue 20) ---------------------------------------------------------------------------
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        default=d.init_from,
+        help="warm start: the earlier run's parameters, model configuration and vocabulary (ids it lacks → OOV)",
+    )
+    p.add_argument(
+        "--served-rows",
+        choices=["all", "outcomes"],
+        default=d.served_rows,
+        help="--dataset served: train on every candidate scored (no outcome: label 0), or only on those with an "
+        "outcome (the ones the user was shown)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -263,6 +285,8 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         checkpoint_every=args.checkpoint_every,
         device=args.device,
         precision=args.precision,
+        init_from=args.init_from,
+        served_rows=args.served_rows,
         synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,

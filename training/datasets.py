@@ -202,6 +202,16 @@ class SyntheticConfig:
     seed: int = 0
 
 
+SEGMENT_LIFT = 0.03  # each segment index adds this to the click probability
+
+
+def planted_click_probability(cfg: SyntheticConfig, match: np.ndarray, segment: np.ndarray) -> np.ndarray:
+    """The planted click model: ``p_click_match`` when the behaviour's category occurs among the user's
+    ``recent`` previous behaviours (``match``), else ``p_click_other``, plus SEGMENT_LIFT per segment index
+    (s0, s1, s2). The log is drawn from it; ``training.simulate``'s users click with it."""
+    return np.where(match, cfg.p_click_match, cfg.p_click_other) + SEGMENT_LIFT * segment
+
+
 class _ItemSampler:
     """Draws an item of a given category, Zipf-distributed by the item's rank inside its category.
 
@@ -272,7 +282,7 @@ def synthetic_blocks(cfg: SyntheticConfig, block_users: int | None = None) -> It
             same[lag:] = (user[lag:] == user[:-lag]) & (cat[lag:] == cat[:-lag])
             match |= same
         segment = rng.integers(0, 3, size=n_users)
-        p = np.where(match, cfg.p_click_match, cfg.p_click_other) + 0.03 * segment[user]
+        p = planted_click_probability(cfg, match, segment[user])
         label = (rng.random(n) < p).astype(np.int8)
         stamps = clock + np.cumsum(rng.integers(60, 3600, size=n))
         clock = int(stamps[-1]) if n else clock
@@ -320,6 +330,8 @@ def load_dataset(
     """Dispatch on the CLI's ``--dataset`` name."""
     if dataset == "synthetic":
         return generate_synthetic(synthetic)
+    if dataset == "served":  # samples as served, not a behaviour log: training.train prepares them itself
+        raise ValueError("dataset 'served' holds samples, not behaviours: train on it (training/served_data.py)")
     if data_dir is None:
         raise ValueError(f"--data-dir is required for dataset {dataset!r}")
     if dataset == "ml-100k":

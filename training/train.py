@@ -43,8 +43,9 @@ from training.optim import build_optimisers
 from training.recipes import config_from_command_line
 from training.regularization import Batch, MiniBatchAwareL2, mba_terms
 from training.run_state import STATE_NAME, Progress
-from training.samples import PreparedData, SampleSet, prepare
+from training.samples import PreparedData, SampleSet, Vocabulary, prepare
 from training.schedule import build_schedulers
+from training.served_data import prepare_served
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,13 @@ def _evaluate(
 
 def load_data(cfg: TrainConfig) -> PreparedData:
     """The run's prepared splits (from the cache when they were prepared before)."""
+    if cfg.dataset == "served":  # samples as served, not a behaviour log (training/served_data.py)
+        if not cfg.data_dir:
+            raise ValueError("--data-dir is required for dataset 'served' (the parts training.served wrote)")
+        vocab = None
+        if cfg.init_from:
+            vocab = Vocabulary.from_json(_checkpoint(Path(cfg.init_from))["vocab"])
+        return prepare_served(Path(cfg.data_dir), cfg.max_len, vocab, only_outcomes=cfg.served_rows == "outcomes")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else None
     blog = load_dataset(cfg.dataset, data_dir, cfg.download, SyntheticConfig(**cfg.synthetic))
     blog = blog.with_user_features(cfg.user_features)
@@ -161,8 +169,14 @@ def _train(
     torch.manual_seed(cfg.seed)  # the initial parameters: the same on every rank
     if data is None:
         data = load_data(cfg)
-    mcfg = model_config(data, cfg.model_options)
+    init = _checkpoint(Path(cfg.init_from)) if cfg.init_from else None
+    if init is not None and init["model"] != cfg.model:
+        raise ValueError(f"--init-from {cfg.init_from} holds a {init['model']} model, not {cfg.model}")
+    # a warm start keeps the earlier model's configuration, so its parameters fit (the vocabulary is its too)
+    mcfg = ModelConfig.from_dict(init["model_config"]) if init is not None else model_config(data, cfg.model_options)
     model = build_model(cfg.model, mcfg).to(device)
+    if init is not None:
+        model.load_state_dict(init["state_dict"])
     # the same parameters, values and gradients; evaluation and the checkpoint use ``model``, the paper form
     forward: nn.Module = model if cfg.paper_form else training_form(model)
     # before DDP wraps the model: it reads each table's ``sparse`` (set here) to expect sparse gradients
@@ -376,6 +390,13 @@ def _regularisation(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]])
     for (reg, _), table_rows in zip(p.regs, rows, strict=True):
         total = total + reg(table_rows)
     return total
+
+
+def _checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT_NAME} to start from")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
