@@ -59,6 +59,8 @@ class TrainConfig:
     resume: bool = False  # continue the run in ``out`` from its resume state
     device: str = "cpu"  # "cpu", "cuda" (cuda:LOCAL_RANK under torchrun) or "auto"
     precision: str = "fp32"  # "bf16": forward under bf16 autocast
+    # --- evaluation and the seed's training practices (issue 18) -------------------------------------------
+    ranking_k: tuple[int, ...] = (5, 10)  # cut-offs of the per-user NDCG@K, Recall@K, Precision@K (metrics.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -227,6 +229,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default=d.device)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="bf16: autocast forward")
+    # --- evaluation and the seed's training practices (issue 18) -------------------------------------------
+    p.add_argument(
+        "--ranking-k",
+        default=",".join(map(str, d.ranking_k)),
+        help="comma-separated cut-offs K of the per-user NDCG@K, Recall@K and Precision@K",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -263,6 +271,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         checkpoint_every=args.checkpoint_every,
         device=args.device,
         precision=args.precision,
+        ranking_k=tuple(int(k) for k in args.ranking_k.split(",") if k),
         synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,

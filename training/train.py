@@ -97,7 +97,7 @@ def _evaluate(
     slices, gathered in row order, hold every sample exactly once."""
     mine = predict_rows(model, data, distributed.shard(data.n, ranks), cfg.eval_batch_size, device, cfg.precision)
     probs = distributed.gather_shards(mine, data.n, ranks).cpu().numpy()
-    return evaluate(split.user, data.label.numpy(), probs)
+    return evaluate(split.user, data.label.numpy(), probs, cfg.ranking_k)
 
 
 def load_data(cfg: TrainConfig) -> PreparedData:
