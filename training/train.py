@@ -131,20 +131,27 @@ def keep_freed_memory() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
 def train(
-    cfg: TrainConfig, data: PreparedData | None = None, on_step: Callable[[int], None] | None = None
+    cfg: TrainConfig,
+    data: PreparedData | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation GAUC; test the best epoch; save the run (rank 0).
 
     Under torchrun each rank trains on its share of every optimiser step's rows (DDP averages the gradients);
     ``on_step(steps)`` is called after each optimiser step and its checkpoint (tests stop a run there as a
-    kill would)."""
+    kill would); ``on_epoch(epoch, validation metrics)`` after each epoch's evaluation and saved state (the
+    tuner reports to its pruner there, and stops a trial by raising)."""
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ranks, device = distributed.start(cfg.device)
     try:
-        return _train(cfg, data, ranks, device, on_step)
+        return _train(cfg, data, ranks, device, on_step, on_epoch)
     finally:
         distributed.stop(ranks)
 
@@ -155,6 +162,7 @@ def _train(
     ranks: Ranks,
     device: torch.device,
     on_step: Callable[[int], None] | None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     if cfg.accumulate < 1 or cfg.batch_size < 1 or (cfg.checkpoint_every is not None and cfg.checkpoint_every < 1):
         raise ValueError("--batch-size, --accumulate and --checkpoint-every must be at least 1")
@@ -267,6 +275,8 @@ def _train(
             progress.stopped = True
         progress.epoch, progress.step_in_epoch, progress.running_loss = epoch + 1, 0, 0.0
         save_state()
+        if on_epoch is not None:
+            on_epoch(epoch, valid)
 
     model.load_state_dict(best_state)
     test = _evaluate(model, test_t, data.test, cfg, ranks, device)
