@@ -173,6 +173,8 @@ def tune(cfg: TrainConfig, out: Path, trials: int, jobs: int = 1) -> optuna.Stud
     """Run (or continue) the study in ``out`` to ``trials`` finished trials; write its recipe, table and plot."""
     if trials < 1 or jobs < 1:
         raise ValueError("--trials and --jobs must be at least 1")
+    if cfg.ensemble > 1:  # its members train without the per-epoch report the pruner needs
+        raise ValueError("tune single models (--ensemble 1), then train the tuned recipe with --ensemble N")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     load_data(cfg)  # prepare once (into the cache) before several processes would each prepare it
     remaining = max(0, trials - done(open_study(out, cfg.seed)))  # created once, before processes race to
