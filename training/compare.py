@@ -35,7 +35,7 @@ RANKING_PREFIXES = ("ndcg@", "recall@", "precision@")  # training.metrics.rankin
 
 def ranking_keys(metrics: list[dict[str, Any]]) -> list[str]:
     """The ranking metrics every run reported (their K come from --ranking-k), in the runs' order."""
-    keys = [k for k in metrics[0] if k.startswith(RANKING_PREFIXES)] if metrics else []
+    keys = [k for k in metrics[0] if k.startswith(RANKING_PREFIXES) and not k.endswith("_std")] if metrics else []
     return [k for k in keys if all(k in m for m in metrics)]
 
 
