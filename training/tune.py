@@ -177,7 +177,8 @@ def tune(cfg: TrainConfig, out: Path, trials: int, jobs: int = 1) -> optuna.Stud
         raise ValueError("tune single models (--ensemble 1), then train the tuned recipe with --ensemble N")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     load_data(cfg)  # prepare once (into the cache) before several processes would each prepare it
-    remaining = max(0, trials - done(open_study(out, cfg.seed)))  # created once, before processes race to
+    # the study is created here, once, before several processes would race to create it
+    remaining = max(0, trials - done(open_study(out, cfg.seed)))
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
     # each process its share of the remaining trials, and its own sampler seed (one seed would repeat values)
     shares = [remaining // jobs + (i < remaining % jobs) for i in range(jobs)]
