@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,18 @@ def test_tuning_is_reproducible_with_a_seed_and_resumes_its_study(tmp_path: Path
     resumed = params(a)
     assert len(resumed) == 3 and resumed[:2] == first
     assert resumed[2] not in first  # a resumed sampler does not draw the first trials' values again
+
+
+def test_two_processes_share_one_study(tmp_path: Path) -> None:
+    """--jobs 2: two spawned processes, each with its share of the trials and its own sampler seed."""
+    out = tmp_path / "jobs"
+    common = [*TINY, "--max-steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    try:
+        tune_main([*common, "--trials", "3", "--jobs", "2", "--out", str(out)])
+    finally:
+        # spawning starts multiprocessing's resource tracker, which lives as long as the process that started
+        # it: the command's ends with it, this test's process (pytest) would keep it running
+        resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+    trials = params(out)
+    assert len(trials) == 3 and len({json.dumps(t, sort_keys=True) for t in trials}) == 3
+    assert (out / "recipe.toml").is_file()
