@@ -74,6 +74,8 @@ class TrainConfig:
         d = dict(d)
         if d.get("user_features") is not None:
             d["user_features"] = tuple(d["user_features"])
+        if "ranking_k" in d:  # JSON (metrics.json's config) stores tuples as lists
+            d["ranking_k"] = tuple(d["ranking_k"])
         return cls(**d)
 
 
