@@ -191,6 +191,8 @@ def _train(
     if model.uses_negatives and cfg.negatives == "popularity":
         counts = behaviour_counts(data.train, data.vocab.n_items, implicit=data.info.get("protocol") == "implicit")
         negative_probs = torch.as_tensor(popularity(counts, cfg.negative_alpha), dtype=torch.float32)
+    elif cfg.negatives == "popularity" and data.info.get("protocol") != "implicit":
+        log.warning("--negatives popularity changes nothing here: no implicit-protocol negatives, no DIEN")
     train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
     # one optimiser step = accumulate micro-batches of batch_size on each rank: world × accumulate × batch_size rows
     step_size = cfg.batch_size * cfg.accumulate * ranks.world
