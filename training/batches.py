@@ -10,6 +10,7 @@ from torch import Tensor
 
 from models.config import FEEDBACK_UNKNOWN
 from training.config import TrainConfig
+from training.negatives import draw
 from training.samples import PAD, SampleSet
 
 
@@ -84,8 +85,14 @@ def drop_history(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> None:
         batch["hist_feedback"] = drop_feedback(batch["hist_feedback"], batch["hist_mask"], cfg.feedback_dropout, gen)
 
 
-def add_negatives(batch: Batch, n_items: int, item_category: Tensor, gen: torch.Generator) -> None:
-    """DIEN's auxiliary loss: one item drawn uniformly per history position (never PAD or OOV), with its
-    category, added to the batch in place."""
-    neg = torch.randint(2, n_items, batch["hist_items"].shape, generator=gen)  # (B, L)
+def add_negatives(
+    batch: Batch, n_items: int, item_category: Tensor, gen: torch.Generator, probabilities: Tensor | None = None
+) -> None:
+    """DIEN's auxiliary loss: one item per history position (never PAD or OOV), with its category, added to
+    the batch in place; drawn uniformly, or with (n_items,) ``probabilities`` (training.negatives)."""
+    shape = batch["hist_items"].shape
+    if probabilities is None:
+        neg = torch.randint(2, n_items, shape, generator=gen)  # (B, L)
+    else:
+        neg = draw(probabilities, tuple(shape), gen)  # (B, L)
     batch["neg_items"], batch["neg_cats"] = neg, item_category[neg]

@@ -30,15 +30,23 @@ from training.train import load_data, train
 
 log = logging.getLogger(__name__)
 METRICS = ("auc", "gauc", "logloss")
+RANKING_PREFIXES = ("ndcg@", "recall@", "precision@")  # training.metrics.ranking's keys, one per cut-off K
+
+
+def ranking_keys(metrics: list[dict[str, Any]]) -> list[str]:
+    """The ranking metrics every run reported (their K come from --ranking-k), in the runs' order."""
+    keys = [k for k in metrics[0] if k.startswith(RANKING_PREFIXES) and not k.endswith("_std")] if metrics else []
+    return [k for k in keys if all(k in m for m in metrics)]
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> dict[str, dict[str, Any]]:
     """Mean (and std over repeats) of each metric per model; RelaImpr of the mean AUC vs ``baseline``."""
     out: dict[str, dict[str, Any]] = {}
     for name, metrics in runs.items():
-        row: dict[str, Any] = {k: float(np.mean([m[k] for m in metrics])) for k in METRICS}
+        keys = [*METRICS, *ranking_keys(metrics)]
+        row: dict[str, Any] = {k: float(np.mean([m[k] for m in metrics])) for k in keys}
         if len(metrics) > 1:
-            row.update({f"{k}_std": float(np.std([m[k] for m in metrics])) for k in METRICS})
+            row.update({f"{k}_std": float(np.std([m[k] for m in metrics])) for k in keys})
         row["runs"] = len(metrics)
         row["best_epoch"] = [m["best_epoch"] for m in metrics]
         row["train_samples_per_second"] = float(np.mean([m["train_samples_per_second"] for m in metrics]))
@@ -52,9 +60,14 @@ def summarise(runs: dict[str, list[dict[str, Any]]], baseline: str = "base") -> 
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    ranked = ranking_keys(list(results.values()))
     lines = [
-        "| model | AUC | GAUC | logloss | RelaImpr | train samples/s | AUC, no labels served |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | AUC | GAUC | logloss | RelaImpr | "
+        + "".join(
+            f"{k.replace('ndcg', 'NDCG').replace('recall', 'Recall').replace('precision', 'Prec')} | " for k in ranked
+        )
+        + "train samples/s | AUC, no labels served |",
+        "| --- | --- | --- | --- | --- | " + "--- | " * len(ranked) + "--- | --- |",
     ]
     for name, r in results.items():
 
@@ -64,7 +77,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
         rel = f"{100 * r['relaimpr']:+.2f}%" if "relaimpr" in r else "—"
         lines.append(
             f"| {name} | {cell('auc')} | {cell('gauc')} | {cell('logloss')} | {rel} | "
-            f"{r['train_samples_per_second']:,.0f} | "
+            + "".join(f"{cell(k)} | " for k in ranked)
+            + f"{r['train_samples_per_second']:,.0f} | "
             + (f"{r['auc_without_feedback']:.4f} |" if "auc_without_feedback" in r else "— |")
         )
     return "\n".join(lines) + "\n"
@@ -118,7 +132,8 @@ def compare(
     results = summarise(runs)
     for name in results:
         results[name]["per_run"] = [
-            {"split": m["split"], "repeat": m["repeat"], **{k: m[k] for k in METRICS}} for m in runs[name]
+            {"split": m["split"], "repeat": m["repeat"], **{k: m[k] for k in [*METRICS, *ranking_keys(runs[name])]}}
+            for m in runs[name]
         ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

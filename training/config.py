@@ -62,12 +62,23 @@ class TrainConfig:
     # --- served samples (issue 20): warm start from an earlier run -------------------------------------------
     init_from: str | None = None  # a run directory: start from its parameters and vocabulary (model and shapes)
     served_rows: str = "all"  # "outcomes": only the candidates that got an outcome (were shown to the user)
+    # --- evaluation and the seed's training practices (issue 18) -------------------------------------------
+    ranking_k: tuple[int, ...] = (5, 10)  # cut-offs of the per-user NDCG@K, Recall@K, Precision@K (metrics.py)
+    # negatives for the implicit protocol's training samples and DIEN's auxiliary loss (training/negatives.py);
+    # validation and test keep uniform negatives, so every sampler is judged on the same test set
+    negatives: str = "uniform"  # or "popularity": ∝ count^negative_alpha
+    negative_alpha: float = 0.75
+    pos_weight: float = 1.0  # the click loss counts each positive this many times (training/losses.py)
+    focal_gamma: float = 0.0  # focal loss's γ; 0 is plain cross-entropy
+    ensemble: int = 1  # train this many models (seeds derived from --seed) on one split, averaged as one model
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         if d.get("user_features") is not None:
             d["user_features"] = tuple(d["user_features"])
+        if "ranking_k" in d:  # JSON (metrics.json's config) stores tuples as lists
+            d["ranking_k"] = tuple(d["ranking_k"])
         return cls(**d)
 
 
@@ -249,6 +260,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="--dataset served: train on every candidate scored (no outcome: label 0), or only on those with an "
         "outcome (the ones the user was shown)",
     )
+    # --- evaluation and the seed's training practices (issue 18) -------------------------------------------
+    p.add_argument(
+        "--ranking-k",
+        default=",".join(map(str, d.ranking_k)),
+        help="comma-separated cut-offs K of the per-user NDCG@K, Recall@K and Precision@K",
+    )
+    p.add_argument(
+        "--negatives",
+        choices=["uniform", "popularity"],
+        default=d.negatives,
+        help="how the implicit protocol's training negatives and DIEN's auxiliary negatives are drawn "
+        "(validation and test negatives stay uniform)",
+    )
+    p.add_argument("--negative-alpha", type=float, default=d.negative_alpha, help="popularity sampling: count^α")
+    p.add_argument("--pos-weight", type=float, default=d.pos_weight, help="weight of a positive in the click loss")
+    p.add_argument("--focal-gamma", type=float, default=d.focal_gamma, help="focal loss γ (0: cross-entropy)")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=d.ensemble,
+        help="train N models from different seeds on the same split; the run's model is their average",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -287,6 +320,12 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         precision=args.precision,
         init_from=args.init_from,
         served_rows=args.served_rows,
+        ranking_k=tuple(int(k) for k in args.ranking_k.split(",") if k),
+        negatives=args.negatives,
+        negative_alpha=args.negative_alpha,
+        pos_weight=args.pos_weight,
+        focal_gamma=args.focal_gamma,
+        ensemble=args.ensemble,
         synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
         model_options={
             "dropout": args.dropout,

@@ -43,8 +43,9 @@ from contract import (
     input_names,
 )
 from models import CTRModel
+from models.ensemble import Ensemble, EnsembleServing
 from models.serving import NaiveServing, serving_module
-from training.train import CHECKPOINT_NAME, load_checkpoint
+from training.train import CHECKPOINT_NAME, load_model
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +153,27 @@ def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tu
     return cases
 
 
-def torch_reference(model: CTRModel, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The paper form, history repeated per candidate: what the ONNX graph must reproduce."""
+def serving_form(model: CTRModel | Ensemble, device: str = "cpu") -> nn.Module:
+    """The graph to export: the model's serving form, or for an ensemble its members' averaged."""
+    if isinstance(model, Ensemble):
+        return EnsembleServing([serving_module(m, device) for m in model.members]).eval()  # type: ignore[arg-type]
+    return serving_module(model, device)
+
+
+def torch_reference(model: CTRModel | Ensemble, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The paper form, history repeated per candidate (each member's, averaged, for an ensemble): what the
+    ONNX graph must reproduce."""
+    if isinstance(model, Ensemble):
+        reference: nn.Module = EnsembleServing([NaiveServing(m) for m in model.members])  # type: ignore[arg-type]
+    else:
+        reference = NaiveServing(model)
     with torch.no_grad():
-        p, a = NaiveServing(model)(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        p, a = reference(**{k: torch.from_numpy(v) for k, v in feed.items()})
     return p.numpy(), a.numpy()
 
 
 def check_parity(
-    model: CTRModel, session: ort.InferenceSession, spec: GraphSpec, max_len: int, seed: int = 0
+    model: CTRModel | Ensemble, session: ort.InferenceSession, spec: GraphSpec, max_len: int, seed: int = 0
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     worst_p = worst_a = 0.0
@@ -330,7 +343,7 @@ def export_run(
     """Export, check parity, and publish one version; returns its folder and metadata."""
     if not (Path(run_dir) / CHECKPOINT_NAME).is_file():
         raise ExportError(f"{run_dir}: no {CHECKPOINT_NAME}; train first (python -m training.train --out {run_dir})")
-    model, ckpt = load_checkpoint(run_dir)
+    model, ckpt = load_model(run_dir)  # a model, or an ensemble (training.train --ensemble N) exported as one
     name = name or ckpt["model"]
     if not name.replace("-", "").replace("_", "").isalnum():
         raise ExportError(f"model name {name!r}: use letters, digits, '-' and '_'")
@@ -347,10 +360,10 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{uuid.uuid4().hex[:8]}-", dir=model_dir))
     staging.chmod(0o755)  # mkdtemp makes it private; a published version is read by the service
     try:
-        export_graph(serving_module(model), staging / MODEL_FILE, spec)
+        export_graph(serving_form(model), staging / MODEL_FILE, spec)
         files = {"model": MODEL_FILE, "vocabulary": VOCAB_FILE}
         if ckpt["model"] == "din" and quantize is None:  # int8 products would run on the CPU under CUDA
-            export_graph(serving_module(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
+            export_graph(serving_form(model, device="cuda"), staging / MODEL_CUDA_FILE, spec)
             files["model_cuda"] = MODEL_CUDA_FILE
         parity = check_parity(model, cpu_session(staging / MODEL_FILE), spec, max_len, parity_seed)
         log.info("parity: %s", parity)
@@ -409,6 +422,8 @@ def export_run(
             "runtime": {"opset": OPSET, "torch": torch.__version__, "onnxruntime": ort.__version__},
             "model_config": cfg,
             "training": ckpt["train_config"],
+            # an averaged ensemble: its members' count (one graph, the same interface as one model)
+            "ensemble": {"members": len(model.members)} if isinstance(model, Ensemble) else None,
         }
         # sidecar: index = position + first_index in each list; item → category by raw ids
         (staging / VOCAB_FILE).write_text(json.dumps(vocab))

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN, FIRST_INDEX, OOV, PAD
 from training.datasets import BehaviourLog
 from training.events import EncodedLog, EventFiles
+from training.negatives import popularity
 
 log = logging.getLogger(__name__)
 
@@ -353,22 +354,43 @@ def prepare_din_movielens(
 
 
 def _sample_negatives(
-    rng: np.random.Generator, users: np.ndarray, seen_keys: np.ndarray, n_items: int, base: int
+    rng: np.random.Generator,
+    users: np.ndarray,
+    seen_keys: np.ndarray,
+    n_items: int,
+    base: int,
+    probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
-    """One item per entry of ``users``, uniform over [2, n_items) and not in the user's own log."""
-    neg = rng.integers(2, n_items, size=users.size)
+    """One item per entry of ``users``, not in the user's own log: uniform over [2, n_items), or drawn with
+    the given (n_items,) probabilities (training.negatives.popularity)."""
+
+    def draw(size: int) -> np.ndarray:
+        if probabilities is None:
+            return rng.integers(2, n_items, size=size)
+        return rng.choice(n_items, size=size, p=probabilities)
+
+    neg = draw(users.size)
     for _ in range(100):
         clash = np.isin(users * base + neg, seen_keys)
         if not clash.any():
             break
-        neg[clash] = rng.integers(2, n_items, size=int(clash.sum()))
+        neg[clash] = draw(int(clash.sum()))
     return neg
 
 
-def prepare_implicit(log_: LogSource, max_len: int, seed: int, min_count: int = 1) -> PreparedData:
+def prepare_implicit(
+    log_: LogSource,
+    max_len: int,
+    seed: int,
+    min_count: int = 1,
+    negatives: str = "uniform",
+    negative_alpha: float = 0.75,
+) -> PreparedData:
     """Every behaviour is a positive paired with one sampled negative; leave-last-out per user.
 
-    The last sample of each user is test, the one before it validation, the rest training.
+    The last sample of each user is test, the one before it validation, the rest training. Training negatives
+    are drawn by ``negatives`` (uniform, or popularity ∝ count^α over the training behaviours); validation and
+    test negatives are uniform whatever it says (drawn first, from the same stream: the same for both).
     """
     encoded = log_.encode()
     user_codes = encoded.user
@@ -387,10 +409,17 @@ def prepare_implicit(log_: LogSource, max_len: int, seed: int, min_count: int = 
         "train": np.flatnonzero(~last & ~second_last & (pos >= 1)),
     }
     everything = np.arange(len(encoded))
+    train_probs = None
+    if negatives == "popularity":
+        train_counts = np.bincount(event_item[split_rows["train"]], minlength=vocab.n_items)
+        train_probs = popularity(train_counts, negative_alpha)
+    elif negatives != "uniform":
+        raise ValueError(f"unknown negative sampler {negatives!r}; choose uniform or popularity")
     sets: dict[str, SampleSet] = {}
     for name, rows in split_rows.items():
         positive = _split_samples(encoded, coding, everything, max_len, rows=rows)
-        neg_item = _sample_negatives(rng, positive.user.astype(np.int64), seen_keys, vocab.n_items, base)
+        probs = train_probs if name == "train" else None
+        neg_item = _sample_negatives(rng, positive.user.astype(np.int64), seen_keys, vocab.n_items, base, probs)
         sets[name] = SampleSet(
             event_item=positive.event_item,
             event_cat=positive.event_cat,
@@ -425,16 +454,30 @@ def prepare(
     cache_dir: Path | None = None,
     min_count: int = 1,
     eval_users: int | None = None,
+    negatives: str = "uniform",
+    negative_alpha: float = 0.75,
 ) -> PreparedData:
     """Prepare (or load from ``cache_dir``) the three splits and the vocabulary.
 
     ``min_count``: items seen fewer times in the training events map to OOV (counted in ``info["oov"]``).
-    ``eval_users``: validation and test keep the samples of this many seeded-random users of theirs."""
+    ``eval_users``: validation and test keep the samples of this many seeded-random users of theirs.
+    ``negatives``, ``negative_alpha``: the implicit protocol's training negatives (prepare_implicit)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    key_src = json.dumps(
-        [CACHE_FORMAT, log_.name, log_.fingerprint, log_.user_feature_names, protocol, max_len, seed, min_count]
-    )
+    key_parts: list[object] = [
+        CACHE_FORMAT,
+        log_.name,
+        log_.fingerprint,
+        log_.user_feature_names,
+        protocol,
+        max_len,
+        seed,
+        min_count,
+    ]
+    sampled = protocol == "implicit" and negatives != "uniform"
+    if sampled:  # only then do the splits differ (uniform keeps the keys, and the caches, made before)
+        key_parts += [negatives, negative_alpha]
+    key_src = json.dumps(key_parts)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     folder = None if cache_dir is None else Path(cache_dir) / f"{log_.name}-{protocol}-{key}"
     if folder is not None and (folder / "info.json").exists():
@@ -443,9 +486,13 @@ def prepare(
         train, valid, test = (SampleSet.load(folder / s) for s in ("train", "valid", "test"))
         data = PreparedData(train, valid, test, Vocabulary.load(folder), {**info, "cached": True})
     else:
-        fn = prepare_din_movielens if protocol == "din-movielens" else prepare_implicit
-        data = fn(log_, max_len, seed, min_count=min_count)
+        if protocol == "din-movielens":
+            data = prepare_din_movielens(log_, max_len, seed, min_count=min_count)
+        else:
+            data = prepare_implicit(log_, max_len, seed, min_count, negatives, negative_alpha)
         data.info.update({"protocol": protocol, "max_len": max_len, "seed": seed, "dataset": log_.name})
+        if sampled:
+            data.info["negatives"] = {"sampler": negatives, "alpha": negative_alpha}
         if folder is not None:
             tmp = folder.with_name(folder.name + ".tmp")
             tmp.mkdir(parents=True, exist_ok=True)

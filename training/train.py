@@ -20,25 +20,27 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import CTRModel, ModelConfig, build_model
+from models.ensemble import Ensemble
 from models.fast_training import training_form
 from training import distributed, run_state
 from training.batches import TensorSamples, add_negatives, drop_history, to_device
 from training.config import TrainConfig, add_train_arguments, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.distributed import Ranks
+from training.losses import click_loss
 from training.metrics import evaluate
+from training.negatives import SAMPLERS, behaviour_counts, popularity
 from training.optim import build_optimisers
 from training.recipes import config_from_command_line
 from training.regularization import Batch, MiniBatchAwareL2, mba_terms
@@ -98,7 +100,7 @@ def _evaluate(
     slices, gathered in row order, hold every sample exactly once."""
     mine = predict_rows(model, data, distributed.shard(data.n, ranks), cfg.eval_batch_size, device, cfg.precision)
     probs = distributed.gather_shards(mine, data.n, ranks).cpu().numpy()
-    return evaluate(split.user, data.label.numpy(), probs)
+    return evaluate(split.user, data.label.numpy(), probs, cfg.ranking_k)
 
 
 def load_data(cfg: TrainConfig) -> PreparedData:
@@ -116,7 +118,9 @@ def load_data(cfg: TrainConfig) -> PreparedData:
     protocol = cfg.protocol or ("din-movielens" if blog.has_labels else "implicit")
     t0 = time.perf_counter()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    data = prepare(blog, protocol, cfg.max_len, cfg.seed, cache, cfg.min_count, cfg.eval_users)
+    data = prepare(
+        blog, protocol, cfg.max_len, cfg.seed, cache, cfg.min_count, cfg.eval_users, cfg.negatives, cfg.negative_alpha
+    )
     sizes = {k: len(getattr(data, k)) for k in ("train", "valid", "test")}
     log.info("data ready in %.1fs (cached=%s): %s", time.perf_counter() - t0, data.info.get("cached"), sizes)
     return data
@@ -139,20 +143,31 @@ def keep_freed_memory() -> bool:
     return bool(mmap_ok and trim_ok)
 
 
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
 def train(
-    cfg: TrainConfig, data: PreparedData | None = None, on_step: Callable[[int], None] | None = None
+    cfg: TrainConfig,
+    data: PreparedData | None = None,
+    on_step: Callable[[int], None] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation GAUC; test the best epoch; save the run (rank 0).
 
     Under torchrun each rank trains on its share of every optimiser step's rows (DDP averages the gradients);
     ``on_step(steps)`` is called after each optimiser step and its checkpoint (tests stop a run there as a
-    kill would)."""
+    kill would); ``on_epoch(epoch, validation metrics)`` after each epoch's evaluation and saved state (the
+    tuner reports to its pruner there, and stops a trial by raising)."""
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.negatives not in SAMPLERS:
+        raise ValueError(f"unknown negative sampler {cfg.negatives!r}; choose one of {SAMPLERS}")
+    if cfg.ensemble > 1:
+        return train_ensemble(cfg, data)
     ranks, device = distributed.start(cfg.device)
     try:
-        return _train(cfg, data, ranks, device, on_step)
+        return _train(cfg, data, ranks, device, on_step, on_epoch)
     finally:
         distributed.stop(ranks)
 
@@ -163,6 +178,7 @@ def _train(
     ranks: Ranks,
     device: torch.device,
     on_step: Callable[[int], None] | None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     if cfg.accumulate < 1 or cfg.batch_size < 1 or (cfg.checkpoint_every is not None and cfg.checkpoint_every < 1):
         raise ValueError("--batch-size, --accumulate and --checkpoint-every must be at least 1")
@@ -185,6 +201,12 @@ def _train(
         forward = distributed.wrap(forward, device)
     regs = [(reg.to(device), rows_of) for reg, rows_of in mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)]
     item_category = torch.as_tensor(data.vocab.item_category_table()) if model.uses_negatives else None
+    negative_probs = None  # DIEN's auxiliary negatives: uniform unless --negatives popularity
+    if model.uses_negatives and cfg.negatives == "popularity":
+        counts = behaviour_counts(data.train, data.vocab.n_items, implicit=data.info.get("protocol") == "implicit")
+        negative_probs = torch.as_tensor(popularity(counts, cfg.negative_alpha), dtype=torch.float32)
+    elif cfg.negatives == "popularity" and data.info.get("protocol") != "implicit":
+        log.warning("--negatives popularity changes nothing here: no implicit-protocol negatives, no DIEN")
     train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
     # one optimiser step = accumulate micro-batches of batch_size on each rank: world × accumulate × batch_size rows
     step_size = cfg.batch_size * cfg.accumulate * ranks.world
@@ -233,7 +255,9 @@ def _train(
             }
             run_state.atomic_save(state, run_dir / STATE_NAME)
 
-    parts = StepParts(forward, optimisers, schedulers, regs, train_t, item_category, noise, cfg, ranks, device)
+    parts = StepParts(
+        forward, optimisers, schedulers, regs, train_t, item_category, negative_probs, noise, cfg, ranks, device
+    )
 
     def out_of_steps() -> bool:
         return cfg.max_steps is not None and progress.steps >= cfg.max_steps
@@ -281,6 +305,8 @@ def _train(
             progress.stopped = True
         progress.epoch, progress.step_in_epoch, progress.running_loss = epoch + 1, 0, 0.0
         save_state()
+        if on_epoch is not None:
+            on_epoch(epoch, valid)
 
     model.load_state_dict(best_state)
     test = _evaluate(model, test_t, data.test, cfg, ranks, device)
@@ -318,6 +344,70 @@ def _train(
     return TrainResult(metrics, progress.history, run_dir)
 
 
+def train_ensemble(cfg: TrainConfig, data: PreparedData | None = None) -> TrainResult:
+    """Train ``cfg.ensemble`` models on one split, member i from seed derived_seed(seed, 3, i) (member 0 from
+    the seed itself: a one-member ensemble is the plain run), each into out/member-i; then evaluate their
+    average (models/ensemble.py) and save it as the run's checkpoint, which export publishes as one graph."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--ensemble trains its members one after another in one process: run it without torchrun")
+    if data is None:
+        data = load_data(cfg)
+    run_dir = Path(cfg.out)
+    seeds = [cfg.seed] + [distributed.derived_seed(cfg.seed, 3, i) for i in range(1, cfg.ensemble)]
+    results = []
+    for i, seed in enumerate(seeds):
+        member = replace(cfg, ensemble=1, seed=seed, out=str(run_dir / f"member-{i}"), resume=False)
+        results.append(train(member, data=data))
+    models = [load_checkpoint(r.run_dir)[0] for r in results]
+    ensemble = Ensemble(models)
+    cpu = torch.device("cpu")
+
+    def evaluated(split: SampleSet, t: TensorSamples) -> dict[str, float]:
+        probs = predict_rows(ensemble, t, range(t.n), cfg.eval_batch_size, cpu).numpy()
+        return evaluate(split.user, t.label.numpy(), probs, cfg.ranking_k)
+
+    valid_t, test_t = TensorSamples(data.valid, cfg.max_len), TensorSamples(data.test, cfg.max_len)
+    valid, test = evaluated(data.valid, valid_t), evaluated(data.test, test_t)
+    member_metrics = [
+        {"seed": seed, **{k: r.metrics[k] for k in ("auc", "gauc", "logloss", "best_epoch")}}
+        for seed, r in zip(seeds, results, strict=True)
+    ]
+    mcfg = models[0].cfg
+    metrics: dict[str, Any] = {
+        **test,
+        "best_epoch": [m["best_epoch"] for m in member_metrics],
+        "valid_gauc": valid["gauc"],
+        "train_samples_per_second": float(np.mean([r.metrics["train_samples_per_second"] for r in results])),
+        "train_steps": sum(r.metrics["train_steps"] for r in results),
+        "ensemble": {"members": len(models), "seeds": seeds, "member_metrics": member_metrics},
+        "samples": {k: len(getattr(data, k)) for k in ("train", "valid", "test")},
+        "data": data.info,
+        "config": asdict(cfg),
+        "model_config": mcfg.to_dict(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if mcfg.history_feedback:
+        blind = test_t.without_feedback()
+        probs = predict_rows(ensemble, blind, range(blind.n), cfg.eval_batch_size, cpu).numpy()
+        metrics["without_feedback"] = evaluate(data.test.user, blind.label.numpy(), probs, cfg.ranking_k)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history = [{"member": i, **h} for i, r in enumerate(results) for h in r.history]
+    run_state.atomic_write_text(json.dumps({**metrics, "history": history}, indent=2), run_dir / METRICS_NAME)
+    checkpoint = {
+        "model": cfg.model,
+        "model_config": mcfg.to_dict(),
+        "ensemble": [{k: v.cpu() for k, v in m.state_dict().items()} for m in models],
+        "vocab": data.vocab.to_json(),
+        "max_len": cfg.max_len,
+        "train_config": asdict(cfg),
+        "metrics": {k: metrics[k] for k in ("auc", "gauc", "logloss", "best_epoch")},
+    }
+    run_state.atomic_save(checkpoint, run_dir / CHECKPOINT_NAME)
+    # the history of the first member stands for the run's (compare plots one curve per run)
+    return TrainResult(metrics, results[0].history, run_dir)
+
+
 @dataclass
 class StepParts:
     """What an optimiser step works with."""
@@ -328,6 +418,7 @@ class StepParts:
     regs: list[tuple[MiniBatchAwareL2, Callable[[Batch], tuple[Tensor, ...]]]]
     train: TensorSamples
     item_category: Tensor | None  # (n_items,): DIEN draws negatives, None for the other models
+    negative_probs: Tensor | None  # (n_items,) DIEN's negatives by popularity; None: uniform
     noise: torch.Generator
     cfg: TrainConfig
     ranks: Ranks
@@ -350,14 +441,14 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
     for opt in p.optimisers:
         opt.zero_grad(set_to_none=True)
     reg_indices: list[list[tuple[Tensor, ...]]] = []
-    click_loss = torch.zeros((), device=p.device)
+    click_total = torch.zeros((), device=p.device)
     micro_batches = torch.tensor_split(mine, n_micro)
     for i, rows in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         batch = p.train.inputs(rows)
         drop_history(batch, cfg, p.noise)
         if p.item_category is not None:
-            add_negatives(batch, len(p.item_category), p.item_category, p.noise)
+            add_negatives(batch, len(p.item_category), p.item_category, p.noise, p.negative_probs)
         batch = to_device({**batch, "label": p.train.label[rows]}, p.device)
         label = batch.pop("label")
         # DDP: accumulate the gradients locally, all-reduce once with the last micro-batch's backward
@@ -365,7 +456,7 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
         with forward.no_sync() if accumulate else contextlib.nullcontext():  # type: ignore[operator]
             with autocast(p.device, cfg.precision):
                 out = forward(**batch)
-            losses = F.binary_cross_entropy_with_logits(out.logits.float(), label, reduction="sum")
+            losses = click_loss(out.logits.float(), label, cfg.pos_weight, cfg.focal_gamma).sum()
             loss = losses * weight
             if out.aux_loss is not None:
                 loss = loss + cfg.aux_weight * out.aux_loss.float() * (weight * len(rows))
@@ -373,12 +464,12 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
             if last:
                 loss = loss + _regularisation(p, reg_indices)
             loss.backward()
-        click_loss += losses.detach()
+        click_total += losses.detach()
     for opt in p.optimisers:
         opt.step()
     for sched in p.schedulers:
         sched.step()
-    return click_loss.item() / len(mine)
+    return click_total.item() / len(mine)
 
 
 def _regularisation(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]]) -> Tensor:
@@ -401,10 +492,23 @@ def _checkpoint(run_dir: Path) -> dict[str, Any]:
 
 def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
     """The trained model (eval mode) and the checkpoint's metadata (vocab, config, metrics)."""
+    model, ckpt = load_model(run_dir)
+    if isinstance(model, Ensemble):
+        raise ValueError(f"{run_dir} holds an ensemble of {len(model.members)} models: load it with load_model")
+    return model, ckpt
+
+
+def load_model(run_dir: Path) -> tuple[CTRModel | Ensemble, dict[str, Any]]:
+    """The trained model or ensemble (eval mode) and the checkpoint's metadata (vocab, config, metrics)."""
     ckpt = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    model = build_model(ckpt["model"], ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    mcfg = ModelConfig.from_dict(ckpt["model_config"])
+    states = ckpt["ensemble"] if "ensemble" in ckpt else [ckpt["state_dict"]]
+    members = []
+    for state in states:
+        member = build_model(ckpt["model"], mcfg)
+        member.load_state_dict(state)
+        members.append(member.eval())
+    model: CTRModel | Ensemble = Ensemble(members).eval() if "ensemble" in ckpt else members[0]
     return model, ckpt
 
 

@@ -57,3 +57,7 @@ def test_compare_with_a_recipe_file_and_a_flag_over_it(tmp_path: Path) -> None:
     assert config["model_options"]["attention_softmax"] is True
     assert config["recipe"]["name"] == "small" and config["recipe"]["path"] == str(recipe.resolve())
     assert (out / "results.md").read_text().startswith("Recipe `small` (sha256 ")
+    # the ranking metrics beside AUC, for each default cut-off K, in results.json and in the table
+    assert {"ndcg@5", "recall@10", "precision@5"} <= set(results["din"])
+    assert {"ndcg@10", "recall@5"} <= set(results["din"]["per_run"][0])
+    assert "| NDCG@5 | Recall@5 | Prec@5 | NDCG@10 |" in (out / "results.md").read_text()
