@@ -255,11 +255,43 @@ class DINAttention(nn.Module):
         return pool(scores, keys, mask, cand_user, rows, grid, self.softmax)
 
 
+class KeysSideAttention(nn.Module):
+    """The toolbox's dot, bilinear and multi-head attention (models/attention.py) at serving time: what they
+    need of the keys (``keys_side``: W k_l, [W_k k_l, W_v k_l]) once per user, gathered to the candidates,
+    and the paper form's own per-candidate step on it."""
+
+    def __init__(self, model: DIN) -> None:
+        super().__init__()
+        self.model = model  # the serving copy (Dice folded), for its scorer and ``attention_weights``
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor, cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (U, L, D), query (N, D), mask (U, L), cand_user (N,) → weights (N, L), interest (N, D)."""
+        m = self.model
+        mask_c = mask.index_select(0, cand_user)  # (N, L)
+        if m.multihead is not None:
+            side = m.multihead.keys_side(keys).index_select(0, cand_user)  # (N, L, 2D): projected per user
+            return m.multihead.attend(query, side, mask_c, m.attention_weights)  # (N, L), (N, D)
+        scorer = m.dot if m.dot is not None else m.bilinear
+        assert scorer is not None, "the activation unit is served by DINAttention"
+        side = scorer.keys_side(keys).index_select(0, cand_user)  # (N, L, D): W k_l computed per user
+        weights = m.attention_weights(scorer.scores(query, side), mask_c)  # (N, L)
+        interest = torch.bmm(weights.unsqueeze(1), keys.index_select(0, cand_user)).squeeze(1)  # (N, D)
+        return weights, interest
+
+
 class DINServing(_Serving):
+    """DIN for many candidates per user. The activation unit ("mlp", "position") runs as ``DINAttention``;
+    the toolbox's other scorers as ``KeysSideAttention``. Keys are computed once per user, recency
+    embeddings included."""
+
     def __init__(self, model: DIN, per_user_operator: bool = True) -> None:
         super().__init__(model)
-        unit = cast(DIN, self.model).activation_unit
-        self.attention = DINAttention(unit, model.cfg.attention_softmax, per_user_operator)
+        din = cast(DIN, self.model)
+        self.attention: nn.Module = (
+            DINAttention(din.activation_unit, model.cfg.attention_softmax, per_user_operator)
+            if din.uses_activation_unit
+            else KeysSideAttention(din)
+        )
 
     def forward(
         self,
@@ -272,7 +304,7 @@ class DINServing(_Serving):
         cand_user: Tensor,
         hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        keys = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D): once per user
+        keys = cast(DIN, self.model).keys(hist_items, hist_cats, hist_mask, hist_feedback)  # (U, L, D): per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
         weights, interest = self.attention(keys, query, hist_mask, cand_user)  # (N, L), (N, D)
         return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
