@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.runtime import RuntimeUnavailable, select_providers
+from app.runtime import RuntimeUnavailable, open_session, select_providers
 from app.scorer import latest_version
 from models.serving import NaiveServing
 from training.export import GraphSpec, export_graph, random_inputs
@@ -221,6 +221,37 @@ def bench_model(
     return result
 
 
+def alternate(
+    repository: Path, names: list[str], candidates: int, history: int, threads: int, provider: str, rounds: int
+) -> dict[str, dict[str, float]]:
+    """The named models' serving graphs timed call by call in turn (A, B, C, A, B, C, …), so a slow spell of a
+    shared machine lands on all of them alike: their ratios are comparable where back-to-back blocks are not.
+    Each model gets its own inputs (its vocabulary), one user with ``history`` behaviours and ``candidates``.
+    Sessions are opened as the service opens them (``app.runtime``: pool threads that do not spin)."""
+    sessions, feeds = {}, {}
+    for name in names:
+        folder, meta = load_version(repository, name, None)
+        try:
+            providers = select_providers(provider)
+        except RuntimeUnavailable as e:
+            raise SystemExit(str(e)) from None
+        sessions[name] = open_session(folder / meta["files"]["model"], providers, threads)
+        feeds[name] = random_inputs(np.random.default_rng(0), GraphSpec.from_metadata(meta), [history], [candidates])
+        for _ in range(5):
+            sessions[name].run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append(time.perf_counter() - t0)
+    first = np.median(times[names[0]])
+    return {
+        name: {**summarise(np.asarray(t), candidates), "p50_ratio_to_first": float(np.median(t) / first)}
+        for name, t in times.items()
+    }
+
+
 def parallel_rate(session: ort.InferenceSession, feed: dict[str, np.ndarray], callers: int, seconds: float) -> float:
     """Calls per second of ``callers`` threads calling one session back to back (ONNX Runtime releases the
     GIL while it runs, so the calls overlap)."""
@@ -302,7 +333,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each graph at least this long")
     p.add_argument("--min-runs", type=int, default=100)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/inprocess.json)")
+    p.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: time the named models' serving graphs call by call in turn, ROUNDS calls each, and print "
+        "their ratios to the first (an old and a new graph compared on a busy machine)",
+    )
     args = p.parse_args(argv)
+    if args.alternate:
+        names = [n for n in args.name.split(",") if n]
+        rows = alternate(
+            args.repository, names, args.candidates, args.history, args.threads, args.provider, args.alternate
+        )
+        for name, row in rows.items():
+            print(
+                f"{name:<12} p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+                f"p50 ×{row['p50_ratio_to_first']:.3f} of {names[0]}"
+            )
+        out = args.out or DEFAULT_OUT / "inprocess-alternate.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+        return
 
     ceiling = sgemm_gflops()
     report: dict[str, Any] = {

@@ -116,9 +116,10 @@ def test_scorers_without_the_activation_unit_carry_no_unit_parameters(kind: str)
     assert training_form(model) is model  # no training-speed form: the paper form trains
 
 
+@pytest.mark.parametrize("feedback", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_serving_form_equals_the_paper_form(kind: str) -> None:
-    model = din(kind)
+def test_serving_form_equals_the_paper_form(kind: str, feedback: bool) -> None:
+    model = din(kind, history_feedback=feedback)
     items, cats, mask = history([0, 9, 4], 9)
     cand_user = torch.tensor([1, 0, 2, 1, 1, 2, 0, 1])
     feed = {
@@ -130,6 +131,8 @@ def test_serving_form_equals_the_paper_form(kind: str) -> None:
         "cand_cats": torch.randint(1, 6, (8,)),
         "cand_user": cand_user,
     }
+    if feedback:  # the ml-100k recipe's setting: each behaviour's own label joins its key
+        feed["hist_feedback"] = torch.randint(1, 4, (3, 9)) * mask
     with torch.no_grad():
         p, a = serving_module(model)(**feed)
         p_ref, a_ref = NaiveServing(model)(**feed)
