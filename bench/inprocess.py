@@ -138,7 +138,12 @@ def flops_per_candidate(meta: dict[str, Any], history: int, candidates_per_user:
     widths = [mlp_in, *cfg["mlp_hidden"], 1]
     macs = sum(a * b for a, b in itertools.pairwise(widths))
     per_user = 0.0
-    if kind == "din":
+    scorer = cfg.get("attention", "mlp")  # DIN's attention toolbox (models/attention.py)
+    if kind == "din" and scorer in ("dot", "bilinear", "multihead"):
+        macs += 2 * history * d  # scores and pooling
+        macs += d * d if scorer == "multihead" else 0  # the query projection
+        per_user = history * d * d * {"dot": 0, "bilinear": 1, "multihead": 2}[scorer]  # W k_l, [W_k; W_v] k_l
+    elif kind == "din":
         att = [*cfg["attention_hidden"], 1]
         macs += d * att[0]  # the query part of layer 1
         macs += history * (d * att[0] + sum(a * b for a, b in itertools.pairwise(att)))  # q⊙k part + rest
