@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.runtime import RuntimeUnavailable, select_providers
+from app.runtime import RuntimeUnavailable, open_session, select_providers
 from app.scorer import latest_version
 from models.serving import NaiveServing
 from training.export import GraphSpec, export_graph, random_inputs
@@ -138,7 +138,12 @@ def flops_per_candidate(meta: dict[str, Any], history: int, candidates_per_user:
     widths = [mlp_in, *cfg["mlp_hidden"], 1]
     macs = sum(a * b for a, b in itertools.pairwise(widths))
     per_user = 0.0
-    if kind == "din":
+    scorer = cfg.get("attention", "mlp")  # DIN's attention toolbox (models/attention.py)
+    if kind == "din" and scorer in ("dot", "bilinear", "multihead"):
+        macs += 2 * history * d  # scores and pooling
+        macs += d * d if scorer == "multihead" else 0  # the query projection
+        per_user = history * d * d * {"dot": 0, "bilinear": 1, "multihead": 2}[scorer]  # W k_l, [W_k; W_v] k_l
+    elif kind == "din":
         att = [*cfg["attention_hidden"], 1]
         macs += d * att[0]  # the query part of layer 1
         macs += history * (d * att[0] + sum(a * b for a, b in itertools.pairwise(att)))  # q⊙k part + rest
@@ -219,6 +224,37 @@ def bench_model(
     result["flops_per_candidate"] = fpc
     result["serving"]["gflops"] = fpc * result["serving"]["candidates_per_second"] / 1e9
     return result
+
+
+def alternate(
+    repository: Path, names: list[str], candidates: int, history: int, threads: int, provider: str, rounds: int
+) -> dict[str, dict[str, float]]:
+    """The named models' serving graphs timed call by call in turn (A, B, C, A, B, C, …), so a slow spell of a
+    shared machine lands on all of them alike: their ratios are comparable where back-to-back blocks are not.
+    Each model gets its own inputs (its vocabulary), one user with ``history`` behaviours and ``candidates``.
+    Sessions are opened as the service opens them (``app.runtime``: pool threads that do not spin)."""
+    sessions, feeds = {}, {}
+    for name in names:
+        folder, meta = load_version(repository, name, None)
+        try:
+            providers = select_providers(provider)
+        except RuntimeUnavailable as e:
+            raise SystemExit(str(e)) from None
+        sessions[name] = open_session(folder / meta["files"]["model"], providers, threads)
+        feeds[name] = random_inputs(np.random.default_rng(0), GraphSpec.from_metadata(meta), [history], [candidates])
+        for _ in range(5):
+            sessions[name].run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append(time.perf_counter() - t0)
+    first = np.median(times[names[0]])
+    return {
+        name: {**summarise(np.asarray(t), candidates), "p50_ratio_to_first": float(np.median(t) / first)}
+        for name, t in times.items()
+    }
 
 
 def parallel_rate(session: ort.InferenceSession, feed: dict[str, np.ndarray], callers: int, seconds: float) -> float:
@@ -302,7 +338,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-seconds", type=float, default=3.0, help="time each graph at least this long")
     p.add_argument("--min-runs", type=int, default=100)
     p.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/inprocess.json)")
+    p.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: time the named models' serving graphs call by call in turn, ROUNDS calls each, and print "
+        "their ratios to the first (an old and a new graph compared on a busy machine)",
+    )
     args = p.parse_args(argv)
+    if args.alternate:
+        names = [n for n in args.name.split(",") if n]
+        rows = alternate(
+            args.repository, names, args.candidates, args.history, args.threads, args.provider, args.alternate
+        )
+        for name, row in rows.items():
+            print(
+                f"{name:<12} p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+                f"p50 ×{row['p50_ratio_to_first']:.3f} of {names[0]}"
+            )
+        out = args.out or DEFAULT_OUT / "inprocess-alternate.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=2))
+        return
 
     ceiling = sgemm_gflops()
     report: dict[str, Any] = {

@@ -10,6 +10,7 @@ from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBAC
 
 Activation = Literal["dice", "prelu", "relu"]
 Evolution = Literal["augru", "agru", "aigru"]
+AttentionKind = Literal["mlp", "dot", "bilinear", "multihead", "position"]  # DIN's scorer (models/attention.py)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class ModelConfig:
     attention_hidden: tuple[int, ...] = (80, 40)
     attention_activation: Activation = "prelu"
     attention_softmax: bool = False  # DIN: weights are not normalised unless asked (paper §4.3)
+    attention: AttentionKind = "mlp"  # DIN: how a behaviour is scored against the candidate (models/attention.py)
+    attention_heads: int = 4  # DIN, attention "multihead": heads (they must divide behaviour_dim)
+    attention_positions: int = 50  # DIN, attention "position": recency ranks with their own embedding
     dropout: float = 0.0
     first_order: bool = True  # add per-item and per-category bias terms to the logit (a "wide" part)
     history_feedback: bool = False  # add a feedback embedding (liked / not / unknown) to each history behaviour

@@ -7,7 +7,8 @@ module unless asked for ``--paper-form``; evaluation and export always run the p
 - DIN: the behaviours are looked up, scored and pooled at the valid positions only (padding and history
   dropout leave most of (B, L) empty), with the unit's first layer split so the query part is computed once
   per row. A unit with Dice
-  keeps the paper form: Dice's batch statistics over valid positions only would be other statistics.
+  keeps the paper form: Dice's batch statistics over valid positions only would be other statistics. So do
+  the attention toolbox's other scorers (models/attention.py), which have no training form of their own.
 - DIEN: each row's valid behaviours are packed to the front, time-major (S, B, ·) with S the longest row's
   valid count, and every stage runs on S steps, not L. The extractor and the interest evolution run
   ``GatedGRUSequence``, the fused training form of the gated recurrence with a hand-written backward (the
@@ -39,6 +40,9 @@ def training_form(model: CTRModel) -> nn.Module:
     if isinstance(model, DIEN):
         return PackedDIEN(model)
     if isinstance(model, DIN):
+        if model.cfg.attention != "mlp":
+            log.info("DIN with %s attention: training runs the paper form", model.cfg.attention)
+            return model
         if any(isinstance(m, Dice) for m in model.activation_unit.modules()):
             log.info("DIN's activation unit uses Dice: training runs the paper form (batch statistics over (B, L))")
             return model

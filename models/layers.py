@@ -1,10 +1,11 @@
 """Layers shared by the models, in their paper form: embeddings, Dice, MLP, DIN's activation unit, the
 history compaction, and interest evolution (AUGRU and its variants) with its one gated recurrence.
 
-``gated_recurrence`` is the paper/serving form of the gated GRU: one step loop, TorchScript so an ONNX
-export keeps the history length dynamic. The paper form's interest evolution and the serving graph
-(models/serving.py) both run it. The training form, a fused recurrence with a hand-written backward,
-lives in models/fast_training.py; these are the project's only two implementations of it."""
+``gated_recurrence`` is the paper form of the gated GRU: one step loop, TorchScript so an ONNX export keeps
+the history length dynamic; the paper form's interest evolution runs it. The training form, a fused
+recurrence with a hand-written backward, lives in models/fast_training.py; the serving form, the same step
+loop with each user's input projections shared by its candidates, is ``serving.shared_input_recurrence``.
+Tests hold both equal to this one."""
 
 from __future__ import annotations
 

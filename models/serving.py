@@ -27,7 +27,7 @@ from contract import FEEDBACK_INPUT, INPUT_NAMES, OUTPUT_NAMES, input_names  # n
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
-from models.layers import ActivationUnit, Dice, PReLULast, gated_recurrence, masked_softmax, valid_first
+from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax, valid_first
 
 
 class FoldedDice(nn.Module):
@@ -255,11 +255,43 @@ class DINAttention(nn.Module):
         return pool(scores, keys, mask, cand_user, rows, grid, self.softmax)
 
 
+class KeysSideAttention(nn.Module):
+    """The toolbox's dot, bilinear and multi-head attention (models/attention.py) at serving time: what they
+    need of the keys (``keys_side``: W k_l, [W_k k_l, W_v k_l]) once per user, gathered to the candidates,
+    and the paper form's own per-candidate step on it."""
+
+    def __init__(self, model: DIN) -> None:
+        super().__init__()
+        self.model = model  # the serving copy (Dice folded), for its scorer and ``attention_weights``
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor, cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (U, L, D), query (N, D), mask (U, L), cand_user (N,) → weights (N, L), interest (N, D)."""
+        m = self.model
+        mask_c = mask.index_select(0, cand_user)  # (N, L)
+        if m.multihead is not None:
+            side = m.multihead.keys_side(keys).index_select(0, cand_user)  # (N, L, 2D): projected per user
+            return m.multihead.attend(query, side, mask_c, m.attention_weights)  # (N, L), (N, D)
+        scorer = m.dot if m.dot is not None else m.bilinear
+        assert scorer is not None, "the activation unit is served by DINAttention"
+        side = scorer.keys_side(keys).index_select(0, cand_user)  # (N, L, D): W k_l computed per user
+        weights = m.attention_weights(scorer.scores(query, side), mask_c)  # (N, L)
+        interest = torch.bmm(weights.unsqueeze(1), keys.index_select(0, cand_user)).squeeze(1)  # (N, D)
+        return weights, interest
+
+
 class DINServing(_Serving):
+    """DIN for many candidates per user. The activation unit ("mlp", "position") runs as ``DINAttention``;
+    the toolbox's other scorers as ``KeysSideAttention``. Keys are computed once per user, recency
+    embeddings included."""
+
     def __init__(self, model: DIN, per_user_operator: bool = True) -> None:
         super().__init__(model)
-        unit = cast(DIN, self.model).activation_unit
-        self.attention = DINAttention(unit, model.cfg.attention_softmax, per_user_operator)
+        din = cast(DIN, self.model)
+        self.attention: nn.Module = (
+            DINAttention(din.activation_unit, model.cfg.attention_softmax, per_user_operator)
+            if din.uses_activation_unit
+            else KeysSideAttention(din)
+        )
 
     def forward(
         self,
@@ -272,21 +304,80 @@ class DINServing(_Serving):
         cand_user: Tensor,
         hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        keys = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D): once per user
+        keys = cast(DIN, self.model).keys(hist_items, hist_cats, hist_mask, hist_feedback)  # (U, L, D): per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
         weights, interest = self.attention(keys, query, hist_mask, cand_user)  # (N, L), (N, D)
         return self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, interest), weights
 
 
+@torch.jit.script
+def shared_input_recurrence(
+    p_ur: Tensor,
+    p_n: Tensor,
+    cand_user: Tensor,
+    attention: Tensor,
+    mask: Tensor,
+    w_ur: Tensor,
+    w_n: Tensor,
+    b_ur: Tensor,
+    b_n: Tensor,
+    hidden: int,
+    kind_aigru: bool,
+    scale_update: bool,
+) -> Tensor:
+    """``layers.gated_recurrence`` for N candidates whose inputs are their users' interest states: the
+    input projections W·h'_t stay one row per user, time-major, and each step gathers its candidates' rows.
+
+    p_ur (L, U, 2H), p_n (L, U, H): W_{u,r}·h'_t and W_n·h'_t per user (plus their biases, except for AIGRU,
+    whose input is a_t·h'_t: W·(a·s) + b = a·(W·s) + b is formed per step); cand_user (N,); attention and mask
+    (L, N, 1) time-major; w_ur (H, 2H) = [U_u; U_r]ᵀ, w_n (H, H) = U_nᵀ, b_ur (2H,), b_n (H,); ``hidden`` = H
+    as a constant, so the split below exports as one Split → h_L (N, H).
+
+    Why this shape (bench/README.md, 2026-12-05): each of the L steps is a handful of small ops on (N, H)
+    tensors, so the step's op count is its cost. The u, r pre-activations are one Gemm with x_t as its C input
+    (and the sigmoid fused in by ONNX Runtime); U_n·h is its own MatMul, so no step slices a (N, 3H) tensor;
+    the per-user rows are gathered per step rather than copied up front into an (L, N, 3H) tensor."""
+    h = torch.zeros(cand_user.size(0), hidden, dtype=p_ur.dtype, device=p_ur.device)  # (N, H)
+    for t in range(p_ur.size(0)):
+        x_ur = p_ur[t].index_select(0, cand_user)  # (N, 2H)
+        x_n = p_n[t].index_select(0, cand_user)  # (N, H)
+        a = attention[t]  # (N, 1)
+        if kind_aigru:
+            x_ur, x_n = a * x_ur + b_ur, a * x_n + b_n
+        ur = torch.sigmoid(torch.addmm(x_ur, h, w_ur))  # (N, 2H): u_t, r_t
+        u, r = torch.split(ur, hidden, 1)  # (N, H) each
+        n = torch.tanh(x_n + r * torch.mm(h, w_n))  # (N, H): h̃_t
+        gate = mask[t] if kind_aigru else a  # (N, 1): zero on padding either way
+        update = gate * u if scale_update else gate  # ũ_t
+        h = h + update * (n - h)  # (N, H)
+    return h
+
+
 class DIENServing(_Serving):
+    """DIEN for many candidates per user: the extractor GRU, the AUGRU's input projection and the behaviour
+    sum run once per user; the attention and the interest evolution per candidate.
+
+    The evolution is ``shared_input_recurrence`` over the longest history in the call (a step past every
+    user's last behaviour has gate zero for all candidates, so it is skipped, not run). Equal to the paper
+    form (models/dien.py) within float rounding: tests/unit/test_serving.py and the export's parity check."""
+
     def __init__(self, model: DIEN) -> None:
         super().__init__(model)
         m = cast(DIEN, self.model)
         self.extractor = m.extractor
         self.attention_proj = m.attention_proj
-        self.evolution = m.evolution
         self.kind = m.evolution.kind
         self.attention_pooling = m.cfg.dien_pooling == "attention"
+        self.hidden = m.cfg.behaviour_dim
+        hd = self.hidden
+
+        def frozen(t: Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().clone().contiguous(), requires_grad=False)
+
+        w_in, b_in = m.evolution.input_proj.weight, m.evolution.input_proj.bias  # (3H, H), (3H,)
+        w_hidden = m.evolution.hidden_proj.weight  # (3H, H) = [U_u; U_r; U_n]
+        self.w_in, self.b_in = frozen(w_in.t()), frozen(b_in)  # (H, 3H), (3H,)
+        self.w_ur, self.w_n = frozen(w_hidden[: 2 * hd].t()), frozen(w_hidden[2 * hd :].t())  # (H, 2H), (H, H)
 
     def forward(
         self,
@@ -300,33 +391,42 @@ class DIENServing(_Serving):
         hist_feedback: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         # a masked behaviour is absent, as in the paper form: each user's valid behaviours to the front
-        # (a no-op on the right-padded histories the service sends)
+        # (a no-op on the right-padded histories the service sends), then only as many positions as the
+        # longest history holds (at least one, so the extractor always has a step)
         order = valid_first(hist_mask)  # (U, L)
-        hist_mask, hist_items, hist_cats = (x.gather(1, order) for x in (hist_mask, hist_items, hist_cats))
-        feedback = None if hist_feedback is None else hist_feedback.gather(1, order)  # (U, L)
-        behaviours = self.embedding.history(hist_items, hist_cats, feedback)  # (U, L, D)
-        states, _ = self.extractor(behaviours)  # (U, L, D): interest extraction, once per user
-        w_in, b_in = self.evolution.input_proj.weight, self.evolution.input_proj.bias
-        proj = states @ w_in.T  # (U, L, 3H): the AUGRU input projection, once per user
+        steps = hist_mask.sum(1).max().clamp(min=1)  # ()
+        kept = order[:, :steps]  # (U, S)
+        hist_mask, hist_items, hist_cats = (x.gather(1, kept) for x in (hist_mask, hist_items, hist_cats))
+        feedback = None if hist_feedback is None else hist_feedback.gather(1, kept)  # (U, S)
+        behaviours = self.embedding.history(hist_items, hist_cats, feedback)  # (U, S, D)
+        states, _ = self.extractor(behaviours)  # (U, S, D): interest extraction, once per user
         query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
-        states_c = states.index_select(0, cand_user)  # (N, L, D)
-        scores = torch.bmm(states_c, self.attention_proj(query).unsqueeze(-1)).squeeze(-1)  # (N, L)
-        mask = hist_mask.index_select(0, cand_user)  # (N, L)
-        weights = masked_softmax(scores, mask)  # (N, L)
-        proj_c = proj.index_select(0, cand_user)  # (N, L, 3H)
-        if self.kind == "aigru":  # input scaled by attention: W·(a·s) + b = a·(W·s) + b
-            x_proj, gate = proj_c * weights.unsqueeze(-1) + b_in, mask.to(weights.dtype).unsqueeze(-1)
-        else:
-            x_proj, gate = proj_c + b_in, weights.unsqueeze(-1)
-        # the paper form's own recurrence, over all L steps: a padded step's gate is zero
-        final = gated_recurrence(x_proj, gate, self.evolution.hidden_proj.weight, self.kind != "agru")  # (N, H)
+        states_c = states.index_select(0, cand_user)  # (N, S, D)
+        scores = torch.bmm(states_c, self.attention_proj(query).unsqueeze(-1)).squeeze(-1)  # (N, S)
+        mask = hist_mask.index_select(0, cand_user)  # (N, S)
+        weights = masked_softmax(scores, mask)  # (N, S)
+        final = self.interest_evolution(states, weights, mask, cand_user)  # (N, H)
         if self.attention_pooling:  # Σ_t a_t e_t depends on the candidate
             pooled_c = torch.bmm(weights.unsqueeze(1), behaviours.index_select(0, cand_user)).squeeze(1)  # (N, D)
         else:  # the plain sum is per-user work
-            mask_f = hist_mask.to(behaviours.dtype)  # (U, L)
+            mask_f = hist_mask.to(behaviours.dtype)  # (U, S)
             pooled_c = torch.bmm(mask_f.unsqueeze(1), behaviours).squeeze(1).index_select(0, cand_user)  # (N, D)
         prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, pooled_c, final)
-        return prob, torch.zeros_like(weights).scatter(1, order.index_select(0, cand_user), weights)  # (N, L)
+        attention = torch.zeros(weights.size(0), order.size(1), dtype=weights.dtype)  # (N, L)
+        return prob, attention.scatter(1, kept.index_select(0, cand_user), weights)  # (N, L), original positions
+
+    def interest_evolution(self, states: Tensor, weights: Tensor, mask: Tensor, cand_user: Tensor) -> Tensor:
+        """states (U, S, H) per user, weights and mask (N, S) per candidate → final interest h'_S (N, H)."""
+        hd, aigru = self.hidden, self.kind == "aigru"
+        proj = states.transpose(0, 1) @ self.w_in  # (S, U, 3H): W·h'_t, once per user, time-major
+        if not aigru:  # the bias joins the per-user rows; AIGRU adds it per step, after scaling by a_t
+            proj = proj + self.b_in  # (S, U, 3H)
+        p_ur, p_n = proj[:, :, : 2 * hd].contiguous(), proj[:, :, 2 * hd :].contiguous()  # (S, U, 2H), (S, U, H)
+        attention = weights.t().unsqueeze(-1)  # (S, N, 1)
+        mask_t = mask.t().unsqueeze(-1).to(weights.dtype)  # (S, N, 1)
+        b_ur, b_n = self.b_in[: 2 * hd], self.b_in[2 * hd :]  # (2H,), (H,)
+        args = (self.w_ur, self.w_n, b_ur, b_n, hd, aigru, self.kind != "agru")
+        return shared_input_recurrence(p_ur, p_n, cand_user, attention, mask_t, *args)  # (N, H)
 
 
 class NaiveServing(nn.Module):

@@ -282,6 +282,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=d.ensemble,
         help="train N models from different seeds on the same split; the run's model is their average",
     )
+    # --- DIN's attention toolbox (issue 17): the scorer, stored in the model config ---------------------------
+    p.add_argument(
+        "--attention",
+        choices=["mlp", "dot", "bilinear", "multihead", "position"],
+        default=ModelConfig.attention,
+        help="DIN: the activation unit (mlp, the paper's), scaled dot product, bilinear qᵀWk, multi-head target "
+        "attention, or the activation unit over keys plus a learned recency embedding (position)",
+    )
+    p.add_argument("--attention-heads", type=int, default=ModelConfig.attention_heads, help="DIN multihead: heads")
+    p.add_argument(
+        "--attention-positions",
+        type=int,
+        default=ModelConfig.attention_positions,
+        help="DIN position: recency ranks with an embedding of their own (older ones share the last)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -336,5 +351,9 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
             "history_feedback": args.history_feedback,
             "item_dim": args.item_dim,
             "category_dim": args.category_dim,
+            # DIN's attention toolbox (issue 17)
+            "attention": args.attention,
+            "attention_heads": args.attention_heads,
+            "attention_positions": args.attention_positions,
         },
     )

@@ -95,7 +95,7 @@ def test_the_synthetic_table_and_its_flag(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("epoch = 3\n", "unknown key 'epoch'; valid keys: accumulate, aux_weight, batch_size,"),
-        ("[model_options]\nhidden = [1]\n", "in [model_options]; valid keys: attention_activation, attention_hidden,"),
+        ("[model_options]\nhidden = [1]\n", "in [model_options]; valid keys: attention, attention_activation,"),
         ("[model_options]\nn_items = 5\n", "unknown key 'n_items' in [model_options]"),  # from the data, not a recipe
         ("[synthetic]\nusers = 5\n", "unknown key 'users' in [synthetic]; valid keys: interests_per_user,"),
         ("[compare]\nmodel = 'din'\n", "unknown key 'model' in [compare]; valid keys: models, repeats, splits"),

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from models import ModelConfig, build_model
 from models.config import FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
-from models.layers import Dice
-from models.serving import FoldedDice, NaiveServing, fold_dice, serving_module
+from models.layers import Dice, InterestEvolution, masked_softmax
+from models.serving import FoldedDice, NaiveServing, fold_dice, serving_module, shared_input_recurrence
+from training.export import OUTPUT_NAMES, GraphSpec, cpu_session, export_graph, random_inputs, torch_reference
 
 CFG = ModelConfig(
     n_items=40,
@@ -171,3 +175,62 @@ def test_a_masked_behaviour_is_absent_in_the_serving_form_too(kind: str, options
     torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
     assert (a[~holes[feed["cand_user"]]] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["augru", "agru", "aigru"])
+def test_shared_input_recurrence_equals_the_paper_recurrence(kind: str) -> None:
+    """The serving recurrence (inputs kept per user, gathered per step, split gate weights) computes the
+    paper form's ``InterestEvolution`` for candidates of several users, padded steps included."""
+    torch.manual_seed(0)
+    users, steps, hidden = 3, 7, 6
+    evolution = InterestEvolution(hidden, kind)  # type: ignore[arg-type]
+    states = torch.randn(users, steps, hidden)  # (U, S, H)
+    cand_user = torch.tensor([2, 0, 1, 1, 2, 0, 0])  # (N,)
+    mask = (torch.arange(steps) < torch.tensor([7, 3, 5])[:, None]).index_select(0, cand_user)  # (N, S)
+    weights = masked_softmax(torch.randn(cand_user.size(0), steps), mask)  # (N, S)
+    expected = evolution(states.index_select(0, cand_user), weights, mask)  # (N, H)
+
+    w_in, b_in, w_hidden = evolution.input_proj.weight, evolution.input_proj.bias, evolution.hidden_proj.weight
+    proj = states.transpose(0, 1) @ w_in.t()  # (S, U, 3H)
+    if kind != "aigru":
+        proj = proj + b_in
+    got = shared_input_recurrence(
+        proj[:, :, : 2 * hidden].contiguous(),
+        proj[:, :, 2 * hidden :].contiguous(),
+        cand_user,
+        weights.t().unsqueeze(-1),
+        mask.t().unsqueeze(-1).float(),
+        w_hidden[: 2 * hidden].t().contiguous(),
+        w_hidden[2 * hidden :].t().contiguous(),
+        b_in[: 2 * hidden],
+        b_in[2 * hidden :],
+        hidden,
+        kind == "aigru",
+        kind != "agru",
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("evolution", ["augru", "aigru"])
+def test_dien_serving_graph_skips_the_padded_tail_and_matches_the_paper_form(evolution: str, tmp_path: Path) -> None:
+    """Histories padded far past the longest one (the evolution runs only as many steps as that history
+    holds) and an all-empty call give the paper form's answers, in PyTorch and in the exported ONNX graph."""
+    model = build_model("dien", ModelConfig(**{**CFG.to_dict(), "evolution": evolution}))
+    _trained_and_a_batch(model)
+    spec = GraphSpec(n_items=40, n_categories=6, feature_cardinalities=(5,))
+    path = tmp_path / "dien.onnx"
+    export_graph(serving_module(model), path, spec)
+    session = cpu_session(path)
+    rng = np.random.default_rng(0)
+    for lengths, counts in (([3, 0, 5], [4, 2, 9]), ([0, 0], [3, 1]), ([1], [6])):
+        feed = random_inputs(rng, spec, lengths, counts, width=12)
+        prob, att = session.run(list(OUTPUT_NAMES), feed)
+        with torch.no_grad():
+            p_serving, a_serving = serving_module(model)(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        p_ref, a_ref = torch_reference(model, feed)
+        assert att.shape == a_ref.shape == (sum(counts), 12)
+        np.testing.assert_allclose(prob, p_ref, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(att, a_ref, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(p_serving.numpy(), p_ref, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a_serving.numpy(), a_ref, rtol=0, atol=1e-6)
+        assert (att[~feed["hist_mask"][feed["cand_user"]]] == 0).all()
