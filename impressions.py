@@ -5,20 +5,23 @@ The service (``app/``) appends one ``Impression`` per answered ``/score`` reques
 read the record shapes, stream names and field name from here, so a sample's history is, field for field,
 the history the model received. Plain Python on purpose, like ``contract.py``: no torch, no FastAPI.
 
-Each stream entry holds one record as compact JSON under ``RECORD_FIELD``; ``version`` lets a later record
-shape be told apart from this one.
+Each stream entry holds one record as compact JSON under ``RECORD_FIELD``; ``record_version`` tells the
+shapes apart. Version 2 (written now) holds the history and the candidates as columns, one list per field
+(``{"item_id": [...], "category_id": [...], ...}``): 200 candidates as rows repeated their three key names
+200 times, 8 kB of an 18 kB record, and cost the service 2.4× the time to build (bench/README.md, issue 20).
+Version 1 (rows, one object per behaviour or candidate) is still read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 IMPRESSIONS_STREAM = "ctr:impressions"  # default stream names (a service's prefix may change them)
 OUTCOMES_STREAM = "ctr:outcomes"
 RECORD_FIELD = "r"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,10 @@ class Impression:
     record_version: int = RECORD_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+        d = asdict(self)
+        d["history"] = _columns(d["history"], ServedBehaviour)
+        d["candidates"] = _columns(d["candidates"], ServedCandidate)
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Impression:
@@ -66,11 +72,24 @@ class Impression:
             model=d["model"],
             version=str(d["version"]),
             history_source=d.get("history_source", "store"),
-            history=tuple(ServedBehaviour(**b) for b in d["history"]),
-            candidates=tuple(ServedCandidate(**c) for c in d["candidates"]),
+            history=tuple(ServedBehaviour(**b) for b in _rows(d["history"])),
+            candidates=tuple(ServedCandidate(**c) for c in _rows(d["candidates"])),
             user_features=dict(d.get("user_features") or {}),
             record_version=int(d.get("record_version", RECORD_VERSION)),
         )
+
+
+def _columns(rows: list[dict[str, Any]], kind: type) -> dict[str, list[Any]]:
+    """Rows as one list per field (the record's version-2 layout), every field present even with no rows."""
+    return {f.name: [r[f.name] for r in rows] for f in fields(kind)}
+
+
+def _rows(block: dict[str, list[Any]] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A history or candidates block as rows, from either layout (version 2 columns, version 1 rows)."""
+    if isinstance(block, list):
+        return block
+    names = list(block)
+    return [dict(zip(names, values, strict=True)) for values in zip(*block.values(), strict=True)]
 
 
 @dataclass(frozen=True)

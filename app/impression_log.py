@@ -82,12 +82,16 @@ class Served:
 
 
 def impression_record(s: Served) -> bytes:
-    """``impressions.Impression`` as JSON, written directly: building the dataclasses and ``asdict`` took several
-    times longer per record (tests/unit/test_impression_log.py proves the two equal)."""
+    """``impressions.Impression`` as JSON, written directly in its columns layout: building the dataclasses and
+    ``asdict`` took several times longer per record, and rows (a dict per candidate) 2.4× as long as columns
+    (tests/unit/test_impression_log.py proves the record equal to ``Impression.to_json``'s)."""
     model = s.model
-    stamps = s.timestamps if s.timestamps is not None else [None] * len(s.history)
+    history = s.history
+    stamps = s.timestamps if s.timestamps is not None else [None] * len(history)
     category_of = model.category_of
     features = s.user_features or {}
+    if len(s.probabilities) != len(s.candidates) or len(stamps) != len(history):
+        raise ValueError("a record's columns must have one value per candidate and per history item")
     record = {
         "impression_id": s.impression_id,
         "time_ms": s.time_ms,
@@ -95,14 +99,17 @@ def impression_record(s: Served) -> bytes:
         "model": model.name,
         "version": model.version,
         "history_source": s.history_source,
-        "history": [
-            {"item_id": h["item_id"], "category_id": h["category_id"], "timestamp": t, "label": h["label"]}
-            for h, t in zip(s.history, stamps, strict=True)
-        ],
-        "candidates": [
-            {"item_id": i, "category_id": c or category_of(i), "probability": p}
-            for (i, c), p in zip(s.candidates, s.probabilities, strict=True)
-        ],
+        "history": {
+            "item_id": [h["item_id"] for h in history],
+            "category_id": [h["category_id"] for h in history],
+            "timestamp": stamps,
+            "label": [h["label"] for h in history],
+        },
+        "candidates": {
+            "item_id": [i for i, _ in s.candidates],
+            "category_id": [c or category_of(i) for i, c in s.candidates],
+            "probability": s.probabilities,
+        },
         "user_features": {n: features[n] for n in model.feature_names if n in features},
         "record_version": impressions.RECORD_VERSION,
     }

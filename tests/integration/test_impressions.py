@@ -192,7 +192,7 @@ def test_a_stopped_redis_leaves_score_answering(model_repository: Path, tmp_path
 def test_without_redis_the_log_is_rotating_json_lines_files(model_repository: Path, tmp_path: Path) -> None:
     items = _items(model_repository)
     folder = tmp_path / "log"
-    extra = {"impression_log": True, "impression_log_dir": folder, "impression_log_file_bytes": 4096}
+    extra = {"impression_log": True, "impression_log_dir": folder, "impression_log_file_bytes": 2048}
     with _client(model_repository, None, impression_log_file_backups=2, **extra) as c:
         body = {"user_id": "u", "candidates": [{"item_id": i} for i in items[:20]]}
         ids = [c.post("/score", json=body).json()["impression_id"] for _ in range(12)]
@@ -201,7 +201,7 @@ def test_without_redis_the_log_is_rotating_json_lines_files(model_repository: Pa
         assert c.post("/events", json={"events": [outcome]}, headers=AUTH).json() == {"stored": 1}
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["impressions.jsonl", "impressions.jsonl.1", "impressions.jsonl.2", "outcomes.jsonl"]
-    assert all(p.stat().st_size <= 4096 for p in folder.glob("impressions.jsonl*"))
+    assert all(p.stat().st_size <= 2048 for p in folder.glob("impressions.jsonl*"))
     kept = [
         Impression.from_json(line)
         for name in ("impressions.jsonl.2", "impressions.jsonl.1", "impressions.jsonl")
