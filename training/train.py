@@ -1,4 +1,4 @@
-"""Train the base model, DIN or DIEN on a behaviour log; write metrics.json and a checkpoint.
+"""Train the base model, DIN, DIEN or DSIN on a behaviour log; write metrics.json and a checkpoint.
 
 python -m training.train --dataset synthetic --model din --out runs/din
 python -m training.train --dataset ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
@@ -171,7 +171,8 @@ def _train(
         forward = distributed.wrap(forward, device)
     regs = [(reg.to(device), rows_of) for reg, rows_of in mba_terms(model, data.train, cfg.max_len, cfg.mba_lambda)]
     item_category = torch.as_tensor(data.vocab.item_category_table()) if model.uses_negatives else None
-    train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
+    sessions = mcfg.session_spec if model.uses_sessions else None  # DSIN's batches carry the session division
+    train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len, sessions) for s in (data.train, data.valid, data.test))
     # one optimiser step = accumulate micro-batches of batch_size on each rank: world × accumulate × batch_size rows
     step_size = cfg.batch_size * cfg.accumulate * ranks.world
     steps_per_epoch = -(-train_t.n // step_size)
@@ -390,7 +391,7 @@ def load_checkpoint(run_dir: Path) -> tuple[CTRModel, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    p.add_argument("--model", choices=["base", "din", "dien"], default="din")
+    p.add_argument("--model", choices=["base", "din", "dien", "dsin"], default="din")
     p.add_argument("--out", help="run directory for metrics.json and the checkpoint (here or in the recipe)")
     p.add_argument(
         "--resume",

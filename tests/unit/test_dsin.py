@@ -167,3 +167,44 @@ def test_heads_must_split_the_dimension() -> None:
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(n_items=10, n_categories=5, session_heads=5)  # the config itself is fine
         build_model("dsin", ModelConfig(n_items=10, n_categories=5, session_heads=5))
+
+
+def test_training_batches_carry_the_division_of_each_samples_history() -> None:
+    """Sessions built inside sample preparation from the split's event timestamps, vectorised over the batch:
+    each sample's (K, T) layout is the plain division of its own history window, as the service divides it."""
+    from training.batches import TensorSamples
+    from training.datasets import SyntheticConfig, generate_synthetic
+    from training.samples import prepare
+
+    data = prepare(generate_synthetic(SyntheticConfig(n_users=40, session_events=6, seed=3)), "din-movielens", 30)
+    split = data.train
+    rows = np.arange(0, len(split), 7)
+    index, smask = split.sessions(rows, 30, SPEC)
+    batch = TensorSamples(split, 30, SPEC).inputs(torch.as_tensor(rows))
+    assert torch.equal(batch["sess_index"], torch.as_tensor(index))
+    assert torch.equal(batch["sess_mask"], torch.as_tensor(smask))
+    assert "sess_index" not in TensorSamples(split, 30).inputs(torch.as_tensor(rows))  # other models: unchanged
+    for r, row in enumerate(rows):
+        n, end = int(split.length[row]), int(split.end[row])
+        times = split.event_time[end - n : end].tolist()
+        assert session_members(index[r], smask[r]) == reference_layout(times, SPEC)
+
+
+def test_planted_sessions_make_the_current_sessions_interest_predict_the_click() -> None:
+    from training.datasets import SyntheticConfig, generate_synthetic
+
+    plain = generate_synthetic(SyntheticConfig(n_users=30, seed=1))
+    assert plain.events.equals(generate_synthetic(SyntheticConfig(n_users=30, seed=1, session_events=0)).events)
+    events = generate_synthetic(SyntheticConfig(n_users=400, seed=1, session_events=8)).events
+    gap = events.groupby("user_id")["timestamp"].diff()
+    session = (gap.isna() | (gap > SPEC.gap)).cumsum()  # the 30-minute division finds the planted sessions
+    sizes = session.value_counts()
+    assert 6 < sizes.mean() < 10
+    mode = events.groupby(session)["category_id"].agg(lambda c: c.mode().iloc[0])
+    user_top = events.groupby("user_id")["category_id"].agg(lambda c: set(c.value_counts().index[:3]))
+    matches_session = events["category_id"].to_numpy() == mode[session].to_numpy()
+    of_user = np.array([c in user_top[u] for u, c in zip(events["user_id"], events["category_id"], strict=True)])
+    label = events["label"].to_numpy()
+    # clicked when it is the session's interest, much less when it is only one of the user's interests
+    assert label[matches_session].mean() > 0.75
+    assert label[of_user & ~matches_session].mean() < 0.45
