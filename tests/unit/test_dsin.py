@@ -208,3 +208,33 @@ def test_planted_sessions_make_the_current_sessions_interest_predict_the_click()
     # clicked when it is the session's interest, much less when it is only one of the user's interests
     assert label[matches_session].mean() > 0.75
     assert label[of_user & ~matches_session].mean() < 0.45
+
+
+def test_serving_form_runs_the_history_stages_once_per_user_and_matches_the_paper_form() -> None:
+    from models.serving import NaiveServing, serving_module
+
+    model = small_model()
+    x = batch([0, 50, 7], seed=2)
+    cand_user = torch.tensor([1, 0, 1, 2, 1, 1, 2])
+    rng = torch.Generator().manual_seed(0)
+    feed = {
+        "hist_items": x["hist_items"],
+        "hist_cats": x["hist_cats"],
+        "hist_mask": x["hist_mask"],
+        "user_feats": x["user_feats"],
+        "cand_items": torch.randint(2, 60, (7,), generator=rng),
+        "cand_cats": torch.randint(2, 12, (7,), generator=rng),
+        "cand_user": cand_user,
+        "sess_index": x["sess_index"],
+        "sess_mask": x["sess_mask"],
+    }
+    serving = serving_module(model)
+    rows_seen: list[int] = []
+    for stage in (serving.dsin.extractor, serving.dsin.interaction):
+        stage.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        served = serving(**feed)
+        naive = NaiveServing(model)(**feed)
+    assert rows_seen == [3, 3]  # the extractor and the Bi-LSTM saw the 3 users, not the 7 candidates
+    for got, want in zip(served, naive, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
