@@ -25,6 +25,8 @@ class TensorSamples:
         self.event_item = torch.as_tensor(s.event_item)
         self.event_time = s.event_time
         self.sessions = sessions
+        if sessions is not None and s.event_time.shape != s.event_item.shape:
+            raise ValueError("this split has no behaviour timestamps: DSIN's sessions need them")
         self.event_cat = torch.as_tensor(s.event_cat)
         self.event_feedback = torch.as_tensor(s.event_feedback)
         self.end = torch.as_tensor(s.end)

@@ -203,7 +203,6 @@ class SampleSet:
     event_item: np.ndarray  # (E,) item index
     event_cat: np.ndarray  # (E,) category index
     event_feedback: np.ndarray  # (E,) FEEDBACK_* of each behaviour (its own label, seen by later samples only)
-    event_time: np.ndarray  # (E,) int64 Unix seconds of each behaviour: DSIN divides histories into sessions by it
     end: np.ndarray  # (N,) exclusive end of the sample's history in the event arrays
     length: np.ndarray  # (N,) history length, 0..max_len
     cand_item: np.ndarray  # (N,)
@@ -211,6 +210,9 @@ class SampleSet:
     label: np.ndarray  # (N,) int8 0/1
     user: np.ndarray  # (N,) user index, for GAUC
     user_feats: np.ndarray  # (N, F) user-feature indices
+    # (E,) int64 Unix seconds of each behaviour: DSIN divides histories into sessions by it. Last, with a default,
+    # so a split built without timestamps still serves the other models (DSIN refuses it: ``sessions``)
+    event_time: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -238,6 +240,8 @@ class SampleSet:
     def sessions(self, rows: np.ndarray, max_len: int, spec: SessionSpec) -> tuple[np.ndarray, np.ndarray]:
         """DSIN's session division of the same history window as ``history``: (index, mask), each (B, K, T),
         positions into the (B, max_len) history (sessions.session_layout, the service's division too)."""
+        if self.event_time.shape != self.event_item.shape:
+            raise ValueError("this split has no behaviour timestamps: DSIN's sessions need them")
         offsets = np.arange(max_len)  # (L,)
         length = self.length[rows]  # (B,)
         mask = offsets < length[:, None]  # (B, L)
