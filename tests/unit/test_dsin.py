@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,17 @@ def test_serving_form_runs_the_history_stages_once_per_user_and_matches_the_pape
     assert rows_seen == [3, 3]  # the extractor and the Bi-LSTM saw the 3 users, not the 7 candidates
     for got, want in zip(served, naive, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_synthesize_writes_planted_sessions(tmp_path: Path) -> None:
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from training.synthesize import main
+
+    main(["--events", "3000", "--session-events", "6", "--out", str(tmp_path / "log")])
+    parts = sorted((tmp_path / "log").glob("*.parquet"))
+    events = pd.concat([pq.read_table(p).to_pandas() for p in parts]).sort_values(["user_id", "timestamp"])
+    gap = events.groupby("user_id")["timestamp"].diff()
+    sessions = int((gap.isna() | (gap > SPEC.gap)).sum())
+    assert 4 < len(events) / sessions < 7  # ≈ 6 behaviours per session (fewer: users end sessions early)
