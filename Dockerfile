@@ -11,7 +11,7 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 # --- build the project's wheel once, for both images -------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md contract.py impressions.py ./
+COPY pyproject.toml README.md contract.py impressions.py sessions.py ./
 COPY app ./app
 COPY models ./models
 COPY training ./training

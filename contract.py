@@ -11,10 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sessions import SessionSpec
+
 # The serving graph's inputs, in order (models/serving.py describes each), and its outputs.
 INPUT_NAMES = ("hist_items", "hist_cats", "hist_mask", "user_feats", "cand_items", "cand_cats", "cand_user")
 FEEDBACK_INPUT = "hist_feedback"  # only in graphs of models trained with history feedback
 OUTPUT_NAMES = ("probability", "attention")
+# DSIN's graphs also take each user's session division (sessions.session_layout, (U, K, T) each) and also
+# answer the candidate's weight on each session (N, K)
+SESSION_INPUTS = ("sess_index", "sess_mask")
+SESSION_OUTPUT = "session_weights"
 
 # Vocabulary indices: 0 pads a history, 1 stands for any id the training data did not have, and the
 # vocabulary's own ids start at 2 (index = position in vocab.json's list + FIRST_INDEX).
@@ -35,9 +41,14 @@ FEEDBACK_VALUES = {
 }
 
 
-def input_names(history_feedback: bool) -> tuple[str, ...]:
-    """The serving graph's inputs, in order: the feedback input only for a model that uses it."""
-    return (*INPUT_NAMES, FEEDBACK_INPUT) if history_feedback else INPUT_NAMES
+def input_names(history_feedback: bool, sessions: bool = False) -> tuple[str, ...]:
+    """The serving graph's inputs, in order: the session inputs only for DSIN, the feedback input only for a
+    model that uses it."""
+    return (*INPUT_NAMES, *(SESSION_INPUTS if sessions else ()), *((FEEDBACK_INPUT,) if history_feedback else ()))
+
+
+def output_names(sessions: bool = False) -> tuple[str, ...]:
+    return (*OUTPUT_NAMES, SESSION_OUTPUT) if sessions else OUTPUT_NAMES
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,9 @@ class Contract:
     feedback_unknown: int = FEEDBACK_UNKNOWN
     feedback_negative: int = FEEDBACK_NEGATIVE
     feedback_positive: int = FEEDBACK_POSITIVE
+    session_inputs: tuple[str, ...] = ()  # DSIN: (index, mask) input names; empty for other models
+    session_output: str | None = None  # DSIN: the per-session weights output
+    session_spec: SessionSpec | None = None  # DSIN: how the service divides a history, as training did
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Contract:
@@ -61,8 +75,11 @@ class Contract:
         feedback_input = feedback.get("input") or FEEDBACK_INPUT
         values = {**FEEDBACK_VALUES, **feedback.get("values", {})}
         vocabulary = {**VOCABULARY_INDICES, **meta.get("vocabulary", {})}
-        inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] != feedback_input]
-        outputs = [o["name"] for o in meta.get("outputs", [])]
+        sessions = meta.get("sessions") or {}
+        session_inputs = tuple(sessions.get("inputs", ()))
+        session_output = sessions.get("output")
+        inputs = [i["name"] for i in meta.get("inputs", []) if i["name"] not in {feedback_input, *session_inputs}]
+        outputs = [o["name"] for o in meta.get("outputs", []) if o["name"] != session_output]
         return cls(
             inputs=tuple(inputs) or INPUT_NAMES,
             feedback_input=feedback_input,
@@ -73,6 +90,13 @@ class Contract:
             feedback_unknown=int(values["unknown"]),
             feedback_negative=int(values["negative"]),
             feedback_positive=int(values["positive"]),
+            session_inputs=session_inputs,
+            session_output=session_output,
+            session_spec=(
+                SessionSpec(int(sessions["sessions"]), int(sessions["length"]), int(sessions["gap_seconds"]))
+                if session_inputs
+                else None
+            ),
         )
 
     def feedback_of(self, label: int | None) -> int:

@@ -75,7 +75,7 @@ class Served:
     model: LoadedModel
     history_source: str
     history: list[Any]  # the answer's history items: {"item_id", "category_id", "label"}, most recent first
-    timestamps: list[int] | None  # per history item, from the store; None: the request supplied the history
+    timestamps: list[int] | None  # per history item (the store's, or the request's); None: a request history without
     user_features: dict[str, str] | None
     candidates: list[tuple[str, str | None]]  # as requested: (item id, category id or None)
     probabilities: list[float]

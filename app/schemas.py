@@ -139,9 +139,16 @@ LABEL = "the behaviour's outcome: 1 liked/clicked, 0 not; models trained with hi
 Label = Annotated[int, JsonInteger(ge=0, le=1), Field(description=LABEL)]
 
 
+TIMESTAMP = (
+    "Unix seconds of the behaviour; DSIN divides a history into sessions by them (a gap of more than the model's "
+    "session gap starts one). A history sent without a timestamp on every item is one session to DSIN"
+)
+
+
 @with_config(_INPUT_CONFIG)
 class HistoryItem(_Item):
     label: NotRequired[Label | None]
+    timestamp: NotRequired[Annotated[Annotated[int, JsonInteger(ge=0)] | None, Field(description=TIMESTAMP)]]
 
 
 class ScoreRequest(_Input):
@@ -174,10 +181,26 @@ Float32Row = Annotated[
 
 # The answer's types are TypedDicts: the route builds them as dict literals that mypy checks against these
 # keys and types, and orjson writes them (numpy rows included) with no per-field Python work (bench/README.md).
+ATTENTION = (
+    "attention[j]: weight given to history[j]. DSIN: the weight of history[j]'s session (session_weights) times "
+    "history[j]'s share of that session's interest (the self-attention it receives, averaged over heads and over "
+    "the session's behaviours); zero for a behaviour in no kept session"
+)
+SESSION_WEIGHTS = (
+    "DSIN only: the candidate's attention weight on each session of `sessions`, in the same order (a softmax over "
+    "the sessions, so they sum to 1 when the history has any)"
+)
+SESSIONS = (
+    "DSIN only: the history indices each session holds (most recent behaviour first), most recent session first; "
+    "at most the model's K sessions of T behaviours, so older behaviours may be in none"
+)
+
+
 class Score(TypedDict):
     item_id: str
     probability: float
-    attention: NotRequired[Annotated[Float32Row | None, Field(description="attention[j]: weight given to history[j]")]]
+    attention: NotRequired[Annotated[Float32Row | None, Field(description=ATTENTION)]]
+    session_weights: NotRequired[Annotated[Float32Row | None, Field(description=SESSION_WEIGHTS)]]
 
 
 HistorySource = Literal["store", "request", "none"]
@@ -198,6 +221,7 @@ class ScoreResponse(TypedDict):
     degraded: NotRequired[Annotated[bool, Field(default=False)]]
     history: list[HistoryItem]
     scores: list[Score]
+    sessions: NotRequired[Annotated[list[list[int]], Field(description=SESSIONS)]]
 
 
 # as app/impression_log.py makes them (model.version.random); checked here, so an outcome names a version

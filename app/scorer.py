@@ -16,10 +16,13 @@ import numpy as np
 
 from app import runtime
 from contract import Contract
+from sessions import one_history, session_members
 
 log = logging.getLogger(__name__)
 
 HistoryEntry = tuple[str, str | None, int | None]  # item id, category id, label (each as the caller gave it)
+# per request: probability (c,), attention (c, l), and for DSIN each candidate's session weights (c, K)
+Result = tuple[np.ndarray, ...]
 
 
 class ModelLoadError(RuntimeError):
@@ -57,6 +60,15 @@ class Encoded:
     cand_cats: np.ndarray  # (c,)
     unknown: dict[str, int] = field(default_factory=dict)  # ids mapped to OOV, by kind
     hist_feedback: np.ndarray | None = None  # (l,) feedback code per behaviour (feedback models); None: all unknown
+    sess_index: np.ndarray | None = None  # (K, T) DSIN: sessions.session_layout of the history (positions into l)
+    sess_mask: np.ndarray | None = None  # (K, T)
+
+    def sessions(self) -> list[list[int]]:
+        """DSIN: the API's history indices (most recent first) of each session, most recent session first."""
+        if self.sess_index is None or self.sess_mask is None:
+            return []
+        last = self.hist_items.size - 1  # graph position l (oldest first) is API index last − l
+        return [sorted(last - pos for pos in members) for members in session_members(self.sess_index, self.sess_mask)]
 
 
 class LoadedModel:
@@ -98,9 +110,13 @@ class LoadedModel:
         except Exception as e:  # ONNX Runtime raises its own exception types for corrupt graphs
             raise ModelLoadError(f"{folder}: ONNX Runtime cannot load the model: {e}") from e
         names = {i.name for i in self.session.get_inputs()}
-        if names - {contract.feedback_input} != set(contract.inputs):
+        if names - {contract.feedback_input, *contract.session_inputs} != set(contract.inputs):
             raise ModelLoadError(f"{folder}: graph inputs {sorted(names)} are not the serving interface")
         self.uses_feedback = contract.feedback_input in names  # the model reads each history behaviour's label
+        # DSIN: each history is divided into sessions here, by sessions.session_layout as training divided it
+        self.session_spec = contract.session_spec if set(contract.session_inputs) <= names else None
+        if contract.session_inputs and self.session_spec is None:
+            raise ModelLoadError(f"{folder}: metadata names session inputs the graph does not take")
         self.provider = self.session.get_providers()[0]
         self.self_check_diff: float | None = None
         self.ready_seconds = 0.0  # load + warm-up + self-check, set by load_version
@@ -115,8 +131,11 @@ class LoadedModel:
         history: list[HistoryEntry],
         user_features: dict[str, str] | None,
         candidates: list[tuple[str, str | None]],
+        times: list[int] | None = None,
     ) -> Encoded:
-        """history most recent first (truncated by the caller); unknown ids → OOV, counted."""
+        """history most recent first (truncated by the caller); unknown ids → OOV, counted. ``times``: each
+        history behaviour's Unix seconds, in the same order, for DSIN's session division; without them (None)
+        the whole history is one session (of its T most recent behaviours)."""
         hist = history[: self.max_history][::-1]  # oldest first
         h_items = self.items([i for i, _, _ in hist])
         c_items = self.items([i for i, _ in candidates])
@@ -136,7 +155,11 @@ class LoadedModel:
             "category": int((h_cats == oov).sum() + (c_cats == oov).sum()),
             "user_feature": int((f_idx == oov).sum()),
         }
-        return Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown, feedback)
+        encoded = Encoded(h_items, h_cats, f_idx, c_items, c_cats, unknown, feedback)
+        if self.session_spec is not None:
+            oldest_first = [0] * len(hist) if times is None else times[: self.max_history][::-1]
+            encoded.sess_index, encoded.sess_mask = one_history(oldest_first, self.session_spec)
+        return encoded
 
     def category_of(self, item_id: str) -> str | None:
         """The training data's category of an item (None for items the model never saw)."""
@@ -150,8 +173,9 @@ class LoadedModel:
         explicit = self.categories([c or "" for c in given])
         return np.where(np.array([c is not None for c in given]), explicit, table)
 
-    def run(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Score a batch of requests; per request: probabilities (c,), attention (c, l).
+    def run(self, batch: list[Encoded]) -> list[Result]:
+        """Score a batch of requests; per request: probabilities (c,), attention (c, l), and for DSIN the
+        session weights (c, K).
 
         On CUDA the whole batch is one ONNX Runtime call (a GPU call costs its launches, whatever its size).
         On CPU each user gets its own call, still within this one executor task: the graph's single-user
@@ -161,7 +185,7 @@ class LoadedModel:
             return [result for e in batch for result in self._run_users([e])]
         return self._run_users(batch)
 
-    def _run_users(self, batch: list[Encoded]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _run_users(self, batch: list[Encoded]) -> list[Result]:
         """One ONNX Runtime call scoring every request of ``batch``."""
         contract = self.contract
         width = max(1, max(e.hist_items.size for e in batch))
@@ -189,13 +213,28 @@ class LoadedModel:
                 n = e.hist_items.size
                 feedback[row, :n] = contract.feedback_unknown if e.hist_feedback is None else e.hist_feedback
             feed[contract.feedback_input] = feedback
-        prob, att = self.session.run(list(contract.outputs), feed)
-        out = []
+        outputs = list(contract.outputs)
+        if self.session_spec is not None:
+            layouts = [self._layout(e) for e in batch]
+            for name, part in zip(contract.session_inputs, zip(*layouts, strict=True), strict=True):
+                feed[name] = np.stack(part)  # (U, K, T)
+            outputs.append(str(contract.session_output))
+        results = self.session.run(outputs, feed)
+        out: list[Result] = []
         start = 0
         for e, c in zip(batch, counts, strict=True):
-            out.append((prob[start : start + c], att[start : start + c, : e.hist_items.size]))
+            rows = slice(start, start + c)
+            prob, att = results[0][rows], results[1][rows, : e.hist_items.size]
+            out.append((prob, att) if self.session_spec is None else (prob, att, results[2][rows]))
             start += c
         return out
+
+    def _layout(self, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """A request's (K, T) session division; one session when it was encoded without one (warm-up)."""
+        if e.sess_index is not None and e.sess_mask is not None:
+            return e.sess_index, e.sess_mask
+        assert self.session_spec is not None
+        return one_history([0] * e.hist_items.size, self.session_spec)
 
     def warm_up(self) -> None:
         """Run the graph at a few shapes so the first real request does not pay for initialisation."""

@@ -23,7 +23,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Result = tuple[np.ndarray, np.ndarray]
+Result = tuple[np.ndarray, ...]  # probability (c,), attention (c, l), and for DSIN session weights (c, K)
 RETIRE_TIMEOUT_S = 60.0  # a retired version whose leases are not all back by then is stopped anyway
 
 

@@ -1,4 +1,4 @@
-"""PyTorch definitions of the Embedding&MLP base model, DIN and DIEN."""
+"""PyTorch definitions of the Embedding&MLP base model, DIN, DIEN and DSIN."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from models.base import BaseModel, CTRModel, ModelOutput
 from models.config import ModelConfig
 from models.dien import DIEN
 from models.din import DIN
+from models.dsin import DSIN
 
-MODELS: dict[str, type[CTRModel]] = {"base": BaseModel, "din": DIN, "dien": DIEN}
+MODELS: dict[str, type[CTRModel]] = {"base": BaseModel, "din": DIN, "dien": DIEN, "dsin": DSIN}
 
 
 def build_model(kind: str, cfg: ModelConfig) -> CTRModel:
@@ -16,4 +17,4 @@ def build_model(kind: str, cfg: ModelConfig) -> CTRModel:
     return MODELS[kind](cfg)
 
 
-__all__ = ["DIEN", "DIN", "MODELS", "BaseModel", "CTRModel", "ModelConfig", "ModelOutput", "build_model"]
+__all__ = ["DIEN", "DIN", "DSIN", "MODELS", "BaseModel", "CTRModel", "ModelConfig", "ModelOutput", "build_model"]

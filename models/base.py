@@ -21,6 +21,7 @@ class CTRModel(nn.Module):
     """What every model shares: its config, its embedding tables, and whether it wants negatives."""
 
     uses_negatives = False
+    uses_sessions = False  # DSIN: the batch carries the session division (sess_index, sess_mask)
     mlp: MLP  # the final MLP, built by each model for its own input width
 
     def __init__(self, cfg: ModelConfig) -> None:

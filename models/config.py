@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 # the history-feedback codes are part of the contract with the service (contract.py); re-exported for the models
 from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_SIZE, FEEDBACK_UNKNOWN  # noqa: F401
+from sessions import SESSION_GAP_SECONDS, SESSION_LENGTH, SESSIONS, SessionSpec
 
 Activation = Literal["dice", "prelu", "relu"]
 Evolution = Literal["augru", "agru", "aigru"]
@@ -35,6 +36,12 @@ class ModelConfig:
     evolution: Evolution = "augru"  # DIEN only
     dien_pooling: Literal["sum", "attention"] = "sum"  # DIEN: the behaviour summary beside the final interest
     aux_hidden: tuple[int, ...] = field(default=(100, 50))  # DIEN auxiliary net
+    # --- DSIN (issue 17) ---------------------------------------------------------------------------------
+    sessions: int = SESSIONS  # K most recent sessions
+    session_length: int = SESSION_LENGTH  # T behaviours per session (its most recent ones)
+    session_gap: int = SESSION_GAP_SECONDS  # a gap of more than this many seconds starts a new session
+    session_heads: int = 8  # heads of the session interest extractor's self-attention (they split D)
+    bias_encoding: bool = True  # BE(k, t, c) added to the sessions' behaviours (paper eq. 2)
 
     @property
     def behaviour_dim(self) -> int:
@@ -44,6 +51,10 @@ class ModelConfig:
     @property
     def user_repr_dim(self) -> int:
         return self.user_dim * len(self.user_feature_cardinalities)
+
+    @property
+    def session_spec(self) -> SessionSpec:
+        return SessionSpec(self.sessions, self.session_length, self.session_gap)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,9 +9,11 @@ Inputs (U users, N candidates in all, L history positions, F user features):
     user_feats (U, F) int64
     cand_items (N,) int64, cand_cats (N,) int64, cand_user (N,) int64 — the row of each candidate's user
     hist_feedback (U, L) int64 — only for models trained with history feedback (FEEDBACK_* per behaviour)
+    sess_index (U, K, T) int64, sess_mask (U, K, T) bool — DSIN only: sessions.session_layout of each history
 Outputs:
     probability (N,) float32 — click probability per candidate
     attention (N, L) float32 — weight each history position got from the candidate, zero on padding
+    session_weights (N, K) float32 — DSIN only: the candidate's weight on each session, most recent first
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from contract import FEEDBACK_INPUT, INPUT_NAMES, OUTPUT_NAMES, input_names  # n
 from models.base import BaseModel, CTRModel
 from models.dien import DIEN
 from models.din import DIN
+from models.dsin import DSIN
 from models.layers import ActivationUnit, Dice, PReLULast, masked_softmax, valid_first
 
 
@@ -429,6 +432,44 @@ class DIENServing(_Serving):
         return shared_input_recurrence(p_ur, p_n, cand_user, attention, mask_t, *args)  # (N, H)
 
 
+class DSINServing(_Serving):
+    """DSIN's serving form: the session interest extractor and the Bi-LSTM depend only on the history, so they
+    run once per user; only the activating layer (two activation units over K sessions) and the output MLP
+    run per candidate. The paper form's own stage methods, on (U, ·) instead of (N, ·) rows."""
+
+    def __init__(self, model: DSIN) -> None:
+        super().__init__(model)
+        self.dsin = cast(DSIN, self.model)
+
+    def forward(
+        self,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        hist_mask: Tensor,
+        user_feats: Tensor,
+        cand_items: Tensor,
+        cand_cats: Tensor,
+        cand_user: Tensor,
+        sess_index: Tensor,
+        sess_mask: Tensor,
+        hist_feedback: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.dsin
+        behaviours = self.embedding.history(hist_items, hist_cats, hist_feedback)  # (U, L, D)
+        sessions, mask = m.session_behaviours(behaviours, hist_mask, sess_index, sess_mask)  # (U, K, T, D)
+        present = mask.any(-1)  # (U, K)
+        interests, share = m.extractor(sessions, mask)  # (U, K, D), (U, K, T): once per user
+        states = m.interaction(interests, present)  # (U, K, D): once per user
+        query = self.embedding.behaviours(cand_items, cand_cats)  # (N, D)
+        present_c = present.index_select(0, cand_user)  # (N, K)
+        w_interest, u_interest = m.activation(m.interest_unit, query, interests.index_select(0, cand_user), present_c)
+        _, u_state = m.activation(m.state_unit, query, states.index_select(0, cand_user), present_c)  # (N, D)
+        prob = self.click_probability(user_feats, cand_user, query, cand_items, cand_cats, u_interest, u_state)
+        share_c = (share * mask).index_select(0, cand_user)  # (N, K, T)
+        attention = m.item_attention(w_interest, share_c, sess_index.index_select(0, cand_user), hist_items.shape[1])
+        return prob, attention, w_interest  # (N,), (N, L), (N, K)
+
+
 class NaiveServing(nn.Module):
     """The paper form behind the serving interface: every candidate carries its own copy of its user's
     history and the whole model runs per candidate (Dice folded as in the serving form, so the two differ
@@ -449,7 +490,23 @@ class NaiveServing(nn.Module):
         cand_cats: Tensor,
         cand_user: Tensor,
         hist_feedback: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        sess_index: Tensor | None = None,
+        sess_mask: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        if isinstance(self.model, DSIN):  # the paper form also answers the session weights
+            assert sess_index is not None and sess_mask is not None, "DSIN needs the session division"
+            d = self.model.sessions_forward(
+                hist_items.index_select(0, cand_user),
+                hist_cats.index_select(0, cand_user),
+                hist_mask.index_select(0, cand_user),
+                cand_items,
+                cand_cats,
+                user_feats.index_select(0, cand_user),
+                sess_index.index_select(0, cand_user),
+                sess_mask.index_select(0, cand_user),
+                hist_feedback=None if hist_feedback is None else hist_feedback.index_select(0, cand_user),
+            )
+            return torch.sigmoid(d.logits), d.attention, d.session_weights
         out = self.model(
             hist_items.index_select(0, cand_user),
             hist_cats.index_select(0, cand_user),
@@ -468,6 +525,8 @@ def serving_module(model: CTRModel, device: str = "cpu") -> nn.Module:
         return DINServing(model, per_user_operator=device != "cuda").eval()
     if isinstance(model, DIEN):
         return DIENServing(model).eval()
+    if isinstance(model, DSIN):
+        return DSINServing(model).eval()
     if isinstance(model, BaseModel):
         return BaseServing(model).eval()
     raise TypeError(f"no serving form for {type(model).__name__}")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from models.config import FEEDBACK_UNKNOWN
+from sessions import SessionSpec, session_layout
 from training.config import TrainConfig
 from training.negatives import draw
 from training.samples import PAD, SampleSet
@@ -18,10 +19,15 @@ class TensorSamples:
     """A split held as tensors; builds fixed-shape [B, L] batches with masks by gathering.
 
     The split's arrays keep their compact types (int32 items, int8 feedback, memory-mapped when cached);
-    only a batch is widened to the int64 indices the models take."""
+    only a batch is widened to the int64 indices the models take. With ``sessions`` (DSIN) a batch also
+    carries the session division of each history (sess_index, sess_mask), from the behaviours' timestamps."""
 
-    def __init__(self, s: SampleSet, max_len: int) -> None:
+    def __init__(self, s: SampleSet, max_len: int, sessions: SessionSpec | None = None) -> None:
         self.event_item = torch.as_tensor(s.event_item)
+        self.event_time = s.event_time
+        self.sessions = sessions
+        if sessions is not None and s.event_time.shape != s.event_item.shape:
+            raise ValueError("this split has no behaviour timestamps: DSIN's sessions need them")
         self.event_cat = torch.as_tensor(s.event_cat)
         self.event_feedback = torch.as_tensor(s.event_feedback)
         self.end = torch.as_tensor(s.end)
@@ -43,7 +49,7 @@ class TensorSamples:
         length = self.length[rows]  # (B,)
         mask = self.offsets < length[:, None]  # (B, L)
         idx = torch.where(mask, self.end[rows, None] - length[:, None] + self.offsets, 0)  # (B, L)
-        return {
+        batch = {
             "hist_items": torch.where(mask, self.event_item[idx].long(), PAD),
             "hist_cats": torch.where(mask, self.event_cat[idx].long(), PAD),
             "hist_feedback": torch.where(mask, self.event_feedback[idx].long(), PAD),
@@ -52,6 +58,10 @@ class TensorSamples:
             "cand_cat": self.cand_cat[rows].long(),
             "user_feats": self.user_feats[rows].long(),
         }
+        if self.sessions is not None:  # the division the service makes too (sessions.session_layout)
+            index, smask = session_layout(self.event_time[idx.numpy()], mask.numpy(), self.sessions)  # (B, K, T)
+            batch["sess_index"], batch["sess_mask"] = torch.from_numpy(index), torch.from_numpy(smask)
+        return batch
 
 
 Batch = dict[str, Tensor]

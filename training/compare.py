@@ -1,7 +1,7 @@
 """Train several models on the same split and write the paper-style comparison.
 
     python -m training.compare --dataset ml-100k --data-dir ../shared/data/ml-100k \
-        --models base,din,dien --out runs/compare [--repeats 3]
+        --models base,din,dien,dsin --out runs/compare [--repeats 3]
     python -m training.compare --recipe ml-100k --data-dir ../shared/data/ml-100k --out runs/compare-ml100k
 
 Writes DIR/results.json ({"din": {"auc", "gauc", "logloss", "relaimpr", ...}}), DIR/results.md and
@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from models import MODELS
 from training.config import CompareConfig, TrainConfig, add_train_arguments, config_from_args, given_flags
 from training.metrics import rela_impr
 from training.recipes import apply_recipe, recipe_from_args, resolve_compare
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     d = CompareConfig()
-    p.add_argument("--models", default=",".join(d.models), help="comma-separated, from base, din, dien")
+    p.add_argument("--models", default=",".join(d.models), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=d.repeats, help="training seeds per model, on the same split")
     p.add_argument(
         "--splits", type=int, default=d.splits, help="user splits (seeds --seed, --seed+1, ...) to average over"
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg, flags = apply_recipe(cfg, recipe, given), resolve_compare(flags, recipe, given)
     if not cfg.out:
         p.error("--out is required (or `out` in the recipe)")
-    unknown = sorted(set(flags.models) - {"base", "din", "dien"})
+    unknown = sorted(set(flags.models) - set(MODELS))
     if unknown or not flags.models:
         p.error(f"unknown models {unknown}" if unknown else "no models to compare")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -86,13 +86,17 @@ class TrainConfig:
 class CompareConfig:
     """``training.compare``'s own settings (a recipe's ``[compare]`` table, or its flags)."""
 
-    models: tuple[str, ...] = ("base", "din", "dien")
+    models: tuple[str, ...] = ("base", "din", "dien", "dsin")
     repeats: int = 1  # training seeds per model, on the same split
     splits: int = 1  # user splits (seeds seed, seed+1, ...) to average over
 
 
 # flags whose dest is not the name of the field they set
-FLAG_FIELDS = {"no_progress": "progress", "synthetic_users": "synthetic.n_users"}
+FLAG_FIELDS = {
+    "no_progress": "progress",
+    "synthetic_users": "synthetic.n_users",
+    "synthetic_session_events": "synthetic.session_events",
+}
 
 
 def field_of_flag(dest: str) -> str | None:
@@ -297,6 +301,35 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=ModelConfig.attention_positions,
         help="DIN position: recency ranks with an embedding of their own (older ones share the last)",
     )
+    # --- DSIN (issue 17) -----------------------------------------------------------------------------------
+    p.add_argument("--sessions", type=int, default=ModelConfig.sessions, help="DSIN: K most recent sessions")
+    p.add_argument(
+        "--session-length", type=int, default=ModelConfig.session_length, help="DSIN: T behaviours per session"
+    )
+    p.add_argument(
+        "--session-gap",
+        type=int,
+        default=ModelConfig.session_gap,
+        help="DSIN: a gap of more than this many seconds starts a new session",
+    )
+    p.add_argument("--session-heads", type=int, default=ModelConfig.session_heads, help="DSIN: self-attention heads")
+    p.add_argument(
+        "--bias-encoding", action=on_off, default=ModelConfig.bias_encoding, help="DSIN: the bias encoding BE(k, t, c)"
+    )
+    p.add_argument(
+        "--synthetic-session-events",
+        type=float,
+        default=SyntheticConfig.session_events,
+        help="synthetic log: plant sessions of this many behaviours on average (0: none)",
+    )
+
+
+def _synthetic_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The synthetic log's settings the flags set (none for another dataset; planted sessions only when asked)."""
+    if args.dataset != "synthetic":
+        return {}
+    planted = {"session_events": args.synthetic_session_events} if args.synthetic_session_events else {}
+    return {"n_users": args.synthetic_users, **planted}
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainConfig:
@@ -341,7 +374,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         pos_weight=args.pos_weight,
         focal_gamma=args.focal_gamma,
         ensemble=args.ensemble,
-        synthetic={"n_users": args.synthetic_users} if args.dataset == "synthetic" else {},
+        synthetic=_synthetic_flags(args),
         model_options={
             "dropout": args.dropout,
             "attention_softmax": args.attention_softmax,
@@ -355,5 +388,11 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
             "attention": args.attention,
             "attention_heads": args.attention_heads,
             "attention_positions": args.attention_positions,
+            # DSIN (issue 17)
+            "sessions": args.sessions,
+            "session_length": args.session_length,
+            "session_gap": args.session_gap,
+            "session_heads": args.session_heads,
+            "bias_encoding": args.bias_encoding,
         },
     )

@@ -200,6 +200,14 @@ class SyntheticConfig:
     p_click_other: float = 0.10
     zipf: float = 0.0  # item popularity inside its category ∝ 1 / rank^zipf (0: uniform)
     seed: int = 0
+    # planted sessions (DSIN, issue 17); 0 keeps the log above. A user's behaviours come in sessions of this
+    # many behaviours on average (minutes apart inside, hours to days between); each session follows one of
+    # the user's interests, and a behaviour is clicked mostly when it matches the *current session's* interest
+    session_events: float = 0.0
+    p_session_interest: float = 0.6  # a behaviour of the session's interest; else another of the user's, or any
+    p_other_interest: float = 0.25
+    p_click_session: float = 0.85
+    p_click_interest: float = 0.2  # one of the user's interests, but not the session's
 
 
 SEGMENT_LIFT = 0.03  # each segment index adds this to the click probability
@@ -274,17 +282,24 @@ def synthetic_blocks(cfg: SyntheticConfig, block_users: int | None = None) -> It
             interests[user, rng.integers(0, k, size=n)],
             rng.integers(0, cfg.n_categories, size=n),
         )
+        gaps = None
+        if cfg.session_events > 0:
+            cat, p, gaps = _planted_sessions(cfg, rng, user, interests)
         item = sampler.draw(cat, rng.random(n))
-        # did the category occur among this user's previous `recent` behaviours?
-        match = np.zeros(n, dtype=bool)
-        for lag in range(1, cfg.recent + 1):
-            same = np.zeros(n, dtype=bool)
-            same[lag:] = (user[lag:] == user[:-lag]) & (cat[lag:] == cat[:-lag])
-            match |= same
+        if gaps is None:
+            # did the category occur among this user's previous `recent` behaviours?
+            match = np.zeros(n, dtype=bool)
+            for lag in range(1, cfg.recent + 1):
+                same = np.zeros(n, dtype=bool)
+                same[lag:] = (user[lag:] == user[:-lag]) & (cat[lag:] == cat[:-lag])
+                match |= same
         segment = rng.integers(0, 3, size=n_users)
-        p = planted_click_probability(cfg, match, segment[user])
+        # with sessions, the session's planted probability, lifted per segment as the click model lifts every click
+        p = planted_click_probability(cfg, match, segment[user]) if gaps is None else p + SEGMENT_LIFT * segment[user]
         label = (rng.random(n) < p).astype(np.int8)
-        stamps = clock + np.cumsum(rng.integers(60, 3600, size=n))
+        if gaps is None:  # drawn last, as before sessions were planted: the same seed gives the same log
+            gaps = rng.integers(60, 3600, size=n)
+        stamps = clock + np.cumsum(gaps)
         clock = int(stamps[-1]) if n else clock
         global_user = pa.array(first + user)
         yield pa.table(
@@ -297,6 +312,37 @@ def synthetic_blocks(cfg: SyntheticConfig, block_users: int | None = None) -> It
                 "segment": segment_names.take(pa.array(segment[user])),
             }
         )
+
+
+def _planted_sessions(
+    cfg: SyntheticConfig, rng: np.random.Generator, user: np.ndarray, interests: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Categories (N,), click probabilities (N,) and time gaps (N,) of a block's events in sessions.
+
+    A session starts at each user's first event and then with probability 1 / session_events; it draws one
+    of the user's interests. A behaviour's category is that interest (p_session_interest), another of the
+    user's interests (p_other_interest) or any category; it is clicked with p_click_session when it matches
+    the session's interest, p_click_interest when it is another of the user's, p_click_other otherwise. So
+    the current session's interest predicts the click, and the user's interests as a whole do not."""
+    n, k = user.size, interests.shape[1]
+    first = np.r_[True, user[1:] != user[:-1]] if n else np.zeros(0, dtype=bool)
+    starts = first | (rng.random(n) < 1.0 / cfg.session_events)  # (N,)
+    session = np.cumsum(starts) - 1  # (N,) block-wide session number
+    session_user = user[np.flatnonzero(starts)]  # (S,)
+    session_interest = interests[session_user, rng.integers(0, k, size=session_user.size)]  # (S,)
+    own = session_interest[session]  # (N,)
+    other = interests[user, rng.integers(0, k, size=n)]  # (N,) any of the user's interests
+    u = rng.random(n)
+    cat = np.where(
+        u < cfg.p_session_interest,
+        own,
+        np.where(u < cfg.p_session_interest + cfg.p_other_interest, other, rng.integers(0, cfg.n_categories, size=n)),
+    )
+    of_user = (interests[user] == cat[:, None]).any(axis=1)  # (N,)
+    p = np.where(cat == own, cfg.p_click_session, np.where(of_user, cfg.p_click_interest, cfg.p_click_other))
+    # inside a session behaviours are 10 s to 15 min apart; sessions are 2 hours to 3 days apart
+    gaps = np.where(starts, rng.integers(2 * 3600, 3 * 86400, size=n), rng.integers(10, 900, size=n))
+    return cat, p, gaps
 
 
 def _distinct_categories(rng: np.random.Generator, n_users: int, k: int, n_categories: int) -> np.ndarray:

@@ -39,12 +39,16 @@ from contract import (
     FIRST_INDEX,
     OOV,
     OUTPUT_NAMES,
+    SESSION_INPUTS,
+    SESSION_OUTPUT,
     VOCABULARY_INDICES,
     input_names,
+    output_names,
 )
-from models import CTRModel
+from models import CTRModel, ModelConfig
 from models.ensemble import Ensemble, EnsembleServing
 from models.serving import NaiveServing, serving_module
+from sessions import SessionSpec, session_layout
 from training.train import CHECKPOINT_NAME, load_model
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,9 @@ DYNAMIC_AXES: dict[str, dict[int, str]] = {
     "cand_user": {0: "candidates"},
     "probability": {0: "candidates"},
     "attention": {0: "candidates", 1: "history"},
+    "sess_index": {0: "users"},
+    "sess_mask": {0: "users"},
+    "session_weights": {0: "candidates"},
 }
 
 
@@ -84,17 +91,24 @@ class GraphSpec:
     n_categories: int
     feature_cardinalities: tuple[int, ...]
     history_feedback: bool = False
+    sessions: SessionSpec | None = None  # DSIN: the graph takes each history's session division
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return input_names(self.history_feedback)
+        return input_names(self.history_feedback, self.sessions is not None)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return output_names(self.sessions is not None)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> GraphSpec:
         """The spec of a published version (versions exported before history feedback have none)."""
         v = meta["vocabulary"]
         feedback = (meta.get("history_feedback") or {}).get("input") is not None
-        return cls(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]), feedback)
+        s = meta.get("sessions")
+        sessions = SessionSpec(int(s["sessions"]), int(s["length"]), int(s["gap_seconds"])) if s else None
+        return cls(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]), feedback, sessions)
 
 
 def io_signature(spec: GraphSpec) -> dict[str, list[dict[str, Any]]]:
@@ -111,17 +125,48 @@ def io_signature(spec: GraphSpec) -> dict[str, list[dict[str, Any]]]:
         "probability": ["candidates"],
         "attention": ["candidates", "history"],
     }
-    dtypes = {"hist_mask": "bool", "probability": "float32", "attention": "float32"}
+    if spec.sessions is not None:
+        k, t = spec.sessions.sessions, spec.sessions.length
+        shapes.update({"sess_index": ["users", k, t], "sess_mask": ["users", k, t], SESSION_OUTPUT: ["candidates", k]})
+    dtypes = {"hist_mask": "bool", "sess_mask": "bool", "probability": "float32", "attention": "float32"}
+    dtypes[SESSION_OUTPUT] = "float32"
     return {
         "inputs": [{"name": n, "dtype": dtypes.get(n, "int64"), "shape": shapes[n]} for n in spec.input_names],
-        "outputs": [{"name": n, "dtype": dtypes[n], "shape": shapes[n]} for n in OUTPUT_NAMES],
+        "outputs": [{"name": n, "dtype": dtypes[n], "shape": shapes[n]} for n in spec.output_names],
     }
 
 
+TIME_STYLES = ("mixed", "singletons", "full")
+
+
+def random_times(rng: np.random.Generator, width: int, spec: SessionSpec, style: str) -> np.ndarray:
+    """(width,) timestamps, oldest first: "singletons" puts every behaviour in a session of its own, "full" makes
+    sessions of exactly T behaviours (K × T of them fill the layout), "mixed" breaks about one gap in four."""
+    position = np.arange(width)
+    if style == "singletons":
+        gaps = np.full(width, spec.gap + 1)
+    elif style == "full":
+        gaps = np.where(position % spec.length == 0, spec.gap + 1, 1)
+    else:
+        gaps = np.where(
+            rng.random(width) < 0.25,
+            rng.integers(spec.gap + 1, 10 * spec.gap, width),
+            rng.integers(0, spec.gap + 1, width),
+        )
+    return 1_700_000_000 + np.cumsum(gaps)
+
+
 def random_inputs(
-    rng: np.random.Generator, spec: GraphSpec, lengths: list[int], candidates: list[int], width: int | None = None
+    rng: np.random.Generator,
+    spec: GraphSpec,
+    lengths: list[int],
+    candidates: list[int],
+    width: int | None = None,
+    styles: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Serving inputs for users with the given history lengths and candidate counts (padded to ``width``)."""
+    """Serving inputs for users with the given history lengths and candidate counts (padded to ``width``); for
+    DSIN, each history's session division of timestamps of the given ``styles`` (random_times; random styles
+    by default)."""
     u = len(lengths)
     width = max(1, max(lengths), width or 0)
     mask = np.arange(width) < np.asarray(lengths)[:, None]  # (U, L)
@@ -139,7 +184,23 @@ def random_inputs(
     if spec.history_feedback:  # unknown (no label given) included
         given = rng.integers(FEEDBACK_UNKNOWN, FEEDBACK_POSITIVE + 1, size=(u, width))
         feed[FEEDBACK_INPUT] = np.where(mask, given, FEEDBACK_PAD).astype(np.int64)
+    if spec.sessions is not None:
+        styles = styles or [str(rng.choice(TIME_STYLES)) for _ in range(u)]
+        times = np.stack([random_times(rng, width, spec.sessions, style) for style in styles])  # (U, L)
+        feed["sess_index"], feed["sess_mask"] = session_layout(times, mask, spec.sessions)
     return feed
+
+
+def session_parity_cases(spec: SessionSpec) -> list[tuple[list[int], list[int], list[str]]]:
+    """DSIN's edges: no session, sessions of one behaviour, the full K × T layout, several users per call."""
+    full = spec.sessions * spec.length
+    return [
+        ([0], [3], ["mixed"]),
+        ([spec.sessions + 2], [5], ["singletons"]),
+        ([full], [200], ["full"]),
+        ([full + 7], [9], ["full"]),
+        ([0, full, 3, 23, 1], [4, 50, 7, 11, 2], ["mixed", "full", "singletons", "mixed", "singletons"]),
+    ]
 
 
 def parity_cases(rng: np.random.Generator, max_len: int, n: int = 12) -> list[tuple[list[int], list[int]]]:
@@ -160,41 +221,49 @@ def serving_form(model: CTRModel | Ensemble, device: str = "cpu") -> nn.Module:
     return serving_module(model, device)
 
 
-def torch_reference(model: CTRModel | Ensemble, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def torch_reference(model: CTRModel | Ensemble, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """The paper form, history repeated per candidate (each member's, averaged, for an ensemble): what the
-    ONNX graph must reproduce."""
+    ONNX graph must reproduce (probability, attention, and for DSIN the session weights)."""
     if isinstance(model, Ensemble):
         reference: nn.Module = EnsembleServing([NaiveServing(m) for m in model.members])  # type: ignore[arg-type]
     else:
         reference = NaiveServing(model)
     with torch.no_grad():
-        p, a = reference(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    return p.numpy(), a.numpy()
+        out = reference(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return tuple(x.numpy() for x in out)
 
 
 def check_parity(
     model: CTRModel | Ensemble, session: ort.InferenceSession, spec: GraphSpec, max_len: int, seed: int = 0
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    worst_p = worst_a = 0.0
-    cases = parity_cases(rng, max_len)
-    for lengths, counts in cases:
-        feed = random_inputs(rng, spec, lengths, counts)
-        prob, att = session.run(list(OUTPUT_NAMES), feed)
-        ref_p, ref_a = torch_reference(model, feed)
-        if not (np.isfinite(prob).all() and np.isfinite(att).all()):
+    worst_p = worst_a = worst_s = 0.0
+    cases: list[tuple[list[int], list[int], list[str] | None]] = [
+        (lengths, counts, None) for lengths, counts in parity_cases(rng, max_len)
+    ]
+    if spec.sessions is not None:
+        cases += [(lengths, counts, styles) for lengths, counts, styles in session_parity_cases(spec.sessions)]
+    for lengths, counts, styles in cases:
+        feed = random_inputs(rng, spec, lengths, counts, styles=styles)
+        outputs = session.run(list(spec.output_names), feed)
+        prob, att = outputs[0], outputs[1]
+        reference = torch_reference(model, feed)
+        if not all(np.isfinite(x).all() for x in outputs):
             raise ExportError(f"ONNX Runtime returned non-finite values for history lengths {lengths}")
-        worst_p = max(worst_p, float(np.abs(prob - ref_p).max()))
-        worst_a = max(worst_a, float(np.abs(att - ref_a).max()))
+        worst_p = max(worst_p, float(np.abs(prob - reference[0]).max()))
+        worst_a = max(worst_a, float(np.abs(att - reference[1]).max()))
+        if spec.sessions is not None:  # the session weights are attention too
+            worst_s = max(worst_s, float(np.abs(outputs[2] - reference[2]).max()))
         padded = ~feed["hist_mask"][feed["cand_user"]]
         if (att[padded] != 0).any():
             raise ExportError("attention is not exactly zero on padded history positions")
     return {
         "max_abs_diff_probability": worst_p,
-        "max_abs_diff_attention": worst_a,
+        "max_abs_diff_attention": max(worst_a, worst_s),
+        **({"max_abs_diff_session_weights": worst_s} if spec.sessions is not None else {}),
         "cases": len(cases),
         "tolerance": PARITY_TOLERANCE,
-        "candidates": int(sum(sum(c) for _, c in cases)),
+        "candidates": int(sum(sum(c) for _, c, _ in cases)),
     }
 
 
@@ -211,7 +280,7 @@ def export_graph(module: nn.Module, path: Path, spec: GraphSpec, width: int = 8)
             args,
             str(path),
             input_names=list(spec.input_names),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(spec.output_names),
             dynamic_axes=DYNAMIC_AXES,
             opset_version=OPSET,
             dynamo=False,
@@ -261,8 +330,12 @@ def _test_auc(session: ort.InferenceSession, ckpt: dict[str, Any]) -> float:
             "cand_cats": test.cand_cat[rows].astype(np.int64),
             "cand_user": np.arange(rows.size, dtype=np.int64),
         }
-        if FEEDBACK_INPUT in {i.name for i in session.get_inputs()}:
+        graph_inputs = {i.name for i in session.get_inputs()}
+        if FEEDBACK_INPUT in graph_inputs:
             feed[FEEDBACK_INPUT] = test.history_feedback(rows, max_len)
+        if SESSION_INPUTS[0] in graph_inputs:  # DSIN: the division training made
+            spec = ModelConfig.from_dict(ckpt["model_config"]).session_spec
+            feed["sess_index"], feed["sess_mask"] = test.sessions(rows, max_len, spec)
         probs.append(session.run(["probability"], feed)[0])
     return auc(test.label, np.concatenate(probs))
 
@@ -353,6 +426,7 @@ def export_run(
         n_categories=len(vocab["categories"]) + FIRST_INDEX,
         feature_cardinalities=tuple(len(v) + FIRST_INDEX for v in vocab["user_features"].values()),
         history_feedback=bool(ckpt["model_config"].get("history_feedback", False)),
+        sessions=model.cfg.session_spec if ckpt["model"] == "dsin" else None,
     )
     max_len = int(ckpt["max_len"])
     model_dir = Path(repository) / name
@@ -401,7 +475,7 @@ def export_run(
                 "sum_pooling"
                 if ckpt["model"] == "base"
                 else "softmax"
-                if ckpt["model"] == "dien" or cfg["attention_softmax"]
+                if ckpt["model"] in ("dien", "dsin") or cfg["attention_softmax"]
                 else "sigmoid"
             ),
             **io_signature(spec),
@@ -416,6 +490,19 @@ def export_run(
                 "user_feature_cardinalities": list(spec.feature_cardinalities),
             },
             "parity": parity,
+            # DSIN: the service divides each history as training did (sessions.session_layout with these)
+            "sessions": (
+                None
+                if spec.sessions is None
+                else {
+                    "inputs": list(SESSION_INPUTS),
+                    "output": SESSION_OUTPUT,
+                    "sessions": spec.sessions.sessions,
+                    "length": spec.sessions.length,
+                    "gap_seconds": spec.sessions.gap,
+                    "attention": "session weight (softmax over sessions) × the behaviour's self-attention share",
+                }
+            ),
             "selfcheck": selfcheck,
             "quantization": quant,
             "files": files,

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from contract import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_UNKNOWN, FIRST_INDEX, OOV, PAD
+from sessions import SessionSpec, session_layout
 from training.datasets import BehaviourLog
 from training.events import EncodedLog, EventFiles
 from training.negatives import popularity
@@ -30,7 +31,7 @@ from training.negatives import popularity
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("din-movielens", "implicit")
-CACHE_FORMAT = 3  # 3: one .npy per array, compact dtypes, vocabulary as parquet, --min-count, --eval-users
+CACHE_FORMAT = 4  # 3: one .npy per array, compact dtypes, vocabulary as parquet, …; 4: event timestamps (DSIN)
 LogSource = BehaviourLog | EventFiles | EncodedLog
 
 
@@ -210,6 +211,9 @@ class SampleSet:
     label: np.ndarray  # (N,) int8 0/1
     user: np.ndarray  # (N,) user index, for GAUC
     user_feats: np.ndarray  # (N, F) user-feature indices
+    # (E,) int64 Unix seconds of each behaviour: DSIN divides histories into sessions by it. Last, with a default,
+    # so a split built without timestamps still serves the other models (DSIN refuses it: ``sessions``)
+    event_time: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -233,6 +237,17 @@ class SampleSet:
         mask = offsets < length[:, None]  # (B, L)
         idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
         return np.where(mask, self.event_feedback[idx], FEEDBACK_PAD).astype(np.int64)
+
+    def sessions(self, rows: np.ndarray, max_len: int, spec: SessionSpec) -> tuple[np.ndarray, np.ndarray]:
+        """DSIN's session division of the same history window as ``history``: (index, mask), each (B, K, T),
+        positions into the (B, max_len) history (sessions.session_layout, the service's division too)."""
+        if self.event_time.shape != self.event_item.shape:
+            raise ValueError("this split has no behaviour timestamps: DSIN's sessions need them")
+        offsets = np.arange(max_len)  # (L,)
+        length = self.length[rows]  # (B,)
+        mask = offsets < length[:, None]  # (B, L)
+        idx = np.where(mask, self.end[rows, None] - length[:, None] + offsets, 0)  # (B, L)
+        return session_layout(self.event_time[idx], mask, spec)
 
     def restricted_to(self, users: np.ndarray) -> SampleSet:
         """The samples of the given users only (the event arrays are shared, not copied)."""
@@ -308,6 +323,7 @@ def _split_samples(
         event_item=event_item,
         event_cat=event_cat,
         event_feedback=_feedback(log_, events),
+        event_time=log_.timestamp[events].astype(np.int64),
         end=sel.astype(index_dtype(events.size + 1)),
         length=np.minimum(pos[sel], max_len).astype(index_dtype(max_len + 1)),
         cand_item=event_item[sel],
@@ -424,6 +440,7 @@ def prepare_implicit(
             event_item=positive.event_item,
             event_cat=positive.event_cat,
             event_feedback=positive.event_feedback,
+            event_time=positive.event_time,
             end=np.r_[positive.end, positive.end],
             length=np.r_[positive.length, positive.length],
             cand_item=np.r_[positive.cand_item, neg_item.astype(positive.cand_item.dtype)],

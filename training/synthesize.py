@@ -35,6 +35,7 @@ def scaled_config(
     categories: int | None = None,
     zipf: float = 1.0,
     seed: int = 0,
+    session_events: float = 0.0,
 ) -> SyntheticConfig:
     """A config of about ``events`` events; the other sizes scale with it unless given."""
     n_users = users or max(1, round(events / EVENTS_PER_USER))
@@ -48,6 +49,7 @@ def scaled_config(
         max_events=80,
         zipf=zipf,
         seed=seed,
+        session_events=session_events,
     )
 
 
@@ -84,8 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--categories", type=int, default=None, help=f"default: items / {ITEMS_PER_CATEGORY}")
     p.add_argument("--zipf", type=float, default=1.0, help="item popularity exponent inside a category")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--session-events",
+        type=float,
+        default=0.0,
+        help="plant sessions of this many behaviours on average, clicks following the session's interest (DSIN)",
+    )
     args = p.parse_args(argv)
-    cfg = scaled_config(int(args.events), args.users, args.items, args.categories, args.zipf, args.seed)
+    cfg = scaled_config(
+        int(args.events), args.users, args.items, args.categories, args.zipf, args.seed, args.session_events
+    )
     block_users = max(1, BLOCK_EVENTS // EVENTS_PER_USER)
     s = write_parts(cfg, Path(args.out), block_users)
     print(

@@ -1,4 +1,4 @@
-"""Train the base model, DIN or DIEN on a behaviour log; write metrics.json and a checkpoint.
+"""Train the base model, DIN, DIEN or DSIN on a behaviour log; write metrics.json and a checkpoint.
 
 python -m training.train --dataset synthetic --model din --out runs/din
 python -m training.train --dataset ml-100k --data-dir ../shared/data/ml-100k --model dien --out runs/dien
@@ -207,7 +207,8 @@ def _train(
         negative_probs = torch.as_tensor(popularity(counts, cfg.negative_alpha), dtype=torch.float32)
     elif cfg.negatives == "popularity" and data.info.get("protocol") != "implicit":
         log.warning("--negatives popularity changes nothing here: no implicit-protocol negatives, no DIEN")
-    train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len) for s in (data.train, data.valid, data.test))
+    sessions = mcfg.session_spec if model.uses_sessions else None  # DSIN's batches carry the session division
+    train_t, valid_t, test_t = (TensorSamples(s, cfg.max_len, sessions) for s in (data.train, data.valid, data.test))
     # one optimiser step = accumulate micro-batches of batch_size on each rank: world × accumulate × batch_size rows
     step_size = cfg.batch_size * cfg.accumulate * ranks.world
     steps_per_epoch = -(-train_t.n // step_size)
@@ -350,6 +351,8 @@ def train_ensemble(cfg: TrainConfig, data: PreparedData | None = None) -> TrainR
     average (models/ensemble.py) and save it as the run's checkpoint, which export publishes as one graph."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--ensemble trains its members one after another in one process: run it without torchrun")
+    if cfg.model == "dsin":  # its serving graph has a third output (session weights) that Ensemble does not average
+        raise ValueError("--ensemble averages base, DIN and DIEN models; DSIN ensembles are not built")
     if data is None:
         data = load_data(cfg)
     run_dir = Path(cfg.out)
@@ -515,7 +518,7 @@ def load_model(run_dir: Path) -> tuple[CTRModel | Ensemble, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
-    p.add_argument("--model", choices=["base", "din", "dien"], default="din")
+    p.add_argument("--model", choices=["base", "din", "dien", "dsin"], default="din")
     p.add_argument("--out", help="run directory for metrics.json and the checkpoint (here or in the recipe)")
     p.add_argument(
         "--resume",

@@ -101,19 +101,19 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
     name = req.model or state.settings.default_model
     deployment = state.registry.resolve(name, req.version, req.user_id)  # RegistryError → 404 (app/main.py)
     with deployment.lease() as model:  # this request stays on this version even if another is swapped in
-        history, timestamps, source, degraded = await _history(req, state, model.max_history)
+        history, times, source, degraded = await _history(req, state, model.max_history)
         now = time.perf_counter()
         stage.labels("store").observe(now - t)
         t = now
         candidates = [(c["item_id"], c.get("category_id")) for c in req.candidates]
-        encoded = model.encode(history, req.user_features, candidates)
+        encoded = model.encode(history, req.user_features, candidates, times)
         for kind, n in encoded.unknown.items():
             if n:
                 state.metrics.unknown_ids.labels(kind).inc(n)
         state.metrics.history_length.observe(len(history))
         stage.labels("encode").observe(time.perf_counter() - t)
         try:
-            prob, att = await deployment.batcher.submit(
+            prob, att, *session_weights = await deployment.batcher.submit(
                 encoded, len(candidates), state.settings.request_timeout_ms / 1e3
             )
         except QueueFull as e:
@@ -145,6 +145,11 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
         "history": history_items,
         "scores": scores,
     }
+    if session_weights:  # DSIN: the sessions the history was divided into, and each candidate's weight on them
+        sessions = encoded.sessions()
+        response["sessions"] = sessions
+        for s, w in zip(scores, session_weights[0], strict=True):
+            s["session_weights"] = w[: len(sessions)] if req.return_attention else None
     # orjson, not FastAPI's generic encoder, which walks every float (≈ 18 ms for 200 × 50 attention)
     body = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if state.impressions is not None:  # the record is built and written off the request path
@@ -156,7 +161,7 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
                 model,
                 source,
                 history_items,
-                timestamps,
+                times,
                 req.user_features,
                 candidates,
                 probabilities,
@@ -169,12 +174,14 @@ async def answer(req: ScoreRequest, state: AppState, started: float) -> bytes:
 async def _history(
     req: ScoreRequest, state: AppState, max_history: int
 ) -> tuple[list[HistoryEntry], list[int] | None, HistorySource, bool]:
-    """The request's own history (no timestamps), else the store's with its timestamps; a store failure degrades
-    to no history (flagged)."""
+    """The request's own history, else the store's, and each behaviour's timestamp (None: a request history
+    without a timestamp on every item); a store failure degrades to no history (flagged)."""
     degraded = False
-    timestamps = None
+    times: list[int] | None
     if req.history is not None:
         history = [(h["item_id"], h.get("category_id"), h.get("label")) for h in req.history[:max_history]]
+        given = [h.get("timestamp") for h in req.history[:max_history]]
+        times = None if None in given else [t for t in given if t is not None]
     else:
         try:
             stored = await state.store.recent(req.user_id, max_history)
@@ -183,6 +190,6 @@ async def _history(
             state.metrics.degraded.inc()
             stored, degraded = [], True
         history = [(b.item_id, b.category_id, b.label) for b in stored]
-        timestamps = [b.timestamp for b in stored]
+        times = [b.timestamp for b in stored]
     source: HistorySource = "none" if not history else "request" if req.history is not None else "store"
-    return history, timestamps, source, degraded
+    return history, times, source, degraded

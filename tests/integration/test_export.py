@@ -190,3 +190,47 @@ def test_a_model_with_history_feedback_exports_its_feedback_input(kind: str, tmp
     np.testing.assert_allclose(att, ref_a, atol=1e-5)
     flipped = {**feed, "hist_feedback": np.where(feed["hist_mask"], 5 - feed["hist_feedback"].clip(2), 0)}
     assert not np.allclose(sess.run(["probability"], flipped)[0], prob)  # liked ↔ not liked changes the scores
+
+
+def test_dsin_exports_its_session_inputs_and_matches_pytorch_on_every_session_case(tmp_path: Path) -> None:
+    """DSIN's graph takes each user's session division and answers the session weights; the export's own
+    parity check covers no session, one-behaviour sessions, the full K × T layout and several users per call."""
+    from training.export import session_parity_cases
+
+    cfg = TrainConfig(
+        dataset="synthetic",
+        synthetic={**SMALL, "n_users": 150, "session_events": 4},  # small: the check is parity, not accuracy
+        model="dsin",
+        out=str(tmp_path / "run"),
+        epochs=1,
+        max_steps=10,
+        max_len=12,
+        batch_size=128,
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        model_options={"sessions": 3, "session_length": 4, "session_heads": 4},
+    )
+    train(cfg)
+    folder, meta = export_run(tmp_path / "run", tmp_path / "repo")
+    assert [i["name"] for i in meta["inputs"]][-2:] == ["sess_index", "sess_mask"]
+    assert [o["name"] for o in meta["outputs"]] == ["probability", "attention", "session_weights"]
+    assert meta["sessions"]["sessions"] == 3 and meta["sessions"]["length"] == 4
+    assert meta["sessions"]["gap_seconds"] == 1800 and meta["attention"] == "softmax"
+    parity = meta["parity"]
+    assert parity["cases"] == 12 + len(session_parity_cases(_spec(meta).sessions))  # type: ignore[arg-type]
+    assert max(parity["max_abs_diff_probability"], parity["max_abs_diff_session_weights"]) <= 1e-5
+    assert parity["max_abs_diff_attention"] <= 1e-5
+    # independently: the session edge cases at another width, all at once
+    model, _ = load_checkpoint(tmp_path / "run")
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    styles = ["mixed", "singletons", "full", "full", "mixed"]
+    feed = random_inputs(np.random.default_rng(5), _spec(meta), [0, 2, 12, 9, 5], [3, 4, 100, 6, 2], 15, styles)
+    assert feed["sess_mask"][2].all() and feed["sess_mask"][1].sum(-1).tolist() == [1, 1, 0]
+    prob, att, weights = sess.run(None, feed)
+    ref = torch_reference(model, feed)
+    for got, want in zip((prob, att, weights), ref, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert weights.shape == (115, 3) and att.shape == (115, 15)
+    no_history = feed["cand_user"] == 0
+    assert (weights[no_history] == 0).all() and (att[no_history] == 0).all()
+    np.testing.assert_allclose(att.sum(-1)[~no_history], 1.0, atol=1e-5)  # session weight × share sums to 1
