@@ -21,9 +21,8 @@ from typing import Any
 
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
-from app.store import connect
+from app.store import REDIS_FAILURES, connect
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class DeploymentBoard:
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self.client.get(self.revision_key)
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise BoardError(f"redis: {e!r}") from e
         return int(raw or 0)
 
@@ -115,7 +114,7 @@ class DeploymentBoard:
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw_revision, docs = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise BoardError(f"redis: {e!r}") from e
         models: dict[str, Desired] = {}
         for name, raw in docs.items():
@@ -134,6 +133,6 @@ class DeploymentBoard:
         try:
             async with asyncio.timeout(self.timeout_s):
                 _, revision = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise BoardError(f"redis: {e!r}") from e
         return int(revision)

@@ -28,13 +28,12 @@ from logging.handlers import RotatingFileHandler
 from typing import Any, Protocol
 
 import orjson
-from redis.exceptions import RedisError
 
 import impressions
 from app.metrics import IMPRESSION_DROP_REASONS, IMPRESSION_LOGS, Metrics
 from app.scorer import LoadedModel
 from app.settings import Settings
-from app.store import Behaviour, BehaviourStore, RedisStore, connect
+from app.store import REDIS_FAILURES, Behaviour, BehaviourStore, RedisStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class RedisStreams:
             pipe.xadd(self.impressions, {impressions.RECORD_FIELD: r}, approximate=True, **trim)
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise LogError(f"redis stream write failed: {e!r}") from e
         failed = [r for r in replies if isinstance(r, Exception)]
         if len(failed) == len(records):
@@ -167,7 +166,7 @@ class RedisStreams:
             pipe.xadd(self.outcomes, {impressions.RECORD_FIELD: r}, approximate=True, **trim)
         try:
             await pipe.execute()  # raises on the first entry refused
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise LogError(f"redis outcome stream write failed: {e!r}") from e
 
     async def close(self) -> None:

@@ -24,12 +24,17 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 SEP = "\x1f"  # unit separator: cannot appear in ids (they are JSON strings, control characters are rejected)
 RS = "\x1e"  # record separator, between the columns of a packed history: no more in an id than SEP
 PACKED = b"\x01"  # first byte of a packed history: its format's version
+
+
+# What a call to Redis raises when it did not work: redis-py's errors, the cluster client's own (not RedisErrors:
+# "no node reachable" after every node it knows has gone), the socket's, and our bound on the round trip.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class StoreError(RuntimeError):
@@ -288,7 +293,7 @@ class RedisStore:
             try:
                 async with asyncio.timeout(self.timeout_s):  # the slot map may have to be read again
                     waits = await self._wait_for_replicas(write, [self.key(u) for u in users])
-            except (RedisError, OSError, TimeoutError) as e:
+            except REDIS_FAILURES as e:
                 raise StoreError(f"redis cluster slot map unavailable: {e!r}") from e
         replies = await self._round_trip(write, "write")
         done, waited = replies[: len(users)], replies[len(users) :]
@@ -300,7 +305,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(self.timeout_s):  # wait_for would spawn a task per call
                 return list(await pipe.execute(raise_on_error=raise_on_error))
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreError(f"redis {what} failed: {e!r}") from e
 
     async def _wait_for_replicas(self, pipe: Any, keys: list[str]) -> int:
@@ -345,7 +350,7 @@ class RedisStore:
                     if not _is_wrong_type(e):
                         raise
                     value = cast(StoredValue, await self.client.lrange(key, 0, limit - 1))
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreError(f"redis read failed: {e!r}") from e
         try:
             return decode_stored(value, limit)
@@ -362,14 +367,14 @@ class RedisStore:
             async with asyncio.timeout(timeout_s):
                 await self.client.initialize()
                 await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             log.warning("redis cluster: slot map not read at start-up (%r); requests will try again", e)
 
     async def ping(self) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self.client.ping()
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreError(f"redis unreachable: {e!r}") from e
 
     async def close(self) -> None:
