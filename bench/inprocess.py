@@ -134,6 +134,8 @@ def flops_per_candidate(meta: dict[str, Any], history: int, candidates_per_user:
     d = cfg["item_dim"] + cfg["category_dim"]
     u = cfg["user_dim"] * len(cfg["user_feature_cardinalities"])
     kind = meta["model_type"]
+    if kind not in ("base", "din", "dien"):
+        return float("nan")  # DSIN (self-attention per session, a Bi-LSTM) is not modelled: no FLOP figure
     mlp_in = u + {"base": 2 * d, "din": 2 * d, "dien": 3 * d}[kind]
     widths = [mlp_in, *cfg["mlp_hidden"], 1]
     macs = sum(a * b for a, b in itertools.pairwise(widths))

@@ -312,14 +312,21 @@ def run_step(
     return step
 
 
+def _seed_time(t: int) -> int:
+    """The t-th seeded behaviour's time: a minute after the one before, an hour after it every tenth."""
+    return 1_700_000_000 + 60 * t + 3600 * (t // 10)
+
+
 def seed_users(url: str, users: int, history: int, items: list[str], api_key: str | None = None) -> None:
-    """Each user gets ``history`` behaviours; a 503 (store briefly slow) is retried as Retry-After asks."""
+    """Each user gets ``history`` behaviours, a minute apart in sessions of ten an hour apart (so DSIN divides
+    50 of them into its full 5 sessions × 10, its costliest case); a 503 (store briefly slow) is retried as
+    Retry-After asks."""
     rng = random.Random(0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
         for start in range(0, users, 10):
             events = [
-                {"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": 1_700_000_000 + t}
+                {"user_id": f"load-{u}", "item_id": rng.choice(items), "timestamp": _seed_time(t)}
                 for u in range(start, min(start + 10, users))
                 for t in range(history)
             ]
