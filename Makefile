@@ -23,7 +23,7 @@ install: $(STAMP)
 tools: $(STAMP)
 	scripts/ensure_tools.sh $(VENV)
 
-# the default suite (CI); `make test-all` adds any test marked slow (none today: the longest, make demo, takes ≈ 35 s)
+# the default suite (CI); `make test-all` adds the tests marked slow (the dot and bilinear attention variants end to end)
 test: tools
 	$(PY) -m pytest -q -m "not slow"
 
