@@ -27,6 +27,17 @@ START_TIMEOUT_S = 120.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a process the bench started ends either way."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ProcessExited(Exception):
     """The process waited on exited: waiting longer cannot help (the message says how it ended)."""
 
@@ -270,13 +281,7 @@ class Scorer:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -327,13 +332,7 @@ class LoadBalancer:
         wait_for(lambda: httpx.get(f"{self.url}/lb-healthz", timeout=2).status_code == 200, "nginx", 30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def __enter__(self) -> LoadBalancer:
         self.start()

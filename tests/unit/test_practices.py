@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from training.batches import add_negatives
+from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.losses import click_loss
 from training.negatives import behaviour_counts, popularity
 from training.samples import prepare
+from training.train import train_ensemble
 
 
 def test_focal_loss_with_gamma_zero_is_cross_entropy() -> None:
@@ -70,3 +74,11 @@ def test_the_implicit_protocol_draws_popular_training_negatives_and_keeps_test_n
     assert popular.info["negatives"] == {"sampler": "popularity", "alpha": 0.75}
     with pytest.raises(ValueError, match="unknown negative sampler"):
         prepare(blog, "implicit", 10, seed=0, negatives="hard")
+
+
+def test_an_ensemble_of_dsin_models_is_refused_before_any_training(tmp_path: Path) -> None:
+    """DSIN's graph has a third output (session weights) that an ensemble does not average: said at once."""
+    cfg = TrainConfig(dataset="synthetic", model="dsin", out=str(tmp_path / "run"), ensemble=2)
+    with pytest.raises(ValueError, match="DSIN ensembles"):
+        train_ensemble(cfg)
+    assert not (tmp_path / "run").exists()
