@@ -94,3 +94,26 @@ def test_two_processes_share_one_study(tmp_path: Path) -> None:
     trials = params(out)
     assert len(trials) == 3 and len({json.dumps(t, sort_keys=True) for t in trials}) == 3
     assert (out / "recipe.toml").is_file()
+
+
+def test_a_study_from_a_recipe_tries_the_recipe_first_and_only_once(tmp_path: Path) -> None:
+    """The recipe's own values are the first trial (so the study's best is never below the recipe's validation
+    GAUC); a value outside the space (item_dim 24) is the sampler's to choose; a resumed study does not try the
+    recipe again."""
+    recipe = tmp_path / "start.toml"
+    recipe.write_text(
+        'dataset = "synthetic"\nlr = 0.002\nhistory_dropout = 0.3\n\n[model_options]\nitem_dim = 24\n'
+        'attention_softmax = true\nmlp_activation = "relu"\n'
+    )
+    out = tmp_path / "tune"
+    common = [*TINY, "--max-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--recipe", str(recipe)]
+    tune_main([*common, "--trials", "2", "--out", str(out)])
+    first = params(out)[0]
+    assert (first["lr"], first["history_dropout"], first["model_options.category_dim"]) == (0.002, 0.3, 16)
+    assert (first["model_options.attention_softmax"], first["model_options.mlp_activation"]) == (True, "relu")
+    assert first["model_options.item_dim"] in (8, 16, 32, 64)  # sampled: 24 lies outside the space
+
+    tune_main([*common, "--trials", "4", "--out", str(out)])
+    resumed = params(out)
+    assert len(resumed) == 4 and resumed[0] == first
+    assert all(trial["lr"] != 0.002 for trial in resumed[1:])
