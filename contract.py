@@ -92,11 +92,7 @@ class Contract:
             feedback_positive=int(values["positive"]),
             session_inputs=session_inputs,
             session_output=session_output,
-            session_spec=(
-                SessionSpec(int(sessions["sessions"]), int(sessions["length"]), int(sessions["gap_seconds"]))
-                if session_inputs
-                else None
-            ),
+            session_spec=SessionSpec.from_metadata(sessions) if session_inputs else None,
         )
 
     def feedback_of(self, label: int | None) -> int:

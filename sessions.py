@@ -9,11 +9,17 @@ way in both. Plain numpy on purpose: the serving image has no torch.
 Layout: session k = 0 is the most recent, k = K − 1 the oldest kept; inside a session behaviours are
 oldest first and right-padded. ``index[b, k, t]`` is the position in the history (oldest first,
 right-padded (B, L)) of that behaviour, 0 on padding.
+
+A session longer than T keeps its T most recent behaviours (the paper's layout). With ``chunked`` it is cut
+instead into consecutive sessions of T, the most recent T first (its oldest part may be shorter), so the K × T
+slots hold up to K × T behaviours even when the log has few gaps: on ml-100k, whose timestamps are rating
+bursts, three histories in four are one "session", and the paper's layout kept 30% of their behaviours.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +34,16 @@ class SessionSpec:
     sessions: int = SESSIONS
     length: int = SESSION_LENGTH
     gap: int = SESSION_GAP_SECONDS
+    chunked: bool = False  # a session longer than T becomes sessions of T (else it keeps its T most recent)
+
+    def to_metadata(self) -> dict[str, int | bool]:
+        """As a version's metadata.json states it (``from_metadata`` reads it back)."""
+        return {"sessions": self.sessions, "length": self.length, "gap_seconds": self.gap, "chunked": self.chunked}
+
+    @classmethod
+    def from_metadata(cls, d: dict[str, Any]) -> SessionSpec:
+        """The spec a version's metadata states; versions exported before ``chunked`` divided without it."""
+        return cls(int(d["sessions"]), int(d["length"]), int(d["gap_seconds"]), bool(d.get("chunked", False)))
 
 
 def session_layout(times: np.ndarray, mask: np.ndarray, spec: SessionSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +70,17 @@ def session_layout(times: np.ndarray, mask: np.ndarray, spec: SessionSpec) -> tu
     flat_sid = np.where(mask, rows * length + sid, b * length)  # padding to a spare bin
     sizes = np.bincount(flat_sid.ravel(), minlength=b * length + 1)[:-1].reshape(b, length)  # (B, L) per session
     size = np.take_along_axis(sizes, np.maximum(sid, 0), axis=1)  # (B, L) the size of each position's session
-    skipped = np.maximum(size - t_max, 0)  # (B, L) the session's oldest behaviours beyond T are dropped
-    slot = within - skipped  # (B, L) slot in the kept session, negative when dropped
+    if spec.chunked:
+        back = size - 1 - within  # (B, L) 0 = the session's most recent behaviour
+        part = back // t_max  # (B, L) its chunk of T, 0 = the most recent chunk
+        part_size = np.minimum(t_max, size - part * t_max)  # (B, L) only the oldest chunk may be short
+        slot = part_size - 1 - back % t_max  # (B, L) oldest first inside the chunk
+        chunks = -(-sizes // t_max)  # (B, L) chunks of each session (by its number), 0 past the last session
+        later = chunks.sum(axis=1, keepdims=True) - np.cumsum(chunks, axis=1)  # (B, L) chunks of later sessions
+        recency = np.take_along_axis(later, np.maximum(sid, 0), axis=1) + part  # (B, L) 0 = the most recent chunk
+    else:
+        skipped = np.maximum(size - t_max, 0)  # (B, L) the session's oldest behaviours beyond T are dropped
+        slot = within - skipped  # (B, L) slot in the kept session, negative when dropped
     keep = mask & (recency < k_max) & (slot >= 0)  # (B, L)
     bi, li = np.nonzero(keep)
     index[bi, recency[bi, li], slot[bi, li]] = li

@@ -40,6 +40,7 @@ class ModelConfig:
     sessions: int = SESSIONS  # K most recent sessions
     session_length: int = SESSION_LENGTH  # T behaviours per session (its most recent ones)
     session_gap: int = SESSION_GAP_SECONDS  # a gap of more than this many seconds starts a new session
+    session_chunks: bool = False  # a session longer than T becomes sessions of T (sessions.SessionSpec.chunked)
     session_heads: int = 8  # heads of the session interest extractor's self-attention (they split D)
     bias_encoding: bool = True  # BE(k, t, c) added to the sessions' behaviours (paper eq. 2)
 
@@ -54,7 +55,7 @@ class ModelConfig:
 
     @property
     def session_spec(self) -> SessionSpec:
-        return SessionSpec(self.sessions, self.session_length, self.session_gap)
+        return SessionSpec(self.sessions, self.session_length, self.session_gap, self.session_chunks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -312,6 +312,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=ModelConfig.session_gap,
         help="DSIN: a gap of more than this many seconds starts a new session",
     )
+    p.add_argument(
+        "--session-chunks",
+        action=on_off,
+        default=ModelConfig.session_chunks,
+        help="DSIN: cut a session longer than T into sessions of T (else keep its T most recent)",
+    )
     p.add_argument("--session-heads", type=int, default=ModelConfig.session_heads, help="DSIN: self-attention heads")
     p.add_argument(
         "--bias-encoding", action=on_off, default=ModelConfig.bias_encoding, help="DSIN: the bias encoding BE(k, t, c)"
@@ -392,6 +398,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
             "sessions": args.sessions,
             "session_length": args.session_length,
             "session_gap": args.session_gap,
+            "session_chunks": args.session_chunks,
             "session_heads": args.session_heads,
             "bias_encoding": args.bias_encoding,
         },

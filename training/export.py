@@ -107,7 +107,7 @@ class GraphSpec:
         v = meta["vocabulary"]
         feedback = (meta.get("history_feedback") or {}).get("input") is not None
         s = meta.get("sessions")
-        sessions = SessionSpec(int(s["sessions"]), int(s["length"]), int(s["gap_seconds"])) if s else None
+        sessions = SessionSpec.from_metadata(s) if s else None
         return cls(v["n_items"], v["n_categories"], tuple(v["user_feature_cardinalities"]), feedback, sessions)
 
 
@@ -136,15 +136,18 @@ def io_signature(spec: GraphSpec) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-TIME_STYLES = ("mixed", "singletons", "full")
+TIME_STYLES = ("mixed", "singletons", "full", "burst")
 
 
 def random_times(rng: np.random.Generator, width: int, spec: SessionSpec, style: str) -> np.ndarray:
     """(width,) timestamps, oldest first: "singletons" puts every behaviour in a session of its own, "full" makes
-    sessions of exactly T behaviours (K × T of them fill the layout), "mixed" breaks about one gap in four."""
+    sessions of exactly T behaviours (K × T of them fill the layout), "burst" makes one session of them all (a
+    chunked spec cuts it into sessions of T), "mixed" breaks about one gap in four."""
     position = np.arange(width)
     if style == "singletons":
         gaps = np.full(width, spec.gap + 1)
+    elif style == "burst":
+        gaps = np.ones(width, dtype=np.int64)
     elif style == "full":
         gaps = np.where(position % spec.length == 0, spec.gap + 1, 1)
     else:
@@ -192,13 +195,15 @@ def random_inputs(
 
 
 def session_parity_cases(spec: SessionSpec) -> list[tuple[list[int], list[int], list[str]]]:
-    """DSIN's edges: no session, sessions of one behaviour, the full K × T layout, several users per call."""
+    """DSIN's edges: no session, sessions of one behaviour, the full K × T layout, one long session, several
+    users per call."""
     full = spec.sessions * spec.length
     return [
         ([0], [3], ["mixed"]),
         ([spec.sessions + 2], [5], ["singletons"]),
         ([full], [200], ["full"]),
         ([full + 7], [9], ["full"]),
+        ([full + 3], [6], ["burst"]),
         ([0, full, 3, 23, 1], [4, 50, 7, 11, 2], ["mixed", "full", "singletons", "mixed", "singletons"]),
     ]
 
@@ -497,9 +502,7 @@ def export_run(
                 else {
                     "inputs": list(SESSION_INPUTS),
                     "output": SESSION_OUTPUT,
-                    "sessions": spec.sessions.sessions,
-                    "length": spec.sessions.length,
-                    "gap_seconds": spec.sessions.gap,
+                    **spec.sessions.to_metadata(),
                     "attention": "session weight (softmax over sessions) × the behaviour's self-attention share",
                 }
             ),

@@ -208,11 +208,12 @@ def test_dsin_exports_its_session_inputs_and_matches_pytorch_on_every_session_ca
         batch_size=128,
         progress=False,
         cache_dir=str(tmp_path / "cache"),
-        model_options={"sessions": 3, "session_length": 4, "session_heads": 4},
+        model_options={"sessions": 3, "session_length": 4, "session_heads": 4, "session_chunks": True},
     )
     train(cfg)
     folder, meta = export_run(tmp_path / "run", tmp_path / "repo")
     assert [i["name"] for i in meta["inputs"]][-2:] == ["sess_index", "sess_mask"]
+    assert meta["sessions"]["chunked"] is True  # the service divides a long session as training did
     assert [o["name"] for o in meta["outputs"]] == ["probability", "attention", "session_weights"]
     assert meta["sessions"]["sessions"] == 3 and meta["sessions"]["length"] == 4
     assert meta["sessions"]["gap_seconds"] == 1800 and meta["attention"] == "softmax"

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from contract import Contract
 from models import ModelConfig, build_model
 from models.dsin import DSIN
 from sessions import SessionSpec, one_history, session_layout, session_members
 
 SPEC = SessionSpec(sessions=5, length=10, gap=1800)
+CHUNKED = SessionSpec(sessions=5, length=10, gap=1800, chunked=True)
 
 
 def reference_layout(times: list[int], spec: SessionSpec) -> list[list[int]]:
@@ -22,6 +24,9 @@ def reference_layout(times: list[int], spec: SessionSpec) -> list[list[int]]:
         if pos == 0 or t - times[pos - 1] > spec.gap:
             sessions.append([])
         sessions[-1].append(pos)
+    if spec.chunked:  # each session cut into chunks of T from its most recent end
+        t = spec.length
+        sessions = [s[max(0, end - t) : end] for s in sessions for end in range(len(s), 0, -t)[::-1]]
     return [s[-spec.length :] for s in reversed(sessions)][: spec.sessions]
 
 
@@ -31,25 +36,47 @@ def random_times(rng: np.random.Generator, n: int) -> np.ndarray:
     return 1_700_000_000 + np.cumsum(gaps)
 
 
-def test_layout_matches_the_plain_division() -> None:
+@pytest.mark.parametrize("spec", [SPEC, CHUNKED], ids=["paper", "chunked"])
+def test_layout_matches_the_plain_division(spec: SessionSpec) -> None:
     rng = np.random.default_rng(0)
-    lengths = [0, 1, 2, 7, 30, 50, 50, 50, 13]
+    lengths = [0, 1, 2, 7, 30, 50, 50, 50, 13, 50, 50, 37]
     width = 50
     times = np.stack([random_times(rng, width) for _ in lengths])
     times[0] = 5  # every gap zero in a history without valid positions changes nothing
+    times[-3] = np.arange(width)  # one burst: a single session of 50
+    times[-2, 20:] = times[-2, 19] + np.arange(width - 20)  # a long session after short ones
+    times[-1, :30] = np.arange(30)  # a long session before short ones
     mask = np.arange(width) < np.asarray(lengths)[:, None]
     times = np.where(mask, times, rng.integers(0, 10**9, times.shape))  # timestamps on padding are ignored
-    index, smask = session_layout(times, mask, SPEC)
+    index, smask = session_layout(times, mask, spec)
     assert index.shape == smask.shape == (len(lengths), 5, 10)
     for row, n in enumerate(lengths):
-        expected = reference_layout(times[row, :n].tolist(), SPEC)
+        expected = reference_layout(times[row, :n].tolist(), spec)
         assert session_members(index[row], smask[row]) == expected
         assert (index[row][~smask[row]] == 0).all()
+        # slots are filled from the left: a session's behaviours are its first slots, in history order
+        for k in range(5):
+            assert (smask[row, k] == (np.arange(10) < smask[row, k].sum())).all()
     # one long session keeps its 10 most recent behaviours; the gap rule is "more than", not "at least"
     idx, m = one_history([0, 1800, 3600, 5401], SPEC)
     assert session_members(idx, m) == [[3], [0, 1, 2]]
     idx, m = one_history(list(range(0, 15 * 60, 60)), SPEC)
     assert session_members(idx, m) == [list(range(5, 15))]
+    # chunked, the same burst is two sessions: the 10 most recent, then the 5 before them
+    idx, m = one_history(list(range(0, 15 * 60, 60)), CHUNKED)
+    assert session_members(idx, m) == [list(range(5, 15)), list(range(5))]
+    idx, m = one_history([0, 1800, 3600, 5401, *range(9000, 9000 + 60 * 12, 60)], CHUNKED)
+    assert session_members(idx, m) == [list(range(6, 16)), [4, 5], [3], [0, 1, 2]]
+
+
+def test_the_service_reads_the_division_training_used() -> None:
+    """metadata.json carries the spec, ``chunked`` included; a version exported before it divided unchunked."""
+    for spec in (SPEC, CHUNKED):
+        meta = {"sessions": {"inputs": ["sess_index", "sess_mask"], "output": "session_weights", **spec.to_metadata()}}
+        assert Contract.from_metadata(meta).session_spec == spec
+    older = {"inputs": ["sess_index", "sess_mask"], "sessions": 5, "length": 10, "gap_seconds": 1800}
+    assert Contract.from_metadata({"sessions": older}).session_spec == SPEC
+    assert ModelConfig(n_items=5, n_categories=3, session_chunks=True).session_spec == CHUNKED
 
 
 def small_model(**kw: object) -> DSIN:
