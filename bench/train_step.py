@@ -40,7 +40,7 @@ from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
 from training.config import EMBEDDING_OPTIMISERS, TrainConfig, model_config
 from training.optim import build_optimisers
-from training.regularization import mba_terms
+from training.regularization import mba_penalty, mba_terms
 from training.samples import PreparedData
 from training.train import keep_freed_memory, load_data
 
@@ -114,8 +114,8 @@ def step(
     if out.aux_loss is not None:
         loss = loss + aux_weight * out.aux_loss
     marks.append(time.thread_time())
-    for reg, rows_of in regs:
-        loss = loss + reg(*rows_of(batch))
+    rows = [torch.cat([idx.reshape(-1) for idx in rows_of(batch)]) for _, rows_of in regs]
+    loss = loss + mba_penalty([reg for reg, _ in regs], rows)  # as training.train adds them
     marks.append(time.thread_time())
     for opt in optimisers:
         opt.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from training.datasets import BehaviourLog
-from training.regularization import MiniBatchAwareL2, history_counts, occurrence_counts
+from training.regularization import MiniBatchAwareL2, history_counts, mba_penalty, occurrence_counts
 from training.samples import prepare
 
 
@@ -70,6 +70,27 @@ def test_mba_equals_the_dense_formula_in_value_and_gradient(sparse: bool) -> Non
         if sparse:  # only the present rows are in the sparse gradient, each once
             rows = grad.coalesce().indices()[0]
             assert sorted(rows.tolist()) == present.nonzero().squeeze(1).tolist()
+
+
+def test_mba_penalty_sums_the_terms_with_the_dense_ones_stacked() -> None:
+    """Dense tables of several widths and a sparse one, a padding index in each: the sum of the terms
+    written out, and each table's gradient that of its own term."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    tables = [nn.Embedding(9, 4, padding_idx=0), nn.Embedding(3, 1, padding_idx=0), nn.Embedding(12, 2, sparse=True)]
+    terms = [
+        MiniBatchAwareL2(t, rng.integers(1, 9, t.num_embeddings).astype(np.float64), lam)
+        for t, lam in zip(tables, [0.3, 0.3, 0.1], strict=True)
+    ]
+    rows = [torch.tensor([0, 3, 3, 8, 1]), torch.tensor([2, 0]), torch.tensor([0, 5, 11, 5])]
+    got = mba_penalty(terms, rows)
+    by_hand = [_mba_by_hand(t.table.weight, t.counts, t.lam, r) for t, r in zip(terms, rows, strict=True)]
+    torch.testing.assert_close(got, sum(by_hand))
+    weights = [t.weight for t in tables]
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, weights), torch.autograd.grad(sum(by_hand), weights), strict=True
+    ):
+        torch.testing.assert_close(g_got.to_dense(), g_want.to_dense())
 
 
 @pytest.mark.parametrize("protocol", ["din-movielens", "implicit"])
