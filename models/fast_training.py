@@ -113,11 +113,13 @@ def valid_position_scores(
     keys: Tensor,
     rows: Tensor,
     key_tables: list[tuple[Tensor, Tensor, int | None]] | None = None,
+    split_weights: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The activation unit's scores (M,) at M valid positions: query (B, D), keys (M, D) the behaviours
     there, rows (M,) the batch row of each; ``key_tables``, when given, hold W_k·k as rows of projected
-    tables (``projected_key_tables``). Every activation must be element-wise."""
-    w_query, w_key, w_prod = unit.split_weights()  # (H, D) each
+    tables (``projected_key_tables``); ``split_weights``, the unit's ``split_weights()`` when the caller
+    has them. Every activation must be element-wise."""
+    w_query, w_key, w_prod = split_weights or unit.split_weights()  # (H, D) each
     q_part = F.linear(query, w_query, unit.first.bias)  # (B, H): once per row
     q = query.index_select(0, rows)  # (M, D)
     if key_tables is None:  # the key and product parts in one product: [k, q ⊙ k]·[W_k; W_p]ᵀ
@@ -262,13 +264,14 @@ class ValidPositionsDIN(nn.Module):
         def at_valid(x: Tensor) -> Tensor:
             return x.flatten().index_select(0, flat)  # (B, L) → (M,)
 
-        feedback = None if hist_feedback is None else at_valid(hist_feedback)  # (M,)
+        feedback = None if hist_feedback is None or m.embedding.feedback is None else at_valid(hist_feedback)  # (M,)
         items, cats = at_valid(hist_items), at_valid(hist_cats)  # (M,) each
         keys = behaviours(m.embedding, items, cats, feedback)  # (M, D)
         query = behaviours(m.embedding, cand_item, cand_cat)  # (B, D)
         unit = m.activation_unit
-        key_tables = projected_key_tables(m.embedding, unit.split_weights()[1], items, cats, feedback)
-        valid = valid_position_scores(unit, query, keys, rows, key_tables)  # (M,)
+        w_split = unit.split_weights()  # (H, D) each
+        key_tables = projected_key_tables(m.embedding, w_split[1], items, cats, feedback)
+        valid = valid_position_scores(unit, query, keys, rows, key_tables, w_split)  # (M,)
         if m.cfg.attention_softmax:  # normalised over each row: scattered into (B, L) first
             # in the scores' own dtype: bf16 under autocast, while the embeddings stay fp32
             scores = valid.new_zeros(hist_mask.numel()).index_copy(0, flat, valid).view(hist_mask.shape)  # (B, L)
