@@ -6,9 +6,12 @@
 The batches are built exactly as ``training.train`` builds them (history and feedback dropout, one
 sampled negative per position for DIEN, the mini-batch aware L2 terms, ``training.optim``'s optimisers),
 gathered once up front and cycled, so the figure is the model's step and not the data pipeline. Prints ms
-per step (median and quartiles over the timed steps) and the matching samples/s; ``--profile`` adds a
+per step (median and quartiles over the timed steps) and the matching samples/s, and the CPU time of each
+phase (forward with the loss, the MBA terms, backward, the optimisers); ``--profile`` adds a
 torch.profiler table. The step runs the model's training-speed form (models/fast_training.py), as training
-does; ``--paper-form`` times the paper form.
+does; ``--paper-form`` times the paper form. The model and data are the ml-100k recipe's (history dropout
+0.7, no user features, softmax attention), or with ``--defaults`` those ``training.train`` and
+``bench.peers`` train with (every user feature, sigmoid attention, no history dropout).
 
 ``--table-rows`` sizes the item table (0: the data's own vocabulary): ml-100k's items stay at its front,
 as a frequency-ordered vocabulary keeps a Zipf log's busy rows, or with ``--spread-items`` go to random
@@ -37,7 +40,7 @@ from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
 from training.config import EMBEDDING_OPTIMISERS, TrainConfig, model_config
 from training.optim import build_optimisers
-from training.regularization import mba_terms
+from training.regularization import mba_penalty, mba_terms
 from training.samples import PreparedData
 from training.train import keep_freed_memory, load_data
 
@@ -91,6 +94,9 @@ def make_batches(
     return model, batches, labels, regs
 
 
+PHASES = ("forward", "mba", "backward", "optimiser")
+
+
 def step(
     model: torch.nn.Module,
     optimisers: list[torch.optim.Optimizer],
@@ -98,19 +104,29 @@ def step(
     label: torch.Tensor,
     regs: list,
     aux_weight: float,
+    phases: dict[str, list[float]] | None = None,
 ) -> None:
+    """One step; with ``phases``, each phase's CPU seconds (this thread's) appended to its list."""
+    marks = [time.thread_time()]
     out = model(**batch)
     loss = F.binary_cross_entropy_with_logits(out.logits, label)
     loss.item()
     if out.aux_loss is not None:
         loss = loss + aux_weight * out.aux_loss
-    for reg, rows_of in regs:
-        loss = loss + reg(*rows_of(batch))
+    marks.append(time.thread_time())
+    rows = [torch.cat([idx.reshape(-1) for idx in rows_of(batch)]) for _, rows_of in regs]
+    loss = loss + mba_penalty([reg for reg, _ in regs], rows)  # as training.train adds them
+    marks.append(time.thread_time())
     for opt in optimisers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
+    marks.append(time.thread_time())
     for opt in optimisers:
         opt.step()
+    marks.append(time.thread_time())
+    if phases is not None:
+        for name, start, end in zip(PHASES, marks, marks[1:], strict=False):
+            phases.setdefault(name, []).append(end - start)
 
 
 class Setup:
@@ -124,15 +140,18 @@ class Setup:
         self.forward = self.model if paper_form else training_form(self.model)
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.phases: dict[str, list[float]] = {}
         self.i = 0
 
-    def step(self) -> tuple[float, float]:
+    def step(self, timed: bool = False) -> tuple[float, float]:
         """Wall and CPU seconds of one step (the CPU time of this thread: with --threads 1 that is all of
-        the step's work, and other processes on the machine do not inflate it)."""
+        the step's work, and other processes on the machine do not inflate it); ``timed``: its phases' CPU
+        seconds kept too."""
         i = self.i % len(self.batches)
         self.i += 1
+        phases = self.phases if timed else None
         t0, c0 = time.perf_counter(), time.thread_time()
-        step(self.forward, self.optimisers, self.batches[i], self.labels[i], self.regs, self.cfg.aux_weight)
+        step(self.forward, self.optimisers, self.batches[i], self.labels[i], self.regs, self.cfg.aux_weight, phases)
         return time.perf_counter() - t0, time.thread_time() - c0
 
     def figures(self) -> dict[str, Any]:
@@ -153,6 +172,7 @@ class Setup:
             "step_cpu_ms_median": 1e3 * statistics.median(self.cpu_times),  # this thread's CPU time
             "step_ms_quartiles": [1e3 * q1, 1e3 * q3],
             "samples_per_second": cfg.batch_size / med,
+            "phase_cpu_ms_median": {k: 1e3 * statistics.median(v) for k, v in self.phases.items()},
         }
 
 
@@ -165,7 +185,7 @@ def time_round_robin(setups: list[Setup], steps: int, block: int = 10) -> None:
     while any(len(s.times) < steps for s in setups):
         for s in setups:
             for _ in range(min(block, steps - len(s.times))):
-                wall, cpu = s.step()
+                wall, cpu = s.step(timed=True)
                 s.times.append(wall)
                 s.cpu_times.append(cpu)
 
@@ -177,7 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=60, help="timed steps (after 10 warm-up steps)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--history-dropout", type=float, default=0.7, help="as the ml-100k recipe trains")
+    p.add_argument(
+        "--history-dropout", type=float, default=None, help="default: 0.7 as the ml-100k recipe trains (--defaults: 0)"
+    )
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the model and data of training.train's defaults (every user feature, sigmoid attention, DIEN's "
+        "default pooling: what bench.peers trains) instead of the recipe's",
+    )
     p.add_argument(
         "--table-rows",
         default="0",
@@ -203,16 +231,18 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()  # as training.train does
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.history_dropout is None:
+        args.history_dropout = 0.0 if args.defaults else 0.7
     base = TrainConfig(
         dataset="ml-100k",
         data_dir=args.data_dir,
-        user_features=(),
         model=args.model,
         batch_size=args.batch_size,
         history_dropout=args.history_dropout,
-        lr=3e-3,
-        model_options={"attention_softmax": True, "dien_pooling": "attention"},
     )
+    if not args.defaults:  # the recipe's (training/recipes/ml-100k.toml) model and rate
+        recipe = {"attention_softmax": True, "dien_pooling": "attention"}
+        base = dataclasses.replace(base, user_features=(), lr=3e-3, model_options=recipe)
     data = load_data(base)
     setups = [
         Setup(
@@ -236,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             f"CPU {r['step_cpu_ms_median']:.1f} ms (main thread), threads {r['threads']}",
             flush=True,
         )
+        print("  CPU ms by phase (medians): " + ", ".join(f"{k} {v:.2f}" for k, v in r["phase_cpu_ms_median"].items()))
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for _ in range(10):

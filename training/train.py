@@ -43,7 +43,7 @@ from training.metrics import evaluate
 from training.negatives import SAMPLERS, behaviour_counts, popularity
 from training.optim import build_optimisers
 from training.recipes import config_from_command_line
-from training.regularization import Batch, MiniBatchAwareL2, mba_terms
+from training.regularization import Batch, MiniBatchAwareL2, mba_penalty, mba_terms
 from training.run_state import STATE_NAME, Progress
 from training.samples import PreparedData, SampleSet, Vocabulary, prepare
 from training.schedule import build_schedulers
@@ -480,10 +480,7 @@ def _regularisation(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]])
     rank. micro_indices: per micro-batch, per term, the batch's index tensors of that term's table."""
     rows = [torch.cat([idx.reshape(-1) for micro in micro_indices for idx in micro[j]]) for j in range(len(p.regs))]
     rows = distributed.gather_concat(rows, p.ranks)
-    total = torch.zeros((), device=p.device)
-    for (reg, _), table_rows in zip(p.regs, rows, strict=True):
-        total = total + reg(table_rows)
-    return total
+    return mba_penalty([reg for reg, _ in p.regs], rows).to(p.device)
 
 
 def _checkpoint(run_dir: Path) -> dict[str, Any]:

@@ -9,14 +9,18 @@ import torch.nn.functional as F
 from models import ModelConfig, build_model
 from models.base import ModelOutput
 from models.fast_training import (
+    FastPReLU,
     PackedDIEN,
     ValidPositionsDIN,
     auxiliary_loss,
     gru_states,
     interest_evolution,
+    lookup,
+    projected_key_tables,
+    summed_rows,
     training_form,
 )
-from models.layers import InterestEvolution
+from models.layers import InterestEvolution, PReLULast
 from tests.unit.test_models import CFG  # the same small model config
 
 
@@ -82,6 +86,85 @@ def test_din_on_valid_positions_equals_the_paper_form(options: dict[str, object]
     x = {k: v for k, v in _batch(holes).items() if not k.startswith("neg_")}
     w = torch.randn(x["hist_mask"].shape, dtype=torch.double)
     _assert_same(model, fast(**x), model(**x), w)
+
+
+@pytest.mark.parametrize("holes", [False, True])
+@pytest.mark.parametrize("options", DIN_OPTIONS)
+def test_din_with_projected_key_tables_equals_the_paper_form(options: dict[str, object], holes: bool) -> None:
+    """Tables with fewer rows than the batch has valid positions: W_k·k comes from the projected tables
+    (``projected_key_tables``, ``summed_rows``), and logits, attention and every gradient stay the paper's."""
+    torch.manual_seed(4)
+    cfg = ModelConfig(**{**CFG.to_dict(), "n_items": 9, "n_categories": 4, **options})
+    model = build_model("din", cfg).double().train()
+    x = {k: v for k, v in _batch(holes).items() if not k.startswith("neg_")}
+    x["hist_items"], x["cand_item"] = x["hist_items"] % 7 + 2 * x["hist_mask"], x["cand_item"] % 7 + 2
+    x["hist_cats"], x["cand_cat"] = x["hist_cats"] % 2 + 2 * x["hist_mask"], x["cand_cat"] % 2 + 2
+    mask = x["hist_mask"]
+    valid = (x["hist_items"][mask], x["hist_cats"][mask], x["hist_feedback"][mask])
+    w_key = model.activation_unit.split_weights()[1]
+    assert projected_key_tables(model.embedding, w_key, *valid) is not None  # the path under test
+    w = torch.randn(mask.shape, dtype=torch.double)
+    _assert_same(model, training_form(model)(**x), model(**x), w)
+
+
+def test_key_tables_are_not_projected_when_a_table_is_larger_than_the_batch_or_sparse() -> None:
+    model = build_model("din", CFG)  # 50 items
+    w_key = model.activation_unit.split_weights()[1]
+    few, many = torch.full((20,), 3), torch.full((60,), 3)
+    assert projected_key_tables(model.embedding, w_key, few, few, None) is None
+    assert projected_key_tables(model.embedding, w_key, many, many, None) is not None
+    model.embedding.category.sparse = True
+    assert projected_key_tables(model.embedding, w_key, many, many, None) is None
+
+
+def test_summed_rows_equals_separate_gathers_without_a_gradient_for_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, dtype=torch.double, generator=g), torch.randn(3, 4, dtype=torch.double, generator=g)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    ia, ib = torch.tensor([0, 1, 5, 5, 0, 2]), torch.tensor([2, 0, 1, 1, 2, 2])
+    got = summed_rows([(a, ia, 0), (b, ib, None)])
+    want = F.embedding(ia, a, padding_idx=0) + b[ib]
+    torch.testing.assert_close(got, want)
+    out_grad = torch.randn(got.shape, dtype=torch.double, generator=g)
+    g_got = torch.autograd.grad(got, [a, b], out_grad)
+    g_want = torch.autograd.grad(want, [a, b], out_grad)
+    for x, y in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(x, y)
+    assert g_got[0][0].abs().sum() == 0  # the padding row
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lookup_equals_the_embedding_module_without_a_gradient_for_padding(sparse: bool) -> None:
+    table = torch.nn.Embedding(7, 3, padding_idx=0, sparse=sparse).double()
+    index = torch.tensor([[0, 3, 3], [6, 0, 1]])
+    got, want = lookup(table, index), table(index)
+    torch.testing.assert_close(got, want)
+    out_grad = torch.randn(got.shape, dtype=torch.double)
+    (g_got,) = torch.autograd.grad(got, table.weight, out_grad)
+    (g_want,) = torch.autograd.grad(want, table.weight, out_grad)
+    assert g_got.is_sparse == sparse
+    torch.testing.assert_close(g_got.to_dense(), g_want.to_dense())
+    assert g_got.to_dense()[0].abs().sum() == 0
+
+
+def test_fast_prelu_equals_prelu_last_at_zero_too() -> None:
+    """One kernel each way, the same values and gradients as PReLULast's formula, its slope w at x = 0
+    included (exact zeros occur: a ReLU-like unit's input can be 0)."""
+    act = PReLULast(5).double()
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor([0.25, -0.5, 0.0, 1.0, 2.0]))
+    x = torch.randn(40, 5, dtype=torch.double)
+    x[::4] = 0.0
+    x.requires_grad_(True)
+    got: torch.Tensor = FastPReLU.apply(x, act.weight)
+    want = act(x)
+    torch.testing.assert_close(got, want)
+    out_grad = torch.randn(got.shape, dtype=torch.double)
+    g_got = torch.autograd.grad(got, [x, act.weight], out_grad)
+    g_want = torch.autograd.grad(want, [x, act.weight], out_grad)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_din_with_dice_in_its_activation_unit_trains_in_the_paper_form() -> None:

@@ -10,7 +10,7 @@ from models import build_model
 from models.fast_training import training_form
 from training.batches import TensorSamples
 from training.config import TrainConfig, model_config
-from training.optim import RowSparseAdam, build_optimisers, vocabulary_tables
+from training.optim import RowSparseAdam, build_optimisers, dense_adam, vocabulary_tables
 from training.regularization import mba_terms
 from training.samples import PreparedData
 
@@ -122,3 +122,21 @@ def test_auto_updates_sparsely_only_the_tables_larger_than_a_batchs_lookups(smal
     assert model.embedding.item.sparse and not model.embedding.category.sparse
     small = build_model("din", model_config(small_data, {}))
     assert len(build_optimisers(small, TrainConfig(embedding_optimiser="auto"))) == 1  # 256 × 51 lookups
+
+
+def test_the_fused_dense_adam_makes_the_default_adams_updates() -> None:
+    """``dense_adam`` (one fused kernel) against torch's default Adam, five steps on the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(7, 3, generator=g), torch.randn(5, generator=g)]
+    fused = [torch.nn.Parameter(p.clone()) for p in start]
+    plain = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_fused, opt_plain = dense_adam(fused, 0.01), torch.optim.Adam(plain, lr=0.01)
+    for _ in range(5):
+        for a, b in zip(fused, plain, strict=True):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt_fused.step()
+        opt_plain.step()
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(fused[0], start[0])
