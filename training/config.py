@@ -37,6 +37,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # DIEN auxiliary loss weight
     history_dropout: float = 0.0  # drop each history position with this probability while training
     feedback_dropout: float = 0.0  # training: a kept behaviour's feedback becomes "unknown" with this probability
+    user_feature_dropout: float = 0.0  # training: each user feature becomes OOV with this probability
     paper_form: bool = False  # train the paper form itself, not its training-speed form (models/fast_training.py)
     patience: int = 2  # epochs without a better validation GAUC before stopping
     max_steps: int | None = None  # stop after this many optimiser steps in all (a timing or smoke run), then test
@@ -179,6 +180,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.feedback_dropout,
         help="training only: make a kept behaviour's feedback 'unknown' with this probability",
+    )
+    p.add_argument(
+        "--user-feature-dropout",
+        type=float,
+        default=d.user_feature_dropout,
+        help="training only: make each user feature out-of-vocabulary with this probability",
     )
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument(
@@ -351,6 +358,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         aux_weight=args.aux_weight,
         history_dropout=args.history_dropout,
         feedback_dropout=args.feedback_dropout,
+        user_feature_dropout=args.user_feature_dropout,
         paper_form=args.paper_form,
         patience=args.patience,
         max_steps=args.max_steps,
