@@ -60,6 +60,7 @@ def peer_quality(args: argparse.Namespace) -> dict[str, Any]:
         dataset=args.dataset,
         data_dir=args.data_dir,
         protocol=args.protocol,
+        user_features=None if args.user_features is None else tuple(f for f in args.user_features.split(",") if f),
         max_len=args.max_len,
         seed=args.seed,
         cache_dir=args.cache_dir,
@@ -103,6 +104,7 @@ def peer_quality(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "epochs": args.epochs,
         "sizes": args.sizes,
+        "user_features": list(data.vocab.user_features),
         "train_samples": len(data.train),
         "test_samples": len(data.test),
         "train_seconds": seconds,
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", choices=["ml-100k", "synthetic"], default="ml-100k")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--protocol", choices=["din-movielens", "implicit"], default=None)
+    p.add_argument("--user-features", default=None, help="as training.train's: comma-separated, '' for none")
     p.add_argument("--synthetic", default=None, help="SyntheticConfig overrides as JSON, e.g. '{\"n_users\": 3000}'")
     p.add_argument("--seed", type=int, default=0, help="the user split (and the peer's seed), as training.train's")
     p.add_argument("--epochs", type=int, default=3)
