@@ -26,7 +26,10 @@ class ModelConfig:
     mlp_activation: Activation = "dice"
     attention_hidden: tuple[int, ...] = (80, 40)
     attention_activation: Activation = "prelu"
-    attention_softmax: bool = False  # DIN: weights are not normalised unless asked (paper §4.3)
+    # DIN: normalise the attention weights. The paper (§4.3) leaves them unnormalised to keep the intensity of a
+    # user's interest, for large logs; on ml-100k (split 0, training.train's other defaults) unnormalised weights
+    # give test AUC 0.6867, softmax 0.7081 (bench/README.md, "Issue 18: defaults by evidence")
+    attention_softmax: bool = True
     attention: AttentionKind = "mlp"  # DIN: how a behaviour is scored against the candidate (models/attention.py)
     attention_heads: int = 4  # DIN, attention "multihead": heads (they must divide behaviour_dim)
     attention_positions: int = 50  # DIN, attention "position": recency ranks with their own embedding

@@ -12,7 +12,7 @@ from models.config import FEEDBACK_UNKNOWN
 from sessions import SessionSpec, session_layout
 from training.config import TrainConfig
 from training.negatives import draw
-from training.samples import PAD, SampleSet
+from training.samples import OOV, PAD, SampleSet
 
 
 class TensorSamples:
@@ -80,6 +80,16 @@ def drop_feedback(feedback: Tensor, mask: Tensor, p: float, gen: torch.Generator
     FEEDBACK_UNKNOWN with probability p; padding keeps FEEDBACK_PAD."""
     unknown = mask & (torch.rand(mask.shape, generator=gen) < p)  # (B, L)
     return feedback.masked_fill(unknown, FEEDBACK_UNKNOWN)
+
+
+def drop_user_features(batch: Batch, p: float, gen: torch.Generator) -> None:
+    """Training's noise on a batch's user features, in place: each (B, F) index becomes OOV with probability p.
+    Together a log's few user features can name a training user (ml-100k's gender, age and occupation nearly
+    do), and a model that memorises a user's habits through them meets only unseen combinations at test time;
+    with some of them hidden, a sample looks like a new user's, and OOV gets an embedding to fall back on."""
+    if p > 0 and batch["user_feats"].numel():
+        hidden = torch.rand(batch["user_feats"].shape, generator=gen) < p  # (B, F)
+        batch["user_feats"] = batch["user_feats"].masked_fill(hidden, OOV)
 
 
 def drop_history(batch: Batch, cfg: TrainConfig, gen: torch.Generator) -> None:

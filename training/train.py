@@ -34,7 +34,7 @@ from models import CTRModel, ModelConfig, build_model
 from models.ensemble import Ensemble
 from models.fast_training import training_form
 from training import distributed, run_state
-from training.batches import TensorSamples, add_negatives, drop_history, to_device
+from training.batches import TensorSamples, add_negatives, drop_history, drop_user_features, to_device
 from training.config import TrainConfig, add_train_arguments, model_config
 from training.datasets import SyntheticConfig, load_dataset
 from training.distributed import Ranks
@@ -450,6 +450,7 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
         last = i == len(micro_batches) - 1
         batch = p.train.inputs(rows)
         drop_history(batch, cfg, p.noise)
+        drop_user_features(batch, cfg.user_feature_dropout, p.noise)
         if p.item_category is not None:
             add_negatives(batch, len(p.item_category), p.item_category, p.noise, p.negative_probs)
         batch = to_device({**batch, "label": p.train.label[rows]}, p.device)

@@ -84,7 +84,7 @@ def test_din_attention_options() -> None:
     with torch.no_grad():
         w = model(**x).attention
     torch.testing.assert_close(w.sum(-1)[1:], torch.ones(4))
-    plain = build_model("din", CFG).eval()
+    plain = build_model("din", ModelConfig(**{**CFG.to_dict(), "attention_softmax": False})).eval()  # the paper's
     with torch.no_grad():
         w2 = plain(**x).attention
     assert ((w2 > 0) & (w2 < 1))[x["hist_mask"]].all()
