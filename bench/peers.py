@@ -6,7 +6,10 @@ Both sides train on our prepared training split (histories, candidates, labels: 
 for ml-100k), one epoch each (or the same ``--max-steps``), each in its own process, run alternately
 (ours first in even rounds, the peer first in odd ones) so a drift of the machine's speed falls on both.
 Ours is ``training.train`` with its defaults (``train_samples_per_second`` of its metrics.json: the loop,
-not data preparation or evaluation). The peer is DeepCTR-Torch's ``DIN`` built as its examples/run_din.py
+not data preparation or evaluation), except that it keeps every behaviour as the peer does: the default
+``--ours-flags "--history-dropout 0"`` undoes the default history dropout (0.7 since issue 18), which would
+let ours score 30% of the positions the peer scores; ``--ours-flags ""`` times the defaults as they are.
+The peer is DeepCTR-Torch's ``DIN`` built as its examples/run_din.py
 builds it (SparseFeat for the candidate's item and category and each user feature, VarLenSparseFeat for
 the history sharing their embeddings, ``compile("adam", "binary_crossentropy")``), with our embedding
 sizes and layer widths, timed over its ``fit``. Its activations stay its own (ReLU in the MLP, Dice in
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,7 @@ def data_flags(args: argparse.Namespace) -> list[str]:
 def run_ours(args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
     out = work / f"ours-{tag}"
     cmd = [sys.executable, "-m", "training.train", *data_flags(args), "--model", "din", "--epochs", "1"]
+    cmd += shlex.split(args.ours_flags)
     env = dict(os.environ)
     if args.checkout:  # another checkout's training.train (``-m`` imports from the working directory first)
         env["PYTHONPATH"] = args.checkout
@@ -187,6 +192,7 @@ def summary(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str,
         "max_steps": args.max_steps,
         "steps": rounds[0]["ours"]["steps"],
         "ours_checkout": args.checkout or "this one",
+        "ours_flags": args.ours_flags,
         "cores": os.cpu_count(),
         "peer_version": _version("deepctr-torch"),
         "torch_version": _version("torch"),
@@ -206,7 +212,8 @@ def _version(dist: str) -> str:
 def table(result: dict[str, Any]) -> str:
     return (
         f"DIN training on {result['dataset']}, batch {result['batch_size']}, {result['threads']} threads, "
-        f"{result['steps']} steps, median of {len(result['rounds'])} alternated rounds on {result['cores']} cores\n"
+        f"{result['steps']} steps, median of {len(result['rounds'])} alternated rounds on {result['cores']} cores; "
+        f"ours with `{result['ours_flags'] or 'its defaults'}`\n"
         "| implementation | train samples/s |\n| --- | --- |\n"
         f"| ours (training.train) | {result['ours_samples_per_second']:,.0f} |\n"
         f"| DeepCTR-Torch {result['peer_version']} | {result['peer_samples_per_second']:,.0f} |\n"
@@ -230,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="time another checkout's training.train as ours (a branch extracted with git archive); its "
         "relative paths are its own",
+    )
+    p.add_argument(
+        "--ours-flags",
+        default="--history-dropout 0",
+        help="extra training.train flags for ours (default: every behaviour kept, the peer's work)",
     )
     p.add_argument("--out", default="runs/peers.json")
     p.add_argument("--peer-child", help=argparse.SUPPRESS)  # internal: run the peer, write its result here
