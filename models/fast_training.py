@@ -21,6 +21,7 @@ module unless asked for ``--paper-form``; evaluation and export always run the p
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import cast
 
 import numpy as np
@@ -62,7 +63,7 @@ def training_form(model: CTRModel) -> nn.Module:
 
 
 class FastPReLU(torch.autograd.Function):
-    """``PReLULast`` (w·x + (1 − w)·relu(x), slope w at x = 0 too) on (N, C), one kernel forward and five
+    """``PReLULast`` (w·x + (1 − w)·relu(x), slope w at x = 0 too) on (N, C), one kernel forward and four
     backward: 1.7 ms forward and backward at (10^4, 80) on one CPU thread, where autograd through
     PReLULast's formula takes 2.75 ms. F.prelu's own backward (``_prelu_kernel_backward``, 4.5 ms) is
     slower still, as is anything reading a bool mask (``torch.where``, ≈ 3 ms): the backward here sorts the
@@ -81,8 +82,10 @@ class FastPReLU(torch.autograd.Function):
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         pos = torch.ops.aten.threshold_backward(grad, x, 0)  # (N, C) grad where x > 0, else 0
         neg = grad - pos  # (N, C) grad where x ≤ 0
-        d_weight = torch.linalg.vecdot(neg.T, x.T)  # (C,) Σ_n grad·min(x, 0)
-        return torch.addcmul(pos, neg, weight), d_weight  # (N, C) grad·slope, (C,)
+        # both temporaries are this function's own, so the results are written into them: two fresh
+        # (N, C) blocks fewer, and the reduction runs over contiguous rows (vecdot on the transposes did not)
+        d_x = pos.addcmul_(neg, weight)  # (N, C) grad·slope
+        return d_x, neg.mul_(x).sum(0)  # (C,) Σ_n grad·min(x, 0)
 
 
 def activate(activation: nn.Module, x: Tensor) -> Tensor:
@@ -114,8 +117,8 @@ def valid_position_scores(
     unit: ActivationUnit,
     query: Tensor,
     keys: Tensor,
-    rows: Tensor,
-    key_tables: list[tuple[Tensor, Tensor, int | None]] | None = None,
+    rows: Tensor | RowIndex,
+    key_tables: list[tuple[Tensor, RowIndex, int | None]] | None = None,
     split_weights: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The activation unit's scores (M,) at M valid positions: query (B, D), keys (M, D) the behaviours
@@ -124,18 +127,23 @@ def valid_position_scores(
     has them. Every activation must be element-wise."""
     w_query, w_key, w_prod = split_weights or unit.split_weights()  # (H, D) each
     q_part = F.linear(query, w_query, unit.first.bias)  # (B, H): once per row
-    q = query.index_select(0, rows)  # (M, D)
+    rows = as_row_index(rows, query.shape[0])
+    q = gather(query, rows)  # (M, D)
     if key_tables is None:  # the key and product parts in one product: [k, q ⊙ k]·[W_k; W_p]ᵀ
         kp = torch.cat([keys, q * keys], dim=-1) @ torch.cat([w_key, w_prod], dim=1).T  # (M, H)
-        z = q_part.index_select(0, rows) + kp  # (M, H)
+        z = gather(q_part, rows) + kp  # (M, H)
     else:  # the query and key parts gathered and summed in one pass, then the product part
         z = torch.addmm(summed_rows([(q_part, rows, None), *key_tables]), q * keys, w_prod.T)  # (M, H)
     return mlp_forward(unit.rest, activate(unit.first_activation, z)).squeeze(-1)  # (M,)
 
 
 def projected_key_tables(
-    emb: FeatureEmbedding, w_key: Tensor, items: Tensor, cats: Tensor, feedback: Tensor | None
-) -> list[tuple[Tensor, Tensor, int | None]] | None:
+    emb: FeatureEmbedding,
+    w_key: Tensor,
+    items: Tensor | RowIndex,
+    cats: Tensor | RowIndex,
+    feedback: Tensor | RowIndex | None,
+) -> list[tuple[Tensor, RowIndex, int | None]] | None:
     """W_k·k at M valid positions (items, cats and feedback (M,)) as rows of each table projected once:
     W_k·([e_item; e_cat] + e_fb) = (E_item·W_k,itemᵀ)[item] + (E_cat·W_k,catᵀ)[cat] + (E_fb·W_kᵀ)[fb], as
     (projected table (V, H), index (M,), padding row) triples for ``summed_rows``. A table of V rows costs
@@ -143,84 +151,158 @@ def projected_key_tables(
     (1,618 items, 20 categories) and ≈ 10^4 positions a batch, this halves the first layer's three
     (M, 2D) products. None (W_k·k per position) where a table has more rows than there are positions, or
     makes sparse gradients (its projection's gradient would be dense)."""
-    parts = [(emb.item, items), (emb.category, cats)]
+    parts = [(emb.item, as_row_index(items, emb.item.num_embeddings))]
+    parts.append((emb.category, as_row_index(cats, emb.category.num_embeddings)))
     if emb.feedback is not None and feedback is not None:
-        parts.append((emb.feedback, feedback))
-    if any(t.sparse or t.num_embeddings > items.numel() for t, _ in parts):
+        parts.append((emb.feedback, as_row_index(feedback, emb.feedback.num_embeddings)))
+    if any(t.sparse or t.num_embeddings > index.index.numel() for t, index in parts):
         return None
     w_item, w_cat = w_key.split([emb.item.embedding_dim, emb.category.embedding_dim], dim=1)  # (H, E) each
     weights = [w_item, w_cat, w_key]  # the feedback embedding is added to the whole behaviour
     return [(t.weight @ w.T, index, t.padding_idx) for (t, index), w in zip(parts, weights, strict=False)]
 
 
-def summed_rows(tables: list[tuple[Tensor, Tensor, int | None]]) -> Tensor:
+class RowIndex:
+    """An index (M,) into a table of ``rows`` rows, and the sum back by it: row r of ``sum_back(x)`` is
+    Σ x[m] over the m with index[m] = r, (M, H) → (rows, H), the backward of every gather by the index and
+    the forward of DIN's pooling. On CPU that sum is one sparse (rows, M) × (M, H) product (CSR, built once
+    and shared by every sum the step makes by this index): ``index_add_`` runs it serially and takes
+    ≈ 3× as long at ml-100k's 10^4 positions on 2 threads. Elsewhere (CUDA) it is ``index_add_``."""
+
+    def __init__(self, index: Tensor, rows: int, ascending: bool = False) -> None:
+        """``ascending``: the index never decreases (the batch row of each valid position), so the CSR
+        columns need no sort."""
+        self.index, self.rows, self.ascending = index, rows, ascending
+        self._matrices: dict[torch.dtype, Tensor] = {}
+
+    def sum_back(self, x: Tensor) -> Tensor:
+        """x (M, H) → (rows, H)."""
+        if not x.is_cpu or self.rows > _RADIX_ROWS or x.shape[0] < _SPARSE_SUM_MIN:
+            return x.new_zeros(self.rows, x.shape[1]).index_add_(0, self.index, x)
+        return self._matrix(x.dtype) @ x.contiguous()
+
+    def _matrix(self, dtype: torch.dtype) -> Tensor:
+        """The (rows, M) 0/1 matrix with a 1 at (index[m], m), as CSR, in ``dtype``."""
+        if dtype not in self._matrices:
+            m = self.index.numel()
+            counts = torch.bincount(self.index, minlength=self.rows)  # (rows,)
+            crow = torch.zeros(self.rows + 1, dtype=torch.long)
+            torch.cumsum(counts, 0, out=crow[1:])
+            if self.ascending:
+                cols = torch.arange(m)
+            else:  # positions grouped by row, ascending within each (numpy's radix sort on 16-bit keys)
+                cols = torch.from_numpy(np.argsort(self.index.numpy().astype(np.int16), kind="stable"))
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": construction and mm are all we use
+                warnings.simplefilter("ignore", UserWarning)
+                self._matrices[dtype] = torch.sparse_csr_tensor(
+                    crow, cols, torch.ones(m, dtype=dtype), size=(self.rows, m), check_invariants=False
+                )
+        return self._matrices[dtype]
+
+
+_SPARSE_SUM_MIN = 4096  # fewer rows (a batch's candidates, its users): building the matrix costs more than it saves
+_RADIX_ROWS = 2**15 - 1  # int16 keys: numpy sorts them by radix in O(M); larger tables sum by index_add_
+
+
+def as_row_index(index: Tensor | RowIndex, rows: int) -> RowIndex:
+    return index if isinstance(index, RowIndex) else RowIndex(index, rows)
+
+
+class SumBack(torch.autograd.Function):
+    """``RowIndex.sum_back`` with its gradient (a gather by the index): DIN's pooling of the valid
+    positions into their batch rows."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, index: RowIndex) -> Tensor:
+        """x (M, H) → (rows, H)."""
+        ctx.index = index  # type: ignore[attr-defined]
+        return index.sum_back(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.index_select(0, ctx.index.index), None  # type: ignore[attr-defined]
+
+
+def summed_rows(tables: list[tuple[Tensor, Tensor | RowIndex, int | None]]) -> Tensor:
     """Σ_j table_j[index_j] for (table (V_j, H), index (M,), padding row) triples → (M, H); a padding row
     gets no gradient (as nn.Embedding's)."""
-    flat = [item for table, index, _ in tables for item in (table, index)]
-    out: Tensor = SummedRows.apply([pad for _, _, pad in tables], *flat)
+    indices = [as_row_index(index, table.shape[0]) for table, index, _ in tables]
+    out: Tensor = SummedRows.apply([pad for _, _, pad in tables], indices, *(table for table, _, _ in tables))
     return out
 
 
 class SummedRows(torch.autograd.Function):
     """``summed_rows`` in one ``embedding_bag`` pass over the tables stacked (≈ 0.1 ms where separate
-    gathers and sums take ≈ 0.5–1 ms at (10^4, 80)), and one ``index_add_`` per table backward."""
+    gathers and sums take ≈ 0.5–1 ms at (10^4, 80)), and one ``RowIndex.sum_back`` per table backward."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, paddings: list[int | None], *flat: Tensor) -> Tensor:
-        tables, indices = flat[0::2], flat[1::2]  # (V_j, H), (M,)
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, paddings: list[int | None], indices: list[RowIndex], *tables: Tensor
+    ) -> Tensor:
+        """tables (V_j, H), each indexed by indices[j] (M,) → (M, H)."""
         starts = torch.tensor([0, *(t.shape[0] for t in tables[:-1])], device=tables[0].device).cumsum(0)
-        bags = torch.stack(indices, dim=1) + starts  # (M, J) rows of the stacked tables
-        ctx.save_for_backward(*indices)
-        ctx.sizes, ctx.paddings = [t.shape[0] for t in tables], paddings  # type: ignore[attr-defined]
+        bags = torch.stack([index.index for index in indices], dim=1) + starts  # (M, J) rows of the stacked tables
+        ctx.indices, ctx.paddings = indices, paddings  # type: ignore[attr-defined]
         return F.embedding_bag(bags, torch.cat(tables), mode="sum")  # (M, H)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad = grad.contiguous()
-        grads: list[Tensor | None] = [None]
-        for index, rows, pad in zip(ctx.saved_tensors, ctx.sizes, ctx.paddings, strict=True):  # type: ignore[attr-defined]
-            d_table = grad.new_zeros(rows, grad.shape[1]).index_add_(0, index, grad)  # (V_j, H)
+        grads: list[Tensor | None] = [None, None]
+        for index, pad in zip(ctx.indices, ctx.paddings, strict=True):  # type: ignore[attr-defined]
+            d_table = index.sum_back(grad)  # (V_j, H)
             if pad is not None:
                 d_table[pad] = 0
-            grads += [d_table, None]
+            grads.append(d_table)
         return tuple(grads)
 
 
 class DenseRows(torch.autograd.Function):
     """``F.embedding(index, weight, padding_idx)`` for a table with a dense gradient: the same rows and the
-    same gradient (none for the padding row), scattered back by ``index_add_``. Its CPU backward
+    same gradient (none for the padding row), summed back by ``RowIndex.sum_back``. Its CPU backward
     (``embedding_dense_backward``) takes ≈ 4× as long at ml-100k's 10^4 history lookups a batch."""
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, weight: Tensor, index: Tensor, padding_idx: int | None
+        ctx: torch.autograd.function.FunctionCtx, weight: Tensor, index: RowIndex, padding_idx: int | None
     ) -> Tensor:
         """weight (V, E), index (K,) → rows (K, E)."""
-        ctx.save_for_backward(index)
-        ctx.rows, ctx.padding_idx = weight.shape[0], padding_idx  # type: ignore[attr-defined]
-        return weight.index_select(0, index)
+        ctx.index, ctx.padding_idx = index, padding_idx  # type: ignore[attr-defined]
+        return weight.index_select(0, index.index)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (index,) = ctx.saved_tensors  # type: ignore[attr-defined]
         # contiguous first: a table's slice of the concatenated behaviours' gradient is strided, and
-        # index_add_ from a strided source takes ≈ 3× the copy and the contiguous index_add_ together
-        d_weight = grad.new_zeros(ctx.rows, grad.shape[1])  # type: ignore[attr-defined]
-        d_weight.index_add_(0, index, grad.contiguous())
+        # summing from a strided source takes ≈ 3× the copy and the contiguous sum together
+        d_weight = ctx.index.sum_back(grad.contiguous())  # type: ignore[attr-defined]
         if ctx.padding_idx is not None:  # type: ignore[attr-defined]
             d_weight[ctx.padding_idx] = 0  # type: ignore[attr-defined]
         return d_weight, None, None
 
 
-def lookup(table: nn.Embedding, index: Tensor) -> Tensor:
-    """``table(index)``, (...) → (..., E): by ``DenseRows`` unless the table makes sparse gradients."""
+def gather(x: Tensor, index: Tensor | RowIndex, padding_idx: int | None = None) -> Tensor:
+    """x[index] for x (V, E) and index (K,) → (K, E), its gradient summed back by ``RowIndex.sum_back``."""
+    out: Tensor = DenseRows.apply(x, as_row_index(index, x.shape[0]), padding_idx)
+    return out
+
+
+def lookup(table: nn.Embedding, index: Tensor | RowIndex) -> Tensor:
+    """``table(index)``, (...) → (..., E): by ``DenseRows`` unless the table makes sparse gradients; a
+    ``RowIndex`` is flat (K,)."""
     if table.sparse:
-        return cast(Tensor, table(index))
-    rows: Tensor = DenseRows.apply(table.weight, index.reshape(-1), table.padding_idx)
+        return cast(Tensor, table(index.index if isinstance(index, RowIndex) else index))
+    if isinstance(index, RowIndex):
+        return gather(table.weight, index, table.padding_idx)
+    rows = gather(table.weight, index.reshape(-1), table.padding_idx)
     return rows.view(*index.shape, table.embedding_dim)
 
 
-def behaviours(emb: FeatureEmbedding, items: Tensor, cats: Tensor, feedback: Tensor | None = None) -> Tensor:
+def behaviours(
+    emb: FeatureEmbedding,
+    items: Tensor | RowIndex,
+    cats: Tensor | RowIndex,
+    feedback: Tensor | RowIndex | None = None,
+) -> Tensor:
     """``emb.history(items, cats, feedback)`` (``emb.behaviours`` without feedback) by ``lookup``: (K,) → (K, D)."""
     rows = torch.cat([lookup(emb.item, items), lookup(emb.category, cats)], dim=-1)  # (K, D)
     if emb.feedback is None or feedback is None:
@@ -267,14 +349,20 @@ class ValidPositionsDIN(nn.Module):
         def at_valid(x: Tensor) -> Tensor:
             return x.flatten().index_select(0, flat)  # (B, L) → (M,)
 
-        feedback = None if hist_feedback is None or m.embedding.feedback is None else at_valid(hist_feedback)  # (M,)
-        items, cats = at_valid(hist_items), at_valid(hist_cats)  # (M,) each
-        keys = behaviours(m.embedding, items, cats, feedback)  # (M, D)
+        emb = m.embedding
+        # each index with the sum back its gathers' gradients share (one sparse matrix per index and step)
+        rows_index = RowIndex(rows, hist_mask.shape[0], ascending=True)
+        items = RowIndex(at_valid(hist_items), emb.item.num_embeddings)  # (M,)
+        cats = RowIndex(at_valid(hist_cats), emb.category.num_embeddings)  # (M,)
+        feedback = None
+        if hist_feedback is not None and emb.feedback is not None:
+            feedback = RowIndex(at_valid(hist_feedback), emb.feedback.num_embeddings)  # (M,)
+        keys = behaviours(emb, items, cats, feedback)  # (M, D)
         query = behaviours(m.embedding, cand_item, cand_cat)  # (B, D)
         unit = m.activation_unit
         w_split = unit.split_weights()  # (H, D) each
         key_tables = projected_key_tables(m.embedding, w_split[1], items, cats, feedback)
-        valid = valid_position_scores(unit, query, keys, rows, key_tables, w_split)  # (M,)
+        valid = valid_position_scores(unit, query, keys, rows_index, key_tables, w_split)  # (M,)
         if m.cfg.attention_softmax:  # normalised over each row: scattered into (B, L) first
             # in the scores' own dtype: bf16 under autocast, while the embeddings stay fp32
             scores = valid.new_zeros(hist_mask.numel()).index_copy(0, flat, valid).view(hist_mask.shape)  # (B, L)
@@ -285,7 +373,7 @@ class ValidPositionsDIN(nn.Module):
             weights = valid_weights.new_zeros(hist_mask.numel()).index_copy(0, flat, valid_weights)
             weights = weights.view(hist_mask.shape)  # (B, L), zero on padding
         weighted = valid_weights.unsqueeze(-1) * keys  # (M, D)
-        interest = weighted.new_zeros(query.shape).index_add(0, rows, weighted)  # (B, D)
+        interest: Tensor = SumBack.apply(weighted, rows_index)  # (B, D)
         logits = click_logit(m, user_feats, query, cand_item, cand_cat, interest)  # (B,)
         return ModelOutput(logits, weights)
 

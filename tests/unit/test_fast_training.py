@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import models.fast_training
 from models import ModelConfig, build_model
 from models.base import ModelOutput
 from models.fast_training import (
     FastPReLU,
     PackedDIEN,
+    RowIndex,
     ValidPositionsDIN,
     auxiliary_loss,
     gru_states,
@@ -74,9 +76,39 @@ def _assert_same(model: torch.nn.Module, fast: ModelOutput, paper: ModelOutput, 
 DIN_OPTIONS = [{}, {"attention_softmax": True}, {"history_feedback": True}, {"attention_activation": "relu"}]
 
 
+@pytest.fixture(params=["index_add", "sparse"])
+def sums(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``RowIndex.sum_back`` sums: ``index_add_`` (few rows) and the sparse product (forced here for
+    the small test batches, which stay under the size where training uses it)."""
+    if request.param == "sparse":
+        monkeypatch.setattr(models.fast_training, "_SPARSE_SUM_MIN", 0)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ascending", [False, True])
+def test_row_index_sums_back_as_index_add_does(dtype: torch.dtype, ascending: bool) -> None:
+    """At sizes that take the sparse product (and one table too large for its 16-bit sort), every row's sum,
+    empty rows zero, whatever the order and repetition of the index."""
+    g = torch.Generator().manual_seed(0)
+    for rows, m in [(37, 5000), (1618, 10_000), (40_000, 5000)]:
+        index = torch.randint(0, rows, (m,), generator=g)
+        index[: m // 2] = 3  # a heavy row
+        if ascending:
+            index = index.sort().values
+        x = torch.randn(m, 6, dtype=dtype, generator=g)
+        want = torch.zeros(rows, 6, dtype=dtype).index_add_(0, index, x)
+        got = RowIndex(index, rows, ascending=ascending).sum_back(x)
+        torch.testing.assert_close(got, want)
+        strided = torch.randn(m, 9, dtype=dtype, generator=g)[:, 2:8]  # a slice, as a concatenation's gradient
+        torch.testing.assert_close(
+            RowIndex(index, rows).sum_back(strided), torch.zeros_like(want).index_add_(0, index, strided)
+        )
+
+
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("options", DIN_OPTIONS)
-def test_din_on_valid_positions_equals_the_paper_form(options: dict[str, object], holes: bool) -> None:
+def test_din_on_valid_positions_equals_the_paper_form(options: dict[str, object], holes: bool, sums: str) -> None:
     """The unit on valid positions only: the paper form's logits, attention and every gradient, in training
     mode (the final MLP's Dice sees the same batch either way)."""
     torch.manual_seed(3)
@@ -90,7 +122,9 @@ def test_din_on_valid_positions_equals_the_paper_form(options: dict[str, object]
 
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("options", DIN_OPTIONS)
-def test_din_with_projected_key_tables_equals_the_paper_form(options: dict[str, object], holes: bool) -> None:
+def test_din_with_projected_key_tables_equals_the_paper_form(
+    options: dict[str, object], holes: bool, sums: str
+) -> None:
     """Tables with fewer rows than the batch has valid positions: W_k·k comes from the projected tables
     (``projected_key_tables``, ``summed_rows``), and logits, attention and every gradient stay the paper's."""
     torch.manual_seed(4)
