@@ -10,7 +10,9 @@ epoch's batches, and each step's CPU time (``time.thread_time``) is kept: at ``-
 step's whole work, and what other processes do inflates it little. The other checkout's ``models`` and
 ``training`` packages are copied under other names (``ab_models``, ``ab_training``) with their imports
 rewritten, so the two can be imported side by side; the rest (``contract``, ``sessions``) is this
-checkout's. At more threads the figure is the calling thread's CPU only: not comparable.
+checkout's. At more threads the calling thread's CPU is not the step's work; the wall time of each step
+(``time.perf_counter``) is kept too, and on 2 threads it is the figure to read (alternation spreads what
+other processes take over both sides, but not evenly: run it on an idle machine).
 """
 
 from __future__ import annotations
@@ -109,16 +111,19 @@ def main(argv: list[str] | None = None) -> None:
             "this": stepper("", args.history_dropout, args.data_dir, args.model),
         }
         cpu: dict[str, list[float]] = {name: [] for name in sides}
+        wall: dict[str, list[float]] = {name: [] for name in sides}
         for block in range(args.blocks):
             order = list(sides.items()) if block % 2 == 0 else list(reversed(sides.items()))
             for name, (step, parts, steps) in order:
                 start = (block * 10) % max(len(steps) - 10, 1)
                 for rows in steps[start : start + 10]:
-                    c0 = time.thread_time()
+                    c0, w0 = time.thread_time(), time.perf_counter()
                     step(rows, parts)
                     if block >= 2:
                         cpu[name].append(time.thread_time() - c0)
+                        wall[name].append(time.perf_counter() - w0)
     other, this = (1e3 * statistics.median(cpu[k]) for k in ("other", "this"))
+    other_wall, this_wall = (1e3 * statistics.median(wall[k]) for k in ("other", "this"))
     result = {
         "checkout": args.checkout,
         "model": args.model,
@@ -128,12 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         "other_step_cpu_ms_median": other,
         "this_step_cpu_ms_median": this,
         "speedup": other / this,
+        "other_step_wall_ms_median": other_wall,
+        "this_step_wall_ms_median": this_wall,
+        "wall_speedup": other_wall / this_wall,
         "load_average": os.getloadavg(),
     }
     print(
         f"{args.model}, history dropout {args.history_dropout}, {args.threads} thread(s): "
         f"{args.checkout} {other:.2f} ms, this checkout {this:.2f} ms CPU per step "
-        f"(median of {len(cpu['this'])}): ×{other / this:.3f} samples/s"
+        f"(median of {len(cpu['this'])}): ×{other / this:.3f} samples/s; wall {other_wall:.2f} vs {this_wall:.2f} ms: "
+        f"×{other_wall / this_wall:.3f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -11,7 +11,7 @@ phase (forward with the loss, the MBA terms, backward, the optimisers); ``--prof
 torch.profiler table. The step runs the model's training-speed form (models/fast_training.py), as training
 does; ``--paper-form`` times the paper form. The model and data are the ml-100k recipe's (history dropout
 0.7, no user features, softmax attention), or with ``--defaults`` those ``training.train`` and
-``bench.peers`` train with (every user feature, sigmoid attention, no history dropout).
+``bench.peers`` train with (every user feature, softmax attention, no history dropout).
 
 ``--table-rows`` sizes the item table (0: the data's own vocabulary): ml-100k's items stay at its front,
 as a frequency-ordered vocabulary keeps a Zipf log's busy rows, or with ``--spread-items`` go to random
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--defaults",
         action="store_true",
-        help="the model and data of training.train's defaults (every user feature, sigmoid attention, DIEN's "
+        help="the model and data of training.train's defaults (every user feature, softmax attention, DIEN's "
         "default pooling: what bench.peers trains) instead of the recipe's",
     )
     p.add_argument(

@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from models.config import FEEDBACK_NEGATIVE, FEEDBACK_PAD, FEEDBACK_POSITIVE, FEEDBACK_UNKNOWN
+from training.batches import TensorSamples
 from training.datasets import BehaviourLog
 from training.samples import OOV, PAD, PreparedData, prepare, prepare_din_movielens
 
@@ -151,3 +153,18 @@ def test_prepared_data_is_cached(small_log: BehaviourLog, tmp_path: pytest.TempP
     assert first.info["cached"] is False and second.info["cached"] is True
     np.testing.assert_array_equal(first.test.cand_item, second.test.cand_item)
     assert first.vocab.items == second.vocab.items
+
+
+def test_training_batches_gather_the_histories_the_split_describes(small_data: PreparedData) -> None:
+    """TensorSamples.inputs (training's batches, by flat index_select) against SampleSet.history (numpy)."""
+    split = small_data.train
+    rows = np.random.default_rng(0).choice(len(split), size=min(300, len(split)), replace=False)
+    batch = TensorSamples(split, 20).inputs(torch.as_tensor(rows))
+    items, cats, mask = split.history(rows, 20)
+    np.testing.assert_array_equal(batch["hist_items"].numpy(), items)
+    np.testing.assert_array_equal(batch["hist_cats"].numpy(), cats)
+    np.testing.assert_array_equal(batch["hist_mask"].numpy(), mask)
+    np.testing.assert_array_equal(batch["hist_feedback"].numpy(), split.history_feedback(rows, 20))
+    np.testing.assert_array_equal(batch["cand_item"].numpy(), split.cand_item[rows])
+    np.testing.assert_array_equal(batch["user_feats"].numpy(), split.user_feats[rows])
+    assert all(v.dtype == torch.int64 for k, v in batch.items() if k != "hist_mask")
