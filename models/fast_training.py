@@ -178,20 +178,23 @@ class RowIndex:
     def sum_back(self, x: Tensor) -> Tensor:
         """x (M, H) → (rows, H)."""
         if not x.is_cpu or self.rows > _RADIX_ROWS or x.shape[0] < _SPARSE_SUM_MIN:
-            return x.new_zeros(self.rows, x.shape[1]).index_add_(0, self.index, x)
-        return self._matrix(x.dtype) @ x.contiguous()
+            # contiguous: index_add_ from a strided source (a slice of a concatenation's gradient) takes ≈ 3×
+            # the copy and the contiguous index_add_ together
+            return x.new_zeros(self.rows, x.shape[1]).index_add_(0, self.index, x.contiguous())
+        # the product reads row-major slices in place (as fast as contiguous rows); other layouts are copied
+        return self._matrix(x.dtype) @ (x if x.stride(-1) == 1 else x.contiguous())
 
     def _matrix(self, dtype: torch.dtype) -> Tensor:
         """The (rows, M) 0/1 matrix with a 1 at (index[m], m), as CSR, in ``dtype``."""
         if dtype not in self._matrices:
             m = self.index.numel()
             counts = torch.bincount(self.index, minlength=self.rows)  # (rows,)
-            crow = torch.zeros(self.rows + 1, dtype=torch.long)
+            crow = torch.zeros(self.rows + 1, dtype=torch.int32)  # 32-bit indices: what MKL takes without a cast
             torch.cumsum(counts, 0, out=crow[1:])
             if self.ascending:
-                cols = torch.arange(m)
+                cols = torch.arange(m, dtype=torch.int32)
             else:  # positions grouped by row, ascending within each (numpy's radix sort on 16-bit keys)
-                cols = torch.from_numpy(np.argsort(self.index.numpy().astype(np.int16), kind="stable"))
+                cols = torch.from_numpy(np.argsort(self.index.numpy().astype(np.int16), kind="stable").astype(np.int32))
             with warnings.catch_warnings():  # "sparse CSR support is in beta": construction and mm are all we use
                 warnings.simplefilter("ignore", UserWarning)
                 self._matrices[dtype] = torch.sparse_csr_tensor(
@@ -272,9 +275,7 @@ class DenseRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
-        # contiguous first: a table's slice of the concatenated behaviours' gradient is strided, and
-        # summing from a strided source takes ≈ 3× the copy and the contiguous sum together
-        d_weight = ctx.index.sum_back(grad.contiguous())  # type: ignore[attr-defined]
+        d_weight = ctx.index.sum_back(grad)  # type: ignore[attr-defined]
         if ctx.padding_idx is not None:  # type: ignore[attr-defined]
             d_weight[ctx.padding_idx] = 0  # type: ignore[attr-defined]
         return d_weight, None, None
