@@ -40,7 +40,7 @@ from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
 from training.config import EMBEDDING_OPTIMISERS, TrainConfig, model_config
 from training.optim import build_optimisers
-from training.regularization import mba_penalty, mba_terms
+from training.regularization import add_mba_gradients, mba_penalty, mba_terms
 from training.samples import PreparedData
 from training.train import keep_freed_memory, load_data
 
@@ -114,12 +114,18 @@ def step(
     if out.aux_loss is not None:
         loss = loss + aux_weight * out.aux_loss
     marks.append(time.thread_time())
+    # as training.train adds them: the sparse tables' terms in the loss, the dense ones' as gradients
+    terms = [reg for reg, _ in regs]
     rows = [torch.cat([idx.reshape(-1) for idx in rows_of(batch)]) for _, rows_of in regs]
-    loss = loss + mba_penalty([reg for reg, _ in regs], rows)  # as training.train adds them
+    sparse = [(term, r) for term, r in zip(terms, rows, strict=True) if term.table.sparse]
+    if sparse:
+        loss = loss + mba_penalty([term for term, _ in sparse], [r for _, r in sparse])
     marks.append(time.thread_time())
     for opt in optimisers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
+    if terms:
+        add_mba_gradients(terms, rows)  # (timed with the backward)
     marks.append(time.thread_time())
     for opt in optimisers:
         opt.step()

@@ -144,3 +144,28 @@ def mba_terms(
 
 def _feature_column(i: int) -> Callable[[Batch], tuple[Tensor, ...]]:
     return lambda b: (b["user_feats"][:, i],)
+
+
+def add_mba_gradients(terms: list[MiniBatchAwareL2], rows: list[Tensor]) -> None:
+    """The gradient of ``mba_penalty(terms, rows)`` with respect to the dense tables among ``terms``, added to
+    each table's ``.grad``: 2·λ/n_j·w_j on the rows j present in the batch, zero elsewhere. Training adds
+    these after the loss's backward instead of putting the dense terms in the loss: the same gradient, in
+    one presence vector and one fused update per table (≈ 15 operations for ml-100k's 7 tables, where the
+    terms' forward and backward through autograd take ≈ 60, most of whose cost is fixed per operation).
+    The penalty's value is not needed: training reports the click loss. Sparse tables are skipped: their
+    terms stay in the loss (``mba_penalty`` of those alone), so their gradients stay sparse."""
+    dense = [(term, r) for term, r in zip(terms, rows, strict=True) if not term.table.sparse]
+    if not dense:
+        return
+    sizes = [term.table.num_embeddings for term, _ in dense]
+    starts = np.cumsum([0, *sizes[:-1]])  # each table's first row in the stack
+    weights = torch.cat([term.row_weight for term, _ in dense])  # (ΣV,) λ / n_j, 0 for padding
+    present = weights.new_zeros(weights.shape)  # (ΣV,)
+    present.index_fill_(0, torch.cat([r.reshape(-1) + int(s) for (_, r), s in zip(dense, starts, strict=True)]), 2.0)
+    coef = present.mul_(weights)  # (ΣV,) 2·λ/n_j where present, else 0
+    for (term, _), c in zip(dense, coef.split(sizes), strict=True):
+        w = term.table.weight
+        if w.grad is None:
+            w.grad = w.detach() * c.unsqueeze(1)
+        else:
+            w.grad.addcmul_(w.detach(), c.unsqueeze(1))  # (V, E) += 2·λ/n_j·w_j
