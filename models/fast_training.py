@@ -289,10 +289,13 @@ def gather(x: Tensor, index: Tensor | RowIndex, padding_idx: int | None = None) 
 
 
 def lookup(table: nn.Embedding, index: Tensor | RowIndex) -> Tensor:
-    """``table(index)``, (...) → (..., E): by ``DenseRows`` unless the table makes sparse gradients; a
-    ``RowIndex`` is flat (K,)."""
-    if table.sparse:
-        return cast(Tensor, table(index.index if isinstance(index, RowIndex) else index))
+    """``table(index)``, (...) → (..., E): by ``DenseRows`` where it pays, many lookups into a table with a
+    dense gradient; the module itself for a sparse one, and for a batch's few lookups (its candidates, its
+    users: < ``_SPARSE_SUM_MIN``), where a Python autograd.Function's own overhead (≈ 25 µs forward and
+    backward) costs more than ``embedding_dense_backward`` does. A ``RowIndex`` is flat (K,)."""
+    flat = index.index if isinstance(index, RowIndex) else index
+    if table.sparse or flat.numel() < _SPARSE_SUM_MIN:
+        return cast(Tensor, table(flat))
     if isinstance(index, RowIndex):
         return gather(table.weight, index, table.padding_idx)
     rows = gather(table.weight, index.reshape(-1), table.padding_idx)

@@ -169,7 +169,9 @@ def test_summed_rows_equals_separate_gathers_without_a_gradient_for_padding() ->
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_lookup_equals_the_embedding_module_without_a_gradient_for_padding(sparse: bool) -> None:
+def test_lookup_equals_the_embedding_module_without_a_gradient_for_padding(sparse: bool, sums: str) -> None:
+    """With ``sums`` "sparse" the threshold is 0, so the dense table goes through DenseRows and its
+    sparse sum back, as a batch's histories do."""
     table = torch.nn.Embedding(7, 3, padding_idx=0, sparse=sparse).double()
     index = torch.tensor([[0, 3, 3], [6, 0, 1]])
     got, want = lookup(table, index), table(index)
