@@ -7,8 +7,8 @@ module unless asked for ``--paper-form``; evaluation and export always run the p
 - DIN: the behaviours are looked up, scored and pooled at the valid positions only (padding and history
   dropout leave most of (B, L) empty), with the unit's first layer split so the query part is computed once
   per row and the key part once per table row where the tables are small (``projected_key_tables``), its
-  PReLUs in one kernel each way (``FastPReLU``), dense tables looked up with an ``index_add_`` backward
-  (``DenseRows``). A unit with Dice
+  PReLUs in one kernel each way (``FastPReLU``), and every sum by an index (the gathers' gradients, the
+  pooling) one sparse product per index and step (``RowIndex``, ``DenseRows``). A unit with Dice
   keeps the paper form: Dice's batch statistics over valid positions only would be other statistics. So do
   the attention toolbox's other scorers (models/attention.py), which have no training form of their own.
 - DIEN: each row's valid behaviours are packed to the front, time-major (S, B, ·) with S the longest row's
@@ -331,7 +331,7 @@ class ValidPositionsDIN(nn.Module):
     """DIN computed at the valid positions only: the behaviours are looked up, scored and pooled there, so
     padding and history dropout's holes (most of (B, L)) cost nothing, and a sparse embedding gradient
     holds the batch's valid behaviours only. Positions are flat indices into (B·L) and every gather is an
-    ``index_select`` (its backward an ``index_add``, far cheaper on CPU than advanced indexing's)."""
+    ``index_select`` (far cheaper on CPU than advanced indexing), summed back by ``RowIndex``."""
 
     def __init__(self, model: DIN) -> None:
         super().__init__()
