@@ -7,7 +7,7 @@ The batches are built exactly as ``training.train`` builds them (history and fee
 sampled negative per position for DIEN, the mini-batch aware L2 terms, ``training.optim``'s optimisers),
 gathered once up front and cycled, so the figure is the model's step and not the data pipeline. Prints ms
 per step (median and quartiles over the timed steps) and the matching samples/s, and the CPU time of each
-phase (forward with the loss, the MBA terms, backward, the optimisers); ``--profile`` adds a
+phase (forward with the loss, the MBA terms' rows, backward with their gradients, the optimisers); ``--profile`` adds a
 torch.profiler table. The step runs the model's training-speed form (models/fast_training.py), as training
 does; ``--paper-form`` times the paper form. The model and data are the ml-100k recipe's (history dropout
 0.7, no user features, softmax attention), or with ``--defaults`` those ``training.train`` and
@@ -40,7 +40,7 @@ from models.fast_training import training_form
 from training.batches import Batch, TensorSamples, add_negatives, drop_history
 from training.config import EMBEDDING_OPTIMISERS, TrainConfig, model_config
 from training.optim import build_optimisers
-from training.regularization import add_mba_gradients, mba_penalty, mba_terms
+from training.regularization import add_mba_gradients, mba_terms
 from training.samples import PreparedData
 from training.train import keep_freed_memory, load_data
 
@@ -114,18 +114,13 @@ def step(
     if out.aux_loss is not None:
         loss = loss + aux_weight * out.aux_loss
     marks.append(time.thread_time())
-    # as training.train adds them: the sparse tables' terms in the loss, the dense ones' as gradients
-    terms = [reg for reg, _ in regs]
     rows = [torch.cat([idx.reshape(-1) for idx in rows_of(batch)]) for _, rows_of in regs]
-    sparse = [(term, r) for term, r in zip(terms, rows, strict=True) if term.table.sparse]
-    if sparse:
-        loss = loss + mba_penalty([term for term, _ in sparse], [r for _, r in sparse])
     marks.append(time.thread_time())
     for opt in optimisers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
-    if terms:
-        add_mba_gradients(terms, rows)  # (timed with the backward)
+    if regs:  # as training.train adds them: as gradients, after the backward (timed with it)
+        add_mba_gradients([reg for reg, _ in regs], rows)
     marks.append(time.thread_time())
     for opt in optimisers:
         opt.step()

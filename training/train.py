@@ -43,7 +43,7 @@ from training.metrics import evaluate
 from training.negatives import SAMPLERS, behaviour_counts, popularity
 from training.optim import build_optimisers
 from training.recipes import config_from_command_line
-from training.regularization import Batch, MiniBatchAwareL2, add_mba_gradients, mba_penalty, mba_terms
+from training.regularization import Batch, MiniBatchAwareL2, add_mba_gradients, mba_terms
 from training.run_state import STATE_NAME, Progress
 from training.samples import PreparedData, SampleSet, Vocabulary, prepare
 from training.schedule import build_schedulers
@@ -444,7 +444,6 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
     for opt in p.optimisers:
         opt.zero_grad(set_to_none=True)
     reg_indices: list[list[tuple[Tensor, ...]]] = []
-    reg_rows: list[Tensor] = []
     click_total = torch.zeros((), device=p.device)
     micro_batches = torch.tensor_split(mine, n_micro)
     for i, rows in enumerate(micro_batches):
@@ -466,12 +465,10 @@ def _train_step(step_rows: Tensor, p: StepParts) -> float:
             if out.aux_loss is not None:
                 loss = loss + cfg.aux_weight * out.aux_loss.float() * (weight * len(rows))
             reg_indices.append([rows_of(batch) for _, rows_of in p.regs])
-            if last:
-                reg_rows = _regularised_rows(p, reg_indices)
-                loss = loss + _sparse_regularisation(p, reg_rows)
             loss.backward()
         click_total += losses.detach()
-    if p.regs:  # the dense tables' terms as gradients, after DDP's all-reduce: the same on every rank
+    if p.regs:  # the terms as gradients, after DDP's all-reduce: the same on every rank
+        reg_rows = _regularised_rows(p, reg_indices)
         add_mba_gradients([reg for reg, _ in p.regs], reg_rows)
     for opt in p.optimisers:
         opt.step()
@@ -486,15 +483,6 @@ def _regularised_rows(p: StepParts, micro_indices: list[list[tuple[Tensor, ...]]
     term's table."""
     rows = [torch.cat([idx.reshape(-1) for micro in micro_indices for idx in micro[j]]) for j in range(len(p.regs))]
     return distributed.gather_concat(rows, p.ranks)
-
-
-def _sparse_regularisation(p: StepParts, rows: list[Tensor]) -> Tensor:
-    """The terms of the tables with sparse gradients, for the loss (the dense tables' terms are added as
-    gradients after the backward: ``add_mba_gradients``)."""
-    sparse = [(reg, r) for (reg, _), r in zip(p.regs, rows, strict=True) if reg.table.sparse]
-    if not sparse:
-        return torch.zeros((), device=p.device)
-    return mba_penalty([reg for reg, _ in sparse], [r for _, r in sparse]).to(p.device)
 
 
 def _checkpoint(run_dir: Path) -> dict[str, Any]:

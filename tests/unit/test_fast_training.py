@@ -141,6 +141,26 @@ def test_din_with_projected_key_tables_equals_the_paper_form(
     _assert_same(model, training_form(model)(**x), model(**x), w)
 
 
+@pytest.mark.parametrize("holes", [False, True])
+def test_din_with_a_sparse_item_table_equals_the_paper_form(holes: bool) -> None:
+    """The item table as training makes a large one (sparse gradients, looked up once for the history and the
+    candidates): logits, attention and every gradient, the table's as a sparse tensor, the paper form's."""
+    torch.manual_seed(5)
+    model = build_model("din", ModelConfig(**CFG.to_dict())).double().train()
+    model.embedding.item.sparse = True
+    x = {k: v for k, v in _batch(holes).items() if not k.startswith("neg_")}
+    w = torch.randn(x["hist_mask"].shape, dtype=torch.double)
+    fast, paper = training_form(model)(**x), model(**x)
+    torch.testing.assert_close(fast.logits, paper.logits)
+    torch.testing.assert_close(fast.attention, paper.attention)
+    _, grads = _loss_and_grads(model, fast, w)
+    _, grads_ref = _loss_and_grads(model, paper, w)
+    for (name, p), a, b in zip(model.named_parameters(), grads, grads_ref, strict=True):
+        assert a is not None and b is not None, name
+        assert a.is_sparse == (p is model.embedding.item.weight), name
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), msg=name)
+
+
 def test_key_tables_are_not_projected_when_a_table_is_larger_than_the_batch_or_sparse() -> None:
     model = build_model("din", CFG)  # 50 items
     w_key = model.activation_unit.split_weights()[1]

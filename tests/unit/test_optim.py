@@ -10,7 +10,7 @@ from models import build_model
 from models.fast_training import training_form
 from training.batches import TensorSamples
 from training.config import TrainConfig, model_config
-from training.optim import RowSparseAdam, build_optimisers, dense_adam, vocabulary_tables
+from training.optim import RowSparseAdam, build_optimisers, coalesce_rows, dense_adam, vocabulary_tables
 from training.regularization import mba_terms
 from training.samples import PreparedData
 
@@ -110,6 +110,22 @@ def test_row_sparse_adam_makes_torch_sparse_adams_updates() -> None:
             ((table(idx) - target) ** 2).sum().backward()
             opt.step()
         torch.testing.assert_close(tables[0].weight, tables[1].weight)
+
+
+def test_coalesce_rows_sums_repeated_rows_as_coalesce_does() -> None:
+    g = torch.Generator().manual_seed(3)
+    slot = torch.zeros(1000, dtype=torch.int32)
+    for k in (1, 50, 5000):
+        index = torch.randint(0, 1000 if k < 5000 else 30, (k,), generator=g)
+        grad = torch.sparse_coo_tensor(
+            index.unsqueeze(0), torch.randn(k, 4, generator=g), (1000, 4), check_invariants=True
+        )
+        rows, values = coalesce_rows(grad, slot)
+        assert rows.numel() == index.unique().numel()  # each row once
+        want = grad.coalesce()
+        order = rows.argsort()
+        torch.testing.assert_close(rows[order], want.indices()[0])
+        torch.testing.assert_close(values[order], want.values())
 
 
 def test_auto_updates_sparsely_only_the_tables_larger_than_a_batchs_lookups(small_data: PreparedData) -> None:

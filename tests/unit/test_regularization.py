@@ -101,22 +101,26 @@ def test_mba_penalty_sums_the_terms_with_the_dense_ones_stacked() -> None:
 
 @pytest.mark.parametrize("had_grad", [False, True])
 def test_mba_gradients_of_the_dense_tables_are_the_penalty_gradients(had_grad: bool) -> None:
-    """add_mba_gradients (training's form) adds to each dense table's gradient what autograd gives for the
-    penalty, padding rows and absent rows nothing; a sparse table is left to the penalty in the loss."""
+    """add_mba_gradients (training's form) adds to each table's gradient what autograd gives for the
+    penalty, padding rows and absent rows nothing; a sparse table's as sparse rows (padding and a repeated
+    row included in its batch rows, each counted once)."""
     torch.manual_seed(2)
     rng = np.random.default_rng(2)
     tables = [nn.Embedding(9, 4, padding_idx=0), nn.Embedding(3, 1, padding_idx=0), nn.Embedding(12, 2, sparse=True)]
     terms = [MiniBatchAwareL2(t, rng.integers(1, 9, t.num_embeddings).astype(np.float64), 0.2) for t in tables]
     rows = [torch.tensor([0, 3, 3, 8, 1]), torch.tensor([2, 0]), torch.tensor([0, 5, 11, 5])]
-    dense = [t.weight for t in tables[:2]]
-    want = torch.autograd.grad(mba_penalty(terms[:2], rows[:2]), dense)
-    earlier = [torch.randn_like(w) for w in dense]
-    for w, g in zip(dense, earlier, strict=True):
+    weights = [t.weight for t in tables]
+    want = [g.to_dense() for g in torch.autograd.grad(mba_penalty(terms, rows), weights)]
+    earlier = [torch.randn_like(w) for w in weights]
+    earlier[2] = torch.sparse_coo_tensor(
+        torch.tensor([[5, 1, 5]]), torch.randn(3, 2), (12, 2), check_invariants=True
+    )  # uncoalesced
+    for w, g in zip(weights, earlier, strict=True):
         w.grad = g.clone() if had_grad else None
     add_mba_gradients(terms, rows)
-    for w, g_want, g in zip(dense, want, earlier, strict=True):
-        torch.testing.assert_close(w.grad, g_want + g if had_grad else g_want)
-    assert tables[2].weight.grad is None
+    for w, g_want, g in zip(weights, want, earlier, strict=True):
+        torch.testing.assert_close(w.grad.to_dense(), g_want + g.to_dense() if had_grad else g_want)
+    assert tables[2].weight.grad.is_sparse  # a sparse table's gradient stays sparse
 
 
 @pytest.mark.parametrize("protocol", ["din-movielens", "implicit"])
