@@ -133,8 +133,11 @@ def valid_position_scores(
         kp = torch.cat([keys, q * keys], dim=-1) @ torch.cat([w_key, w_prod], dim=1).T  # (M, H)
         z = gather(q_part, rows) + kp  # (M, H)
     else:  # the query and key parts gathered and summed in one pass, then the product part
-        # in place: torch.addmm would first copy the (M, H) sum into a new output, ≈ 0.2 ms a step
-        z = summed_rows([(q_part, rows, None), *key_tables]).addmm_(q * keys, w_prod.T)  # (M, H)
+        summed, product = summed_rows([(q_part, rows, None), *key_tables]), q * keys  # (M, H), (M, D)
+        if torch.is_autocast_enabled(summed.device.type):  # in-place operations are outside autocast's casts
+            z = torch.addmm(summed, product, w_prod.T)  # (M, H)
+        else:  # in place: torch.addmm would first copy the (M, H) sum into a new output, ≈ 0.2 ms a step
+            z = summed.addmm_(product, w_prod.T)  # (M, H)
     return mlp_forward(unit.rest, activate(unit.first_activation, z)).squeeze(-1)  # (M,)
 
 
@@ -178,7 +181,7 @@ class RowIndex:
 
     def sum_back(self, x: Tensor) -> Tensor:
         """x (M, H) → (rows, H)."""
-        if not x.is_cpu or self.rows > _RADIX_ROWS or x.shape[0] < _SPARSE_SUM_MIN:
+        if not x.is_cpu or x.dtype not in _MKL_DTYPES or self.rows > _RADIX_ROWS or x.shape[0] < _SPARSE_SUM_MIN:
             # contiguous: index_add_ from a strided source (a slice of a concatenation's gradient) takes ≈ 3×
             # the copy and the contiguous index_add_ together
             return x.new_zeros(self.rows, x.shape[1]).index_add_(0, self.index, x.contiguous())
@@ -205,6 +208,7 @@ class RowIndex:
 
 
 _SPARSE_SUM_MIN = 4096  # fewer rows (a batch's candidates, its users): building the matrix costs more than it saves
+_MKL_DTYPES = (torch.float32, torch.float64)  # the sparse CPU product has no bf16 kernel (bf16 autocast)
 _RADIX_ROWS = 2**15 - 1  # int16 keys: numpy sorts them by radix in O(M); larger tables sum by index_add_
 
 

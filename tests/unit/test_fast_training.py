@@ -85,10 +85,10 @@ def sums(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("ascending", [False, True])
 def test_row_index_sums_back_as_index_add_does(dtype: torch.dtype, ascending: bool) -> None:
-    """At sizes that take the sparse product (and one table too large for its 16-bit sort), every row's sum,
+    """At sizes that take the sparse product (bf16 and one table too large for its 16-bit sort do not), every row's sum,
     empty rows zero, whatever the order and repetition of the index."""
     g = torch.Generator().manual_seed(0)
     for rows, m in [(37, 5000), (1618, 10_000), (40_000, 5000)]:
