@@ -5,7 +5,8 @@ The penalty of a table trained with sparse gradients reads and differentiates th
 only, so it costs what the batch costs; a table with a dense gradient (a small one: ``training.optim``)
 is penalised through a presence vector over its rows, which costs what its dense gradient and update
 already cost every step, in a handful of operations. The counts n_j come from one pass over the events
-and one over the samples."""
+and one over the samples. ``mba_penalty`` is the penalty as the paper writes it; training adds its
+gradient directly after the backward (``add_mba_gradients``, tested equal to autograd's)."""
 
 from __future__ import annotations
 
