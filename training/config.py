@@ -50,6 +50,9 @@ class TrainConfig:
     # epochs without a better validation GAUC before stopping; with epochs = 10, the defaults' best epochs on
     # ml-100k splits 0-2 were 6, 8 and 5 (DIN), 2, 3 and 1 (base): the cap and the patience leave them room
     patience: int = 2
+    # validation, test and the checkpoint use an exponential moving average of the weights with this decay per
+    # optimiser step (training/averaging.py); 0: the weights as trained
+    ema_decay: float = 0.0
     max_steps: int | None = None  # stop after this many optimiser steps in all (a timing or smoke run), then test
     eval_batch_size: int = 4096
     min_count: int = 1  # items seen fewer times in the training events map to the OOV index
@@ -198,6 +201,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="training only: make each user feature out-of-vocabulary with this probability",
     )
     p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=d.ema_decay,
+        help="evaluate, early-stop on and save an exponential moving average of the weights, updated after each "
+        "optimiser step with this decay (0: the weights as trained)",
+    )
     p.add_argument(
         "--max-steps",
         type=int,
@@ -382,6 +392,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str) -> TrainCon
         user_feature_dropout=args.user_feature_dropout,
         paper_form=args.paper_form,
         patience=args.patience,
+        ema_decay=args.ema_decay,
         max_steps=args.max_steps,
         threads=args.threads,
         min_count=args.min_count,

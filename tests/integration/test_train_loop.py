@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
+from training.batches import TensorSamples
 from training.config import TrainConfig
 from training.datasets import SyntheticConfig, generate_synthetic
 from training.run_state import STATE_NAME
 from training.samples import PreparedData, prepare
-from training.train import load_checkpoint, resume_config, train
+from training.train import load_checkpoint, predict, resume_config, train
 
 TINY = {"n_users": 80, "n_items": 60, "n_categories": 6, "min_events": 10, "max_events": 16, "seed": 2}
 # SGD (its update is linear in the gradient), no dropout, no Dice (its batch statistics are a micro-batch's,
@@ -70,7 +72,7 @@ def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(
 ) -> None:
     """Killed mid-epoch 2 steps after its last saved state: the resumed run redoes those steps with the same
     rows and the same noise (model dropout, history dropout), the same Adam moments and lr schedule, and
-    ends bit for bit where the uninterrupted run ends."""
+    ends bit for bit where the uninterrupted run ends, its weights' moving average too."""
     cfg: dict[str, Any] = {
         "model": "din",
         "embedding_optimiser": embedding_optimiser,
@@ -84,6 +86,7 @@ def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(
         "lr_decay": "cosine",
         "checkpoint_every": 4,
         "patience": 5,
+        "ema_decay": 0.9,  # the weights' average is resumed too
         "progress": False,
         "threads": 1,
     }
@@ -185,3 +188,35 @@ def test_resume_says_what_is_missing_or_wrong(tiny: PreparedData, tmp_path: Path
         train(TrainConfig(**cfg, resume=True), tiny)
     with pytest.raises(ValueError, match="--accumulate"):
         train(TrainConfig(**{**cfg, "out": str(tmp_path / "bad")}, accumulate=0), tiny)
+
+
+def test_ema_decay_evaluates_and_saves_the_average_of_the_weights_after_each_step(
+    tiny: PreparedData, tmp_path: Path
+) -> None:
+    """--ema-decay d: the checkpoint (what export publishes) holds Σ d^(t−i) w_i / Σ d^(t−i) over the weights
+    w_i after each optimiser step, computed here by hand from the resume state saved after every step, and
+    its test metrics are those of that average; without it the checkpoint holds the last step's weights."""
+    decay = 0.8
+    cfg = {**EXACT, "model": "din", "epochs": 1, "batch_size": 16, "checkpoint_every": 1, "ema_decay": decay}
+    run = tmp_path / "ema"
+    steps: list[dict[str, torch.Tensor]] = []
+
+    def record(step: int) -> None:  # the state saved after each step holds the weights as trained
+        steps.append(torch.load(run / STATE_NAME, weights_only=True)["model"])
+
+    result = train(TrainConfig(**cfg, out=str(run)), tiny, on_step=record)
+    assert len(steps) == result.metrics["train_steps"] > 3
+    factors = [decay ** (len(steps) - 1 - i) for i in range(len(steps))]
+    saved = _params(run)
+    for key, value in saved.items():
+        if value.is_floating_point():
+            expected = sum(f * s[key] for f, s in zip(factors, steps, strict=True)) / sum(factors)
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(saved[k], steps[-1][k]) for k in saved)  # an average, not the last step
+    model, _ = load_checkpoint(run)
+    plain = train(TrainConfig(**{**cfg, "ema_decay": 0.0}, out=str(tmp_path / "plain")), tiny)
+    _assert_close(_params(tmp_path / "plain"), steps[-1], atol=0)  # the same steps: EMA does not change training
+    assert plain.metrics["auc"] != result.metrics["auc"]
+    data = TensorSamples(tiny.test, 12)
+    probs, labels = predict(model, data, 4096)
+    assert result.metrics["auc"] == pytest.approx(float(roc_auc_score(labels, probs)), abs=1e-6)
