@@ -221,9 +221,10 @@ def _train(
     noise = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, 2, ranks.rank))
 
     run_dir = Path(cfg.out)
-    # --ema-decay: validation, test and the checkpoint use the weights' moving average (training/averaging.py)
+    # --ema-decay: validation, test and the checkpoint use the weights' moving average (training/averaging.py),
+    # from the second epoch on: the first epoch's weights travel far from the random start, and an average over
+    # them is no model (a one-epoch run of 309 steps on a planted log: DIN test AUC 0.81 as trained, 0.61 averaged)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
-    scored = average.model if average is not None else model  # the model evaluated and saved
     progress, best_state = Progress(), copy.deepcopy(model.state_dict())
     state = run_state.load_state(run_dir) if cfg.resume else None
     if state is not None:
@@ -287,7 +288,7 @@ def _train(
                 break
             t0 = time.perf_counter()
             loss = _train_step(step_rows, parts)
-            if average is not None:
+            if average is not None and epoch > 1:
                 average.update(model)
             progress.train_seconds += time.perf_counter() - t0
             progress.steps += 1
@@ -302,6 +303,7 @@ def _train(
             if on_step is not None:
                 on_step(progress.steps)
         bar.close()
+        scored = average.model if average is not None and average.updates else model  # evaluated, and kept if best
         valid = _evaluate(scored, valid_t, data.valid, cfg, ranks, device)
         progress.history.append(
             {"epoch": epoch, "train_loss": progress.running_loss, **{f"valid_{k}": v for k, v in valid.items()}}
