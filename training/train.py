@@ -34,6 +34,7 @@ from models import CTRModel, ModelConfig, build_model
 from models.ensemble import Ensemble
 from models.fast_training import training_form
 from training import distributed, run_state
+from training.averaging import WeightAverage
 from training.batches import TensorSamples, add_negatives, drop_history, drop_user_features, to_device
 from training.config import TrainConfig, add_train_arguments, model_config
 from training.datasets import SyntheticConfig, load_dataset
@@ -220,6 +221,10 @@ def _train(
     noise = torch.Generator().manual_seed(distributed.derived_seed(cfg.seed, 2, ranks.rank))
 
     run_dir = Path(cfg.out)
+    # --ema-decay: validation, test and the checkpoint use the weights' moving average (training/averaging.py),
+    # from the second epoch on: the first epoch's weights travel far from the random start, and an average over
+    # them is no model (a one-epoch run of 309 steps on a planted log: DIN test AUC 0.81 as trained, 0.61 averaged)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     progress, best_state = Progress(), copy.deepcopy(model.state_dict())
     state = run_state.load_state(run_dir) if cfg.resume else None
     if state is not None:
@@ -234,6 +239,8 @@ def _train(
         for sched, sched_state in zip(schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(sched_state)
         progress, best_state = Progress(**state["progress"]), state["best_state"]
+        if average is not None:
+            average.load_state_dict(state["average"])
         run_state.set_rng_state(state["rng"][ranks.rank], noise, device)
         log.info("resumed %s at epoch %d, step %d", run_dir, progress.epoch, progress.steps)
     elif cfg.resume:
@@ -250,6 +257,7 @@ def _train(
                 "schedulers": [sched.state_dict() for sched in schedulers],
                 "progress": asdict(progress),
                 "best_state": best_state,
+                "average": average.state_dict() if average is not None else None,
                 "rng": rngs,
                 "world": ranks.world,
                 "train_config": asdict(cfg),
@@ -280,6 +288,8 @@ def _train(
                 break
             t0 = time.perf_counter()
             loss = _train_step(step_rows, parts)
+            if average is not None and epoch > 1:
+                average.update(model)
             progress.train_seconds += time.perf_counter() - t0
             progress.steps += 1
             progress.step_in_epoch += 1
@@ -293,7 +303,8 @@ def _train(
             if on_step is not None:
                 on_step(progress.steps)
         bar.close()
-        valid = _evaluate(model, valid_t, data.valid, cfg, ranks, device)
+        scored = average.model if average is not None and average.updates else model  # evaluated, and kept if best
+        valid = _evaluate(scored, valid_t, data.valid, cfg, ranks, device)
         progress.history.append(
             {"epoch": epoch, "train_loss": progress.running_loss, **{f"valid_{k}": v for k, v in valid.items()}}
         )
@@ -301,7 +312,7 @@ def _train(
         # every rank evaluated the same predictions: they all take the same decision here
         if valid["gauc"] > progress.best_gauc:
             progress.best_gauc, progress.best_epoch = valid["gauc"], epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
         elif epoch - progress.best_epoch >= cfg.patience:
             progress.stopped = True
         progress.epoch, progress.step_in_epoch, progress.running_loss = epoch + 1, 0, 0.0
@@ -309,7 +320,7 @@ def _train(
         if on_epoch is not None:
             on_epoch(epoch, valid)
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state)  # the best epoch's weights (its average's, with --ema-decay)
     test = _evaluate(model, test_t, data.test, cfg, ranks, device)
     metrics: dict[str, Any] = {
         **test,

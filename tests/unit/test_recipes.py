@@ -47,6 +47,8 @@ def _write(tmp_path: Path, text: str) -> str:
 # training.train's defaults before issue 18 chose new ones by evidence, as flags: a shipped recipe pins each of
 # them that it does not set itself, so the results measured with it stand
 BEFORE_ISSUE_18 = ["--lr", "1e-3", "--history-dropout", "0", "--user-feature-dropout", "0", "--no-attention-softmax"]
+# and those issue 18's second look changed (bench/README.md, "Issue 18: the weights' average")
+BEFORE_ISSUE_18 += ["--ema-decay", "0", "--mba-lambda", "0.01"]
 
 
 def test_the_ml100k_recipe_is_the_flags_the_makefile_spelled_out() -> None:
@@ -60,6 +62,7 @@ def test_the_ml100k_recipe_is_the_flags_the_makefile_spelled_out() -> None:
     flags.append("--session-chunks")  # DSIN's division of ml-100k's long rating bursts, added since (issue 17)
     flags += ["--patience", "4"]  # since issue 18: DIN's feedback gain outlasts a noisy validation GAUC
     flags += ["--user-feature-dropout", "0"]  # the default then (no option yet), which the recipe pins
+    flags += ["--ema-decay", "0", "--mba-lambda", "0.01"]  # the defaults then, which the recipe pins
     by_flags = config_from_args(p.parse_args(flags), "din", "runs/x")
     by_recipe = _resolve("ml-100k", ["--out", "runs/x"])
     assert by_recipe.recipe == recipe.source()
