@@ -53,3 +53,25 @@ def test_the_average_resumes_from_its_state() -> None:
 def test_a_decay_outside_0_1_is_refused(decay: float) -> None:
     with pytest.raises(ValueError, match="ema-decay"):
         WeightAverage(nn.Linear(1, 1), decay)
+
+
+def test_tables_with_sparse_gradients_are_shared_not_averaged_nor_saved() -> None:
+    """A table updated row-wise (sparse gradients) stays the trained one in the average's model, at no memory
+    and no cost a step; the dense parameters are averaged; the saved average leaves the table out and loads."""
+    torch.manual_seed(1)
+    model = nn.ModuleDict({"table": nn.Embedding(50, 4, sparse=True), "dense": nn.Linear(4, 1)})
+    average = WeightAverage(model, 0.5)
+    assert average.model["table"].weight is model["table"].weight  # shared: one tensor
+    assert model["table"].weight.requires_grad  # the trained table keeps training
+    with torch.no_grad():
+        model["table"].weight.add_(1.0)
+        model["dense"].weight.fill_(2.0)
+    average.update(model)
+    torch.testing.assert_close(average.model["table"].weight, model["table"].weight)
+    torch.testing.assert_close(average.model["dense"].weight, torch.full((1, 4), 2.0))
+    saved = average.state_dict()
+    assert set(saved["weights"]) == {"dense.weight", "dense.bias"}
+    again = WeightAverage(model, 0.5)
+    again.load_state_dict(saved)
+    assert again.updates == 1
+    torch.testing.assert_close(again.model["dense"].weight, torch.full((1, 4), 2.0))
