@@ -15,7 +15,8 @@ pruner's start-up trials). The study's best, and so ``recipe.toml``, is then nev
 validation GAUC with the same training flags; a value outside the space is left to the sampler.
 
 The space (``SEARCH_SPACE``) brackets the ml-100k recipe and the defaults: lr log-uniform in [3e-4, 1e-2]
-(recipe 3e-3, default 1e-3), MBA λ log-uniform in [1e-4, 1e-1] (default 1e-2), history dropout uniform in
+(recipe 3e-3, default 3e-3), MBA λ log-uniform in [1e-4, 1e-1] (default 0.1, recipe 1e-2), the weights'
+average's decay among 0 (none), 0.99, 0.999 (default) and 0.9995, history dropout uniform in
 [0, 0.8] (recipe 0.7), feedback dropout in [0, 0.5] (recipe 0.2; searched only with history feedback), MLP
 dropout in [0, 0.5] (default 0); item and category embedding sizes 8–64 and 4–32 (defaults 32 and 16), the
 MLP's and the attention's activation (Dice, PReLU, ReLU) and softmax attention or not (DIN and DIEN only).
@@ -67,12 +68,14 @@ DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 # The search space: a TrainConfig field (or ``model_options.X``, a ModelConfig field) → its distribution.
 # Ranges bracket the values measured by hand (bench/README.md): ml-100k's recipe (lr 3e-3, history dropout 0.7,
-# feedback dropout 0.2, softmax attention) and the defaults (lr 1e-3, 32/16-dim embeddings, Dice, λ 0.01).
+# feedback dropout 0.2, softmax attention) and the defaults (lr 3e-3, 32/16-dim embeddings, Dice, λ 0.1, average 0.999).
 SEARCH_SPACE: dict[str, optuna.distributions.BaseDistribution] = {
     "lr": optuna.distributions.FloatDistribution(3e-4, 1e-2, log=True),
     "history_dropout": optuna.distributions.FloatDistribution(0.0, 0.8),
     "feedback_dropout": optuna.distributions.FloatDistribution(0.0, 0.5),  # only with history feedback
     "mba_lambda": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+    # the weights' average (training/averaging.py): none, or over ≈ the last 100, 1,000 (default), 2,000 steps
+    "ema_decay": optuna.distributions.CategoricalDistribution([0.0, 0.99, 0.999, 0.9995]),
     "model_options.item_dim": optuna.distributions.CategoricalDistribution([8, 16, 32, 64]),
     "model_options.category_dim": optuna.distributions.CategoricalDistribution([4, 8, 16, 32]),
     "model_options.dropout": optuna.distributions.FloatDistribution(0.0, 0.5),

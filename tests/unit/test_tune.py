@@ -25,6 +25,7 @@ def test_starting_values_are_what_the_configuration_trains_with() -> None:
     assert set(values) == set(SEARCH_SPACE)  # every searched value of this configuration lies in the space
     assert (values["lr"], values["history_dropout"], values["feedback_dropout"]) == (3e-3, 0.7, 0.2)
     assert values["model_options.attention_softmax"] is True
+    assert values["ema_decay"] == TrainConfig().ema_decay  # the default average is a point of the space
     # options the configuration leaves unset are the model's defaults, which it trains with
     assert (values["model_options.item_dim"], values["model_options.mlp_activation"]) == (32, "dice")
     # the enqueued trial trains the starting configuration itself: the same settings, the same model
