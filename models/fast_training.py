@@ -212,6 +212,17 @@ _MKL_DTYPES = (torch.float32, torch.float64)  # the sparse CPU product has no bf
 _RADIX_ROWS = 2**15 - 1  # int16 keys: numpy sorts them by radix in O(M); larger tables sum by index_add_
 
 
+def distinct_rows(index: Tensor, slot: Tensor) -> Tensor:
+    """Each value of ``index`` (K,) once, (U,) in an unspecified order, in O(K) without a sort. ``slot`` is an
+    int32 scratch vector of one entry per table row, never read where this call did not write it: every
+    position writes its number into its row's slot, one write per row survives, and the position that reads
+    its own number back stands for its row. By ``scatter_`` and ``index_select``: indexing
+    (``slot[index] = pos``) takes ≈ 10× as long on 2 threads."""
+    pos = torch.arange(index.numel(), dtype=torch.int32, device=index.device)  # (K,)
+    slot.scatter_(0, index, pos)
+    return index[slot.index_select(0, index) == pos]  # (U,)
+
+
 def as_row_index(index: Tensor | RowIndex, rows: int) -> RowIndex:
     return index if isinstance(index, RowIndex) else RowIndex(index, rows)
 

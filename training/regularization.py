@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from contract import PAD
 from models import CTRModel
+from models.fast_training import distinct_rows
 from training.samples import SampleSet
 
 Batch = dict[str, Tensor]
@@ -80,12 +81,8 @@ class MiniBatchAwareL2(nn.Module):
         self.register_buffer("slot", torch.zeros(table.num_embeddings, dtype=torch.int32), persistent=False)
 
     def unique_rows(self, indices: Tensor) -> Tensor:
-        """(K,) indices → each distinct index once (order unspecified), in O(K) without a sort: every
-        position writes its number into its index's slot, one write per index survives, and the position
-        that reads back its own number is that index's representative."""
-        pos = torch.arange(indices.numel(), dtype=torch.int32)  # (K,)
-        self.slot[indices] = pos
-        return indices[self.slot[indices] == pos]  # (U,)
+        """(K,) indices → each distinct index once (order unspecified), in O(K) without a sort."""
+        return distinct_rows(indices, self.slot)  # (U,)
 
     def forward(self, *indices: Tensor) -> Tensor:
         if not self.table.sparse:

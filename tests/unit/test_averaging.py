@@ -75,3 +75,12 @@ def test_tables_with_sparse_gradients_are_shared_not_averaged_nor_saved() -> Non
     again.load_state_dict(saved)
     assert again.updates == 1
     torch.testing.assert_close(again.model["dense"].weight, torch.full((1, 4), 2.0))
+
+
+def test_an_average_saved_for_another_model_is_refused() -> None:
+    """Resuming with a saved average whose tensors are not this model's: an error naming them, not a silent
+    half-load (load_state_dict runs non-strict, since the shared tables are left out on purpose)."""
+    saved = WeightAverage(nn.Linear(3, 1), 0.9).state_dict()
+    other = WeightAverage(nn.Sequential(nn.Linear(3, 1)), 0.9)
+    with pytest.raises(RuntimeError, match="does not fit this model"):
+        other.load_state_dict(saved)
